@@ -1,0 +1,38 @@
+"""t5lite: T5-style encoder-decoders, causal and prefix-LM decoders in JAX/Flax."""
+
+import setuptools
+
+# Versions that install together on Python 3.11 (checked with pip's resolver on a clean venv).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorstore==0.1.86",
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "sentencepiece==0.2.3",
+    "gin-config==0.5.0",
+    "numpy>=2.0,<3",
+    "matplotlib>=3.8",
+]
+
+EXTRAS_REQUIRE = {
+    # The CPU build of torch 2.13.0; a bare `torch` pulls a multi-GB CUDA build.
+    "hf": ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
+    "tpu": ["jax[tpu]==0.10.2"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+}
+
+setuptools.setup(
+    name="t5lite",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["t5lite", "t5lite.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["t5lite = t5lite.cli:main"]},
+)

@@ -1,0 +1,143 @@
+"""One frozen, validated dataclass describes every model t5lite builds.
+
+The same fields cover T5-style encoder-decoders and causal / prefix-LM decoders; a
+bad value raises `ValueError` naming the field and what it may be, when the config
+is built, long before anything is initialised or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import gin
+
+ARCHITECTURES = ("encoder_decoder", "decoder")
+MLP_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "reglu", "geglu", "swiglu")
+NORMS = ("rms", "layer")
+RESIDUALS = ("pre", "post")
+POSITION_ENCODINGS = ("relative", "rope", "alibi", "sinusoidal", "learned", "none")
+ROPE_SCALINGS = ("none", "linear", "ntk")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a Transformer; names follow T5X where T5X has one."""
+
+    architecture: str = "encoder_decoder"
+    vocab_size: int = 32128
+    d_model: int = 512
+    num_heads: int = 8
+    # None means multi-head attention (as many key/value heads as query heads); 1 is MQA.
+    num_kv_heads: int | None = None
+    head_dim: int = 64
+    d_ff: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    mlp_activation: str = "relu"
+    norm: str = "rms"
+    norm_epsilon: float = 1e-6
+    residual: str = "pre"
+    position_encoding: str = "relative"
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128
+    rope_theta: float = 10_000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    # Longest sequence for learned absolute positions (and the NTK scaling reference).
+    max_length: int = 2048
+    # T5 scales queries at initialisation instead of dividing scores by sqrt(head_dim).
+    scale_attention_by_head_dim: bool = False
+    tie_embeddings: bool = True
+    # T5 v1.0 multiplies the decoder output by d_model**-0.5 before the tied projection.
+    rescale_tied_logits: bool = False
+    # Local attention: a query sees keys at most `sliding_window - 1` positions away,
+    # plus the first `attention_sinks` positions of its sequence (Λ-shaped mask).
+    sliding_window: int | None = None
+    attention_sinks: int = 0
+    dropout_rate: float = 0.0
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("residual", self.residual, RESIDUALS)
+        _check_choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
+        _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_decoder_layers",
+                     "relative_num_buckets", "relative_max_distance", "max_length"):
+            _check_positive(name, getattr(self, name))
+        if self.architecture == "encoder_decoder":
+            _check_positive("num_encoder_layers", self.num_encoder_layers)
+        if self.num_kv_heads is not None:
+            _check_positive("num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(
+                    f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}: each "
+                    f"key/value head serves a whole group of query heads. Allowed values: "
+                    f"{[k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]}.")
+        if self.position_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even with position_encoding='rope'.")
+        if self.position_encoding == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"d_model={self.d_model} must be even with position_encoding='sinusoidal'.")
+        if self.rope_scaling_factor < 1.0:
+            raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be >= 1.0 (1.0 is no scaling).")
+        if self.sliding_window is not None:
+            _check_positive("sliding_window", self.sliding_window)
+        if self.attention_sinks < 0:
+            raise ValueError(f"attention_sinks={self.attention_sinks} must be >= 0.")
+        if self.attention_sinks and self.sliding_window is None:
+            raise ValueError("attention_sinks only make sense with a sliding_window; set both or neither.")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1).")
+        if self.norm_epsilon <= 0:
+            raise ValueError(f"norm_epsilon={self.norm_epsilon} must be > 0.")
+        if self.rescale_tied_logits and not self.tie_embeddings:
+            raise ValueError("rescale_tied_logits=True needs tie_embeddings=True (it rescales the tied projection).")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.architecture == "encoder_decoder"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        fields = json.loads(text)
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}; was this written by a newer t5lite?")
+        return cls(**fields)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported. Allowed values: {', '.join(allowed)}.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+# Gin binds `ModelConfig.<field>`; the class itself stays free of gin so that configs
+# built in Python (the registry, checkpoints) never pick up a user's gin bindings.
+gin.external_configurable(ModelConfig, name="ModelConfig", module="t5lite")

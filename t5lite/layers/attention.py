@@ -1,0 +1,106 @@
+"""Multi-head attention with grouped key/value heads (MHA, GQA, MQA) and a KV cache.
+
+Layout is [batch, length, heads, head_dim]. Masks and position biases are built by
+the caller (once per stack, shared by all layers); rotary embeddings are applied
+here because they rotate the projected queries and keys.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from t5lite.layers.dense import DenseGeneral
+from t5lite.layers.positions import apply_rope
+
+NEG_INF = -1e10
+
+
+def dot_product_attention(query, key, value, mask=None, bias=None, dropout_rng=None, dropout_rate=0.0,
+                          scale=1.0, dtype=jnp.float32):
+    """softmax(q·k * scale + bias, masked) · v with the softmax in float32.
+
+    query [B, Q, H, D]; key, value [B, K, KVH, D] with KVH dividing H (query head h uses
+    key/value head h // (H/KVH)); mask [B, 1, Q, K] bool; bias [B or 1, H, Q, K].
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    query = query.reshape(batch, q_len, kv_heads, num_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", query, key).astype(jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.reshape(bias.shape[0], kv_heads, num_heads // kv_heads, *bias.shape[2:])
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(dtype), value.astype(dtype))
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+    """Self-attention (inputs_kv is inputs_q) or cross-attention.
+
+    With `decode=True` the first call creates the cache (zeros for self-attention, the
+    projected encoder keys/values for cross-attention) and computes as usual; later calls
+    write their keys/values at `cache_position` and attend over the whole cache.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale_by_head_dim: bool = False
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    decode: bool = False
+    is_cross_attention: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, rope=None, cache_position=None):
+        dense = functools.partial(DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype)
+        # Without runtime scaling, T5 folds 1/sqrt(head_dim) into the query initialisation.
+        query_scale = 1.0 if self.scale_by_head_dim else self.head_dim ** -0.5
+        query = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), kernel_scale=query_scale,
+                      name="query")(inputs_q)
+        kv_proj = lambda name: dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), name=name)
+        if self.is_cross_attention:
+            key, value = self._cross_keys_values(kv_proj, inputs_kv)
+        else:
+            key, value = kv_proj("key")(inputs_kv), kv_proj("value")(inputs_kv)
+            if rope is not None:
+                query, key = apply_rope(query, *rope), apply_rope(key, *rope)
+            if self.decode:
+                key, value = self._update_cache(key, value, cache_position)
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+        dropout_rng = None if self.deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
+        out = dot_product_attention(query, key, value, mask, bias, dropout_rng, self.dropout_rate,
+                                    self.head_dim ** -0.5 if self.scale_by_head_dim else 1.0, self.dtype)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), in_axes=2, name="out")(out)
+
+    def _update_cache(self, key, value, cache_position):
+        exists = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        if not exists:  # the call that sizes the cache attends over its own inputs
+            return key, value
+        start = (0, cache_position, 0, 0)
+        cached_key.value = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
+        cached_value.value = lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), start)
+        return cached_key.value, cached_value.value
+
+    def _cross_keys_values(self, kv_proj, encoded):
+        if self.decode and self.has_variable("cache", "cached_key"):
+            return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+        key, value = kv_proj("key")(encoded), kv_proj("value")(encoded)
+        if self.decode:
+            self.put_variable("cache", "cached_key", key)
+            self.put_variable("cache", "cached_value", value)
+        return key, value

@@ -1,0 +1,47 @@
+"""Position-wise feed-forward blocks: plain (ReLU, GELU) and gated (GeGLU, SwiGLU, ReGLU)."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from t5lite.layers.dense import DenseGeneral
+
+# name -> (activation, gated). "gelu" is the exact erf form; T5 v1.1's "gated-gelu"
+# (Hugging Face's gelu_new) is the tanh approximation, hence geglu uses it.
+ACTIVATIONS = {
+    "relu": (nn.relu, False),
+    "gelu": (functools.partial(nn.gelu, approximate=False), False),
+    "gelu_tanh": (functools.partial(nn.gelu, approximate=True), False),
+    "silu": (nn.silu, False),
+    "reglu": (nn.relu, True),
+    "geglu": (functools.partial(nn.gelu, approximate=True), True),
+    "swiglu": (nn.silu, True),
+}
+
+
+def is_gated(activation: str) -> bool:
+    return ACTIVATIONS[activation][1]
+
+
+class Mlp(nn.Module):
+    d_ff: int
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        fn, gated = ACTIVATIONS[self.activation]
+        dense = functools.partial(DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype)
+        if gated:
+            h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi_0")(x)) * dense((self.d_ff,), ("embed", "mlp"), name="wi_1")(x)
+        else:
+            h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi")(x))
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=self.deterministic)
+        return dense((x.shape[-1],), ("mlp", "embed"), name="wo")(h)

@@ -1,0 +1,48 @@
+"""Building a model from its config, initialising it, and counting parameters without initialising."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5lite.config import ModelConfig
+from t5lite.layers.mlp import is_gated
+from t5lite.models.decoder import Decoder
+from t5lite.models.encoder_decoder import EncoderDecoder
+
+
+def build(config: ModelConfig) -> nn.Module:
+    return EncoderDecoder(config) if config.is_encoder_decoder else Decoder(config)
+
+
+def dummy_inputs(config: ModelConfig, batch_size: int = 1, length: int = 8) -> dict[str, jax.Array]:
+    tokens = jnp.ones((batch_size, length), jnp.int32)
+    if config.is_encoder_decoder:
+        return {"encoder_input_tokens": tokens, "decoder_input_tokens": tokens}
+    return {"decoder_input_tokens": tokens}
+
+
+def init_params(config: ModelConfig, rng: jax.Array, boxed: bool = False):
+    """Parameters as a pytree; `boxed=True` keeps the logical axis names (nn.LogicallyPartitioned)."""
+    variables = build(config).init(rng, **dummy_inputs(config), enable_dropout=False)
+    return variables["params"] if boxed else nn.unbox(variables["params"])
+
+
+def param_count(config: ModelConfig) -> int:
+    """Total parameters, computed from the config alone (no initialisation)."""
+    d, heads, kv_heads, hd = config.d_model, config.num_heads, config.kv_heads, config.head_dim
+    norm = d * (2 if config.norm == "layer" else 1)
+    attention = d * heads * hd + 2 * d * kv_heads * hd + heads * hd * d
+    mlp = (3 if is_gated(config.mlp_activation) else 2) * d * config.d_ff
+    per_stack = {"relative": heads * config.relative_num_buckets, "learned": config.max_length * d}.get(
+        config.position_encoding, 0)
+    final_norm = norm if config.residual == "pre" else 0
+    total = config.vocab_size * d  # token embedding
+    if not config.tie_embeddings:
+        total += d * config.vocab_size
+    decoder_layer = attention + mlp + 2 * norm
+    if config.is_encoder_decoder:
+        total += config.num_encoder_layers * (attention + mlp + 2 * norm) + per_stack + final_norm
+        decoder_layer += attention + norm
+    return total + config.num_decoder_layers * decoder_layer + per_stack + final_norm

@@ -1,0 +1,244 @@
+"""Transformer layers and the encoder / decoder stacks that both model kinds are made of.
+
+A stack embeds positions, builds the attention mask and position bias once, then runs
+its layers (scanned with `nn.scan` by default, optionally rematerialised).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5lite.config import ModelConfig
+from t5lite.layers import positions as pos
+from t5lite.layers.attention import Attention
+from t5lite.layers.dense import DenseGeneral
+from t5lite.layers.embedding import Embed
+from t5lite.layers.masks import attention_mask, cross_attention_mask
+from t5lite.layers.mlp import Mlp
+from t5lite.layers.norm import NORMS
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def dtypes(config: ModelConfig) -> dict[str, Any]:
+    return {"dtype": jnp.dtype(config.dtype), "param_dtype": jnp.dtype(config.param_dtype)}
+
+
+def residual(config: ModelConfig, x, sublayer, norm_name: str, deterministic: bool):
+    """Pre-norm: x + f(norm(x)). Post-norm: norm(x + f(x))."""
+    norm = NORMS[config.norm](epsilon=config.norm_epsilon, name=norm_name, **dtypes(config))
+    dropout = nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))
+    if config.residual == "pre":
+        return x + dropout(sublayer(norm(x)), deterministic=deterministic)
+    return norm(x + dropout(sublayer(x), deterministic=deterministic))
+
+
+def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool, cross: bool = False):
+    return Attention(num_heads=config.num_heads, num_kv_heads=config.kv_heads, head_dim=config.head_dim,
+                     scale_by_head_dim=config.scale_attention_by_head_dim, dropout_rate=config.dropout_rate,
+                     deterministic=deterministic, decode=decode, is_cross_attention=cross, name=name,
+                     **dtypes(config))
+
+
+def _mlp(config: ModelConfig, deterministic: bool):
+    return Mlp(d_ff=config.d_ff, activation=config.mlp_activation, dropout_rate=config.dropout_rate,
+               deterministic=deterministic, name="mlp", **dtypes(config))
+
+
+class EncoderLayer(nn.Module):
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, bias, rope):
+        cfg, det = self.config, self.deterministic
+        attention = _attention(cfg, "attention", det, decode=False)
+        x = residual(cfg, x, lambda h: attention(h, h, mask, bias, rope), "pre_attention_norm", det)
+        x = residual(cfg, x, _mlp(cfg, det), "pre_mlp_norm", det)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention, cross-attention (encoder-decoder only) and MLP."""
+
+    config: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, bias, rope, cache_position, encoded, cross_mask):
+        cfg, det = self.config, self.deterministic
+        self_attention = _attention(cfg, "self_attention", det, self.decode)
+        x = residual(cfg, x, lambda h: self_attention(h, h, mask, bias, rope, cache_position),
+                     "pre_self_attention_norm", det)
+        if cfg.is_encoder_decoder:
+            cross_attention = _attention(cfg, "cross_attention", det, self.decode, cross=True)
+            x = residual(cfg, x, lambda h: cross_attention(h, encoded, cross_mask), "pre_cross_attention_norm", det)
+        x = residual(cfg, x, _mlp(cfg, det), "pre_mlp_norm", det)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+def run_layers(config: ModelConfig, layer_cls, num_layers: int, x, *args, **layer_kwargs):
+    """Applies `num_layers` copies of `layer_cls`: scanned (params stacked on a leading
+    "layers" axis) or unrolled (`layers_0`, `layers_1`, ...). Must be called inside a compact method."""
+    if config.remat_policy != "none":
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
+                             prevent_cse=not config.scan_layers)
+    if config.scan_layers:
+        scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+                          split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
+                          length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(config=config, name="layers", **layer_kwargs)(x, *args)
+        return x
+    for i in range(num_layers):
+        x, _ = layer_cls(config=config, name=f"layers_{i}", **layer_kwargs)(x, *args)
+    return x
+
+
+class PositionEncoder(nn.Module):
+    """Turns positions into what the layers consume: an additive embedding, an attention bias
+    or rotary cos/sin, depending on `config.position_encoding`."""
+
+    config: ModelConfig
+    bidirectional: bool = True
+
+    @nn.compact
+    def __call__(self, query_positions, key_positions):
+        """Returns (embedding to add to the inputs or None, attention bias or None, rope or None)."""
+        cfg = self.config
+        kind = cfg.position_encoding
+        if kind == "relative":
+            bias = pos.RelativePositionBias(num_heads=cfg.num_heads, num_buckets=cfg.relative_num_buckets,
+                                            max_distance=cfg.relative_max_distance, bidirectional=self.bidirectional,
+                                            name="relpos_bias", **dtypes(cfg))(query_positions, key_positions)
+            return None, bias, None
+        if kind == "alibi":
+            return None, pos.alibi_bias(query_positions, key_positions, cfg.num_heads), None
+        if kind == "rope":
+            inv_freq = pos.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor)
+            return None, None, pos.rope_cos_sin(query_positions, inv_freq)
+        if kind == "sinusoidal":
+            return pos.sinusoidal_embedding(query_positions, cfg.d_model).astype(cfg.dtype), None, None
+        if kind == "learned":
+            embedding = pos.LearnedPositionEmbedding(cfg.max_length, cfg.d_model, name="position_embedder",
+                                                     **dtypes(cfg))(query_positions)
+            return embedding, None, None
+        return None, None, None
+
+
+def default_positions(tokens, positions):
+    if positions is not None:
+        return positions
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def final_norm(config: ModelConfig, x, deterministic: bool):
+    if config.residual == "pre":
+        x = NORMS[config.norm](epsilon=config.norm_epsilon, name="final_norm", **dtypes(config))(x)
+    return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
+
+
+class EncoderStack(nn.Module):
+    config: ModelConfig
+    embedder: Embed
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True):
+        cfg = self.config
+        positions = default_positions(tokens, positions)
+        valid = tokens > 0 if segment_ids is None else segment_ids > 0
+        mask = attention_mask(query_positions=positions, key_positions=positions, query_valid=valid,
+                              key_valid=valid, query_segments=segment_ids, key_segments=segment_ids,
+                              sliding_window=cfg.sliding_window, attention_sinks=cfg.attention_sinks)
+        added, bias, rope = PositionEncoder(cfg, bidirectional=True, name="positions")(positions, positions)
+        x = self.embedder(tokens)
+        if added is not None:
+            x = x + added
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, mask, bias, rope, deterministic=deterministic)
+        return final_norm(cfg, x, deterministic)
+
+
+class DecoderStack(nn.Module):
+    """Causal (or prefix-LM) decoder stack ending in vocabulary logits.
+
+    In decode mode the first call sizes the cache from its inputs' length; each later call
+    consumes the next tokens, continuing from the position kept in the cache.
+    """
+
+    config: ModelConfig
+    embedder: Embed
+
+    @nn.compact
+    def __call__(self, tokens, encoded=None, encoder_valid=None, encoder_segment_ids=None, segment_ids=None,
+                 positions=None, target_tokens=None, causal_attention=None, deterministic=True, decode=False):
+        cfg = self.config
+        stepping = decode and self.has_variable("cache", "position")
+        if stepping:
+            index = self.variable("cache", "position", jnp.zeros, (), jnp.int32)
+            key_positions = self.get_variable("cache", "key_positions")
+            start = index.value
+            index.value = start + tokens.shape[1]
+            positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+            query_region, key_region = _cached_prefix_regions(causal_attention, start, key_positions.shape[1])
+            query_valid = key_valid = None
+        else:
+            positions = default_positions(tokens, positions)
+            if decode:
+                self.variable("cache", "position", jnp.zeros, (), jnp.int32)
+                self.variable("cache", "key_positions", lambda: positions[:1])
+            key_positions = positions
+            query_region = key_region = causal_attention
+            query_valid = key_valid = target_tokens > 0 if target_tokens is not None else (
+                None if segment_ids is None else segment_ids > 0)
+        segments = None if stepping else segment_ids
+        mask = attention_mask(query_positions=positions, key_positions=key_positions, query_valid=query_valid,
+                              key_valid=key_valid, query_segments=segments, key_segments=segments, causal=True,
+                              query_bidirectional=query_region, key_bidirectional=key_region,
+                              sliding_window=cfg.sliding_window, attention_sinks=cfg.attention_sinks)
+        cross_mask = None
+        if cfg.is_encoder_decoder:
+            query_ok = jnp.ones(tokens.shape, bool) if query_valid is None else query_valid
+            cross_mask = cross_attention_mask(query_ok, encoder_valid, segments,
+                                              None if segments is None else encoder_segment_ids)
+        added, bias, rope = PositionEncoder(cfg, bidirectional=False, name="positions")(positions, key_positions)
+        x = self.embedder(tokens)
+        if added is not None:
+            x = x + added
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        cache_position = positions[0, 0]
+        x = run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, x, mask, bias, rope, cache_position, encoded,
+                       cross_mask, deterministic=deterministic, decode=decode)
+        x = final_norm(cfg, x, deterministic)
+        if cfg.tie_embeddings:
+            if cfg.rescale_tied_logits:
+                x = x * cfg.d_model ** -0.5
+            logits = self.embedder.attend(x)
+        else:
+            logits = DenseGeneral((cfg.vocab_size,), ("embed", "vocab"), name="logits_dense", **dtypes(cfg))(x)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def _cached_prefix_regions(causal_attention, start, cache_length):
+    """While stepping, only the current chunk's own prefix region can be bidirectional; earlier
+    chunks are already in the cache, where the causal rule covers them."""
+    if causal_attention is None:
+        return None, None
+    key_region = jnp.zeros((causal_attention.shape[0], cache_length), causal_attention.dtype)
+    key_region = jax.lax.dynamic_update_slice(key_region, causal_attention, (0, start))
+    return causal_attention, key_region
+
+
+def make_embedder(config: ModelConfig, name: str = "token_embedder") -> Embed:
+    return Embed(config.vocab_size, config.d_model, name=name, **dtypes(config))
+
