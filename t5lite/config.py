@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import pathlib
+from typing import Any, Sequence
 
 import gin
 
@@ -140,4 +141,16 @@ def _check_positive(name: str, value: Any) -> None:
 
 # Gin binds `ModelConfig.<field>`; the class itself stays free of gin so that configs
 # built in Python (the registry, checkpoints) never pick up a user's gin bindings.
-gin.external_configurable(ModelConfig, name="ModelConfig", module="t5lite")
+GinModelConfig = gin.external_configurable(ModelConfig, name="ModelConfig", module="t5lite")
+
+# The gin files of a source checkout; `include 'models/t5_1_1/base.gin'` resolves against it.
+GIN_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
+
+
+def model_config_from_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> ModelConfig:
+    """Parses gin files and bindings (replacing any gin state) and returns the ModelConfig they bind."""
+    if GIN_CONFIG_DIR.is_dir():
+        gin.add_config_file_search_path(str(GIN_CONFIG_DIR))
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(list(files), list(bindings))
+    return GinModelConfig()

@@ -13,13 +13,11 @@ import json
 import pathlib
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
 from flax import traverse_util
 
 from t5lite.config import ModelConfig
-from t5lite.models import build, dummy_inputs
+from t5lite.models import abstract_params, build
 
 # T5's feed_forward_proj <-> our mlp_activation.
 _T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu",
@@ -187,8 +185,7 @@ def _rules(config: ModelConfig):
 
 
 def _unscanned_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    shapes = jax.eval_shape(lambda: nn.unbox(build(config.replace(scan_layers=False)).init(
-        jax.random.PRNGKey(0), **dummy_inputs(config), enable_dropout=False)["params"]))
+    shapes = abstract_params(config.replace(scan_layers=False))
     return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
 
 

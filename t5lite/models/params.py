@@ -25,8 +25,13 @@ def dummy_inputs(config: ModelConfig, batch_size: int = 1, length: int = 8) -> d
 
 def init_params(config: ModelConfig, rng: jax.Array, boxed: bool = False):
     """Parameters as a pytree; `boxed=True` keeps the logical axis names (nn.LogicallyPartitioned)."""
-    variables = build(config).init(rng, **dummy_inputs(config), enable_dropout=False)
+    variables = jax.jit(lambda key: build(config).init(key, **dummy_inputs(config), enable_dropout=False))(rng)
     return variables["params"] if boxed else nn.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), without computing anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
 
 def param_count(config: ModelConfig) -> int:

@@ -1,0 +1,1 @@
+"""Training: state, optimizers, the jitted step, the loop, checkpoints and metrics."""
