@@ -1,0 +1,158 @@
+"""Logit parity with Hugging Face PyTorch models, weight round trips and `t5lite convert`."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from t5lite import cli
+from t5lite.interop import hf
+from t5lite.models import get_config, param_count
+
+
+def t5(feed_forward_proj="relu", tied=True, cls=transformers.T5ForConditionalGeneration, **changes):
+    """A random-initialised HF T5. Untied (v1.1) models share their input embeddings as published ones do."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+                                   num_heads=4, feed_forward_proj=feed_forward_proj, dropout_rate=0.0,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=24,
+                                   tie_word_embeddings=tied, **changes)
+    config.tie_word_embeddings = tied  # transformers 5 ignores the constructor argument
+    model = cls(config).eval()
+    model.set_input_embeddings(model.shared)
+    return model
+
+
+def llama(tied=False, kv_heads=2, rope=None):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=8,
+                                      rope_parameters=rope or {"rope_type": "default", "rope_theta": 500.0},
+                                      tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+HF_MODELS = {
+    "t5_v1_0": functools.partial(t5, "relu", tied=True),
+    "t5_v1_1": functools.partial(t5, "gated-gelu", tied=False),
+    "mt5": functools.partial(t5, "gated-gelu", tied=False, cls=transformers.MT5ForConditionalGeneration),
+    "llama_gqa_untied": functools.partial(llama, tied=False, kv_heads=2),
+    "llama_mqa_tied_linear_rope": functools.partial(llama, tied=True, kv_heads=1,
+                                                    rope={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+}
+
+
+def ids(shape, seed):
+    return np.random.RandomState(seed).randint(1, 99, shape)
+
+
+def hf_logits(hf_model, x, y):
+    with torch.no_grad():
+        if hf_model.config.is_encoder_decoder:
+            return hf_model(input_ids=torch.tensor(x), decoder_input_ids=torch.tensor(y)).logits.numpy()
+        return hf_model(input_ids=torch.tensor(y)).logits.numpy()
+
+
+def t5lite_logits(model, params, x, y):
+    if model.config.is_encoder_decoder:
+        return model.apply({"params": params}, encoder_input_tokens=jnp.asarray(x), decoder_input_tokens=jnp.asarray(y),
+                           enable_dropout=False)
+    return model.apply({"params": params}, decoder_input_tokens=jnp.asarray(y), enable_dropout=False)
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_logits_match_hugging_face(name):
+    hf_model = HF_MODELS[name]()
+    model, params = hf.from_torch(hf_model)
+    forward = jax.jit(functools.partial(t5lite_logits, model))
+    for batch, x_len, y_len in [(2, 7, 5), (1, 40, 33)]:  # 33-40 tokens reach the log-spaced relative buckets
+        x, y = ids((batch, x_len), 1), ids((batch, y_len), 2)
+        expected = hf_logits(hf_model, x, y)
+        ours = np.asarray(forward(params, x, y))
+        assert ours.shape == expected.shape and ours.dtype == np.float32
+        assert np.abs(ours - expected).max() <= 1e-4, np.abs(ours - expected).max()
+
+
+@pytest.mark.parametrize("name", ["t5_v1_1", "llama_gqa_untied"])
+def test_unscanned_import_matches_too(name):
+    hf_model = HF_MODELS[name]()
+    model, params = hf.from_torch(hf_model, scan_layers=False)
+    assert "layers_1" in params["decoder"]
+    x, y = ids((2, 6), 3), ids((2, 4), 4)
+    np.testing.assert_allclose(t5lite_logits(model, params, x, y), hf_logits(hf_model, x, y), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_export_then_import_round_trips_exactly(name):
+    hf_model = HF_MODELS[name]()
+    model, params = hf.from_torch(hf_model)
+    exported = hf.to_torch(model, params)
+    original, again = hf_model.state_dict(), exported.state_dict()
+    assert set(again) == set(original)
+    for key, value in original.items():
+        assert torch.equal(again[key], value), key
+    _, reimported = hf.from_torch(exported)
+    jax.tree.map(np.testing.assert_array_equal, reimported, params)
+    assert exported.config.tie_word_embeddings == hf_model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", ["t5_1_1/small", "t5_1_1/base", "t5_1_1/large", "t5_1_1/xl", "t5_1_1/xxl",
+                                  "mt5/small", "llama/1b", "llama/7b"])
+def test_param_count_matches_hugging_face(name):
+    config = get_config(name)
+    hf_config = hf.hf_config_from(config)
+    cls = transformers.T5ForConditionalGeneration if config.is_encoder_decoder else transformers.LlamaForCausalLM
+    with torch.device("meta"):
+        hf_model = cls(hf_config)
+    if config.is_encoder_decoder:  # one input table, as in the published checkpoints
+        hf_model.set_input_embeddings(hf_model.shared)
+    assert param_count(config) == sum(p.numel() for p in hf_model.parameters())
+
+
+def test_published_sizes():
+    assert round(param_count(get_config("t5_1_1/small")) / 1e6) == 77
+    assert round(param_count(get_config("t5_1_1/base")) / 1e6) == 248
+    assert round(param_count(get_config("t5_1_1/xxl")) / 1e9, 1) == 11.1
+    assert round(param_count(get_config("llama/7b")) / 1e9, 2) == 6.74
+
+
+def test_untied_input_embeddings_are_refused_with_the_fix():
+    hf_model = t5("gated-gelu", tied=False)
+    hf_model.encoder.embed_tokens = torch.nn.Embedding(99, 32)  # what transformers 5 builds for untied T5
+    with pytest.raises(ValueError, match="set_input_embeddings"):
+        hf.from_torch(hf_model)
+
+
+def test_unsupported_architectures_are_refused():
+    hf_model = llama()
+    hf_model.config.attention_bias = True
+    with pytest.raises(ValueError, match="attention_bias"):
+        hf.from_torch(hf_model)
+    with pytest.raises(ValueError, match="position_encoding='alibi'"):
+        hf.hf_config_from(get_config("llama/tiny").replace(position_encoding="alibi"))
+
+
+@pytest.mark.parametrize("name", ["t5_v1_1", "llama_gqa_untied"])
+def test_convert_cli_both_ways(name, tmp_path):
+    hf_model = HF_MODELS[name]()
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "t5lite")]) == 0
+    assert cli.main(["convert", str(tmp_path / "t5lite"), str(tmp_path / "hf_again")]) == 0
+    x, y = ids((2, 6), 5), ids((2, 5), 6)
+    model, params = hf.load_pretrained(tmp_path / "hf_again")
+    np.testing.assert_allclose(t5lite_logits(model, params, x, y), hf_logits(hf_model, x, y), atol=1e-4)
+
+
+def test_convert_refuses_bad_paths_and_touches_nothing(tmp_path, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("precious")
+    assert cli.main(["convert", str(tmp_path / "missing"), str(occupied)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "new")]) == 2
+    assert "neither a t5lite checkpoint" in capsys.readouterr().err
+    assert (occupied / "keep.txt").read_text() == "precious" and not (tmp_path / "new").exists()
