@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "tensorflow-text==2.21.1",
     "sentencepiece==0.2.3",
     "gin-config==0.5.0",
+    "tensorboard==2.21.0",
+    "tqdm>=4.66",
     "numpy>=2.0,<3",
     "matplotlib>=3.8",
 ]
@@ -23,7 +25,8 @@ EXTRAS_REQUIRE = {
     # The CPU build of torch 2.13.0; a bare `torch` pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
     "tpu": ["jax[tpu]==0.10.2"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # libtpu lets the CPU test suite compile the TPU kernels ahead of time for a v5e topology.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "libtpu==0.0.42.1"],
 }
 
 setuptools.setup(
