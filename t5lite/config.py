@@ -7,8 +7,10 @@ is built, long before anything is initialised or written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Any, Sequence
 
@@ -147,10 +149,36 @@ GinModelConfig = gin.external_configurable(ModelConfig, name="ModelConfig", modu
 GIN_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 
 
-def model_config_from_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> ModelConfig:
-    """Parses gin files and bindings (replacing any gin state) and returns the ModelConfig they bind."""
+def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+    """Replaces the gin state with these files (looked up as given, then under gin_configs/) and bindings."""
+    search = [pathlib.Path.cwd(), GIN_CONFIG_DIR]
+    for name in files:
+        if not any((root / name).is_file() for root in search):
+            raise FileNotFoundError(f"Gin file {name!r} not found in {', '.join(map(str, search))}. Shipped configs: "
+                                    f"runs/*.gin and models/<family>/<size>.gin under {GIN_CONFIG_DIR}.")
     if GIN_CONFIG_DIR.is_dir():
         gin.add_config_file_search_path(str(GIN_CONFIG_DIR))
     gin.clear_config()
-    gin.parse_config_files_and_bindings(list(files), list(bindings))
+    with _quiet_gin_search():
+        try:
+            gin.parse_config_files_and_bindings(list(files), list(bindings))
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"Bad gin configuration: {error}") from error
+
+
+def model_config_from_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> ModelConfig:
+    """Parses gin files and bindings (replacing any gin state) and returns the ModelConfig they bind."""
+    parse_gin(files, bindings)
     return GinModelConfig()
+
+
+@contextlib.contextmanager
+def _quiet_gin_search():
+    """gin logs an error for every search path an `include` is not found on before it is found."""
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not record.getMessage().startswith("Path not found")
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)

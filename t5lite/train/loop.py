@@ -1,0 +1,213 @@
+"""The training loop behind `t5lite train`: validate, resume, step, log, checkpoint, evaluate.
+
+Everything a run can get wrong (config, lengths, vocabulary, data, an incompatible
+model dir) is checked before anything in the model dir is written. The loop keeps
+metrics on device and fetches them only at logging / checkpoint steps; a non-finite
+loss stops the run before the next checkpoint, so the last saved one stays good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import time
+from typing import Callable
+
+import gin
+import jax
+import numpy as np
+import tqdm
+
+from t5lite import data as t5data
+from t5lite.config import ModelConfig
+from t5lite.scaling import flops
+from t5lite.train import checkpoint as ckpt
+from t5lite.train import metrics as metrics_lib
+from t5lite.train.step import eval_step, init_state, train_step
+
+MODEL_KINDS = ("encoder_decoder", "decoder", "prefix_lm")
+# Fields that may differ between a model dir's config and a resumed run's: they change how the
+# same parameters are computed, not which parameters there are.
+RESUMABLE_FIELDS = ("dtype", "dropout_rate", "remat_policy")
+
+
+def model_lengths(kind: str, task_feature_lengths: dict[str, int]) -> tuple[int, int]:
+    """(encoder length, decoder length) the model sees for the task's feature lengths."""
+    if kind == "encoder_decoder":
+        return task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    if kind == "prefix_lm":
+        return 0, task_feature_lengths["inputs"] + task_feature_lengths["targets"]
+    return 0, task_feature_lengths["targets"]
+
+
+def check_run(config: ModelConfig, kind: str, task_feature_lengths: dict[str, int], batch_size: int,
+              num_microbatches: int) -> None:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"train.model_kind={kind!r} is not supported. Allowed values: {', '.join(MODEL_KINDS)}.")
+    if config.is_encoder_decoder != (kind == "encoder_decoder"):
+        raise ValueError(f"train.model_kind={kind!r} does not fit ModelConfig.architecture="
+                         f"{config.architecture!r}: encoder_decoder models take encoder_decoder data, decoders "
+                         f"take decoder or prefix_lm data.")
+    needed = {"encoder_decoder": {"inputs", "targets"}, "prefix_lm": {"inputs", "targets"}, "decoder": {"targets"}}[kind]
+    if not needed <= set(task_feature_lengths):
+        raise ValueError(f"train.task_feature_lengths={task_feature_lengths} must give lengths for {sorted(needed)} "
+                         f"with model_kind={kind!r}.")
+    if config.position_encoding == "learned" and max(model_lengths(kind, task_feature_lengths)) > config.max_length:
+        raise ValueError(f"Sequences of {max(model_lengths(kind, task_feature_lengths))} tokens are longer than the "
+                         f"model's learned position table (ModelConfig.max_length={config.max_length}); shorten "
+                         f"train.task_feature_lengths or raise max_length.")
+    processes = jax.process_count()
+    if batch_size % (processes * num_microbatches):
+        raise ValueError(f"train.batch_size={batch_size} must divide evenly over {processes} process(es) and "
+                         f"num_microbatches={num_microbatches}.")
+
+
+def check_model_dir(model_dir: pathlib.Path, config: ModelConfig) -> None:
+    """A model dir that already holds another architecture is refused before anything is written."""
+    saved_file = model_dir / ckpt.CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved = ModelConfig.from_json(saved_file.read_text())
+    differing = [f.name for f in dataclasses.fields(ModelConfig)
+                 if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(config, f.name)]
+    if differing:
+        details = ", ".join(f"{name}: {getattr(saved, name)!r} there, {getattr(config, name)!r} now"
+                            for name in differing)
+        raise ValueError(f"{model_dir} holds a run of a different model ({details}). Use a new --model_dir, or the "
+                         f"gin config that run used ({model_dir / 'config.gin'}).")
+
+
+def data_stream(name: str, kind: str, lengths: dict[str, int], batch_size: int, *, split: str, pack: bool,
+                seed: int, start_position: int = 0, shuffle: bool = True, repeat: bool = True):
+    return t5data.DataStream(name, split=split, task_feature_lengths=lengths,
+                             batch_size=batch_size // jax.process_count(), model_kind=kind, pack=pack,
+                             shuffle=shuffle, seed=seed, shard_index=jax.process_index(),
+                             num_shards=jax.process_count(), repeat=repeat, start_position=start_position)
+
+
+def evaluate(params, config: ModelConfig, name: str, kind: str, lengths: dict[str, int], batch_size: int,
+             num_batches: int, pack: bool, eval_fn: Callable) -> dict[str, float]:
+    """Perplexity and token accuracy over the first `num_batches` validation batches."""
+    stream = data_stream(name, kind, lengths, batch_size, split="validation", pack=pack, seed=0, shuffle=False,
+                         repeat=False)
+    totals = {"loss_sum": 0.0, "correct": 0.0, "weight": 0.0}
+    for _, batch in zip(range(num_batches), stream):
+        totals = {k: totals[k] + float(v) for k, v in jax.device_get(eval_fn(params, batch)).items()}
+    if not totals["weight"]:
+        raise ValueError(f"The validation split of {name!r} gave no target tokens to evaluate on.")
+    loss = totals["loss_sum"] / totals["weight"]
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "accuracy": totals["correct"] / totals["weight"]}
+
+
+@gin.configurable(module="t5lite", denylist=["model_dir"])
+def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: dict = gin.REQUIRED, batch_size: int = gin.REQUIRED, num_steps: int = gin.REQUIRED,
+          learning_rate: Callable = gin.REQUIRED, optimizer: Callable = gin.REQUIRED, model_kind: str | None = None,
+          pack: bool = True, seed: int = 0, num_microbatches: int = 1, z_loss: float = 1e-4,
+          label_smoothing: float = 0.0, log_every: int = 50, checkpoint_every: int = 500,
+          keep_checkpoints: int | None = 3, eval_every: int | None = None, eval_batches: int = 10,
+          peak_flops_per_device: float | None = None, progress: bool = True) -> dict[str, float]:
+    """Trains (or resumes) a model in `model_dir`; returns the last logged training metrics.
+
+    `learning_rate` is a schedule (e.g. @learning_rate_schedule()) and `optimizer` a factory taking it
+    (e.g. @optimizer, without parentheses).
+    """
+    model_dir = pathlib.Path(model_dir).absolute()
+    config = model_config
+    kind = model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
+    check_run(config, kind, task_feature_lengths, batch_size, num_microbatches)
+    check_model_dir(model_dir, config)
+    checkpoints_exist = (model_dir / "checkpoints").is_dir()
+    checkpoints = ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints) if checkpoints_exist else None
+    resume_step = checkpoints.latest_step() if checkpoints else None
+    tx = optimizer(learning_rate=learning_rate)
+    abstract = jax.eval_shape(functools.partial(init_state, config, tx), jax.random.PRNGKey(seed))
+    start_position = 0
+    if resume_step is not None:
+        state, start_position = checkpoints.restore(abstract, resume_step)
+    stream = data_stream(mixture_or_task_name, kind, task_feature_lengths, batch_size, split="train", pack=pack,
+                         seed=seed, start_position=start_position)
+    t5data.check_vocabulary_fits(stream.vocabulary, config.vocab_size)
+    first_batch = next(stream)  # an empty dataset fails here, before anything is written
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.gin").write_text(gin.config_str())
+    (model_dir / ckpt.CONFIG_FILE).write_text(config.to_json())
+    checkpoints = checkpoints or ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints)
+    if resume_step is None:
+        state = init_state(config, tx, jax.random.PRNGKey(seed))
+    start = int(state.step)
+
+    step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=learning_rate,
+                                        num_microbatches=num_microbatches, z_loss=z_loss,
+                                        label_smoothing=label_smoothing), donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(eval_step, config=config))
+    dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    encoder_length, decoder_length = model_lengths(kind, task_feature_lengths)
+    flops_per_step = batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length)
+    peak = peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0]) or metrics_lib.measure_peak_flops()
+    writer, eval_writer = metrics_lib.MetricsWriter(model_dir), metrics_lib.MetricsWriter(model_dir, "eval")
+    bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+
+    pending, window, last = [], [], {}
+    window_start, timed_steps = None, 0
+    batch = first_batch
+    try:
+        for step in range(start, num_steps):
+            state, step_metrics = step_fn(state, batch, dropout_rng)
+            pending.append((step + 1, step_metrics))
+            done = step + 1
+            if window_start is None:  # leave compilation out of the timings
+                jax.block_until_ready(step_metrics)
+                window_start = time.perf_counter()
+            else:
+                timed_steps += 1
+            logging = done % log_every == 0 or done == num_steps
+            saving = done % checkpoint_every == 0 or done == num_steps
+            if (logging or saving) and pending:
+                fetched = jax.device_get(pending)
+                for fetched_step, values in fetched:
+                    if not np.isfinite(values["loss"]):
+                        raise FloatingPointError(
+                            f"The loss became {float(values['loss'])} at step {fetched_step}. Training stopped; the "
+                            f"last good checkpoint is step {checkpoints.latest_step()}. Lower the learning rate or "
+                            f"enable clipping (optimizer.clip_norm).")
+                window += [values for _, values in fetched]
+                pending = []
+            if logging and window:
+                seconds = time.perf_counter() - window_start
+                last = metrics_lib.summarize(window, seconds, timed_steps, flops_per_step,
+                                             batch_size * (encoder_length + decoder_length), jax.device_count(), peak)
+                writer.write(done, last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}",
+                                mfu=f"{last.get('mfu', 0):.1%}")
+                window, window_start, timed_steps = [], time.perf_counter(), 0
+            if saving:
+                checkpoints.save(done, state, stream.position, force=done == num_steps)
+            if eval_every and (done % eval_every == 0 or done == num_steps):
+                eval_writer.write(done, evaluate(state.params, config, mixture_or_task_name, kind,
+                                                 task_feature_lengths, batch_size, eval_batches, pack, eval_fn))
+            bar.update(1)
+            if done < num_steps:
+                batch = next(stream)
+    finally:
+        bar.close()
+        checkpoints.close()
+    return last
+
+
+def restore_params(model_dir: str | pathlib.Path, step: int | None = None):
+    """(config, params, step) from a training run's latest (or given) checkpoint, for eval and generation."""
+    model_dir = pathlib.Path(model_dir).absolute()
+    config_file = model_dir / ckpt.CONFIG_FILE
+    if not config_file.is_file() or not (model_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{model_dir} holds no training run (no {ckpt.CONFIG_FILE} and checkpoints/); "
+                                f"train one with `t5lite train --model_dir={model_dir} ...` first.")
+    config = ModelConfig.from_json(config_file.read_text())
+    checkpoints = ckpt.TrainCheckpoints(model_dir, 1, None)
+    try:
+        params, step = checkpoints.restore_params(step)
+    finally:
+        checkpoints.close()
+    return config, params, step

@@ -1,0 +1,97 @@
+"""The train state and the jitted train / eval steps.
+
+One step is one function: forward, loss, backward (accumulated over microbatches with
+`lax.scan` when asked), optimizer update and metrics, all on device. The caller jits
+it with the state donated, so parameters and optimizer state are updated in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from t5lite.config import ModelConfig
+from t5lite.models import build, dummy_inputs
+from t5lite.train.losses import cross_entropy
+
+ENCODER_DECODER_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                            "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
+DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
+                    "decoder_causal_attention")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    def init(key):
+        params = nn.unbox(build(config).init(key, **dummy_inputs(config), enable_dropout=False)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return jax.jit(init)(rng)
+
+
+def model_features(config: ModelConfig, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch features the model takes (loss weights stay with the loss)."""
+    names = ENCODER_DECODER_FEATURES if config.is_encoder_decoder else DECODER_FEATURES
+    return {name: batch[name] for name in names if name in batch}
+
+
+def loss_weights(batch):
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"]
+    return batch["decoder_target_tokens"] > 0
+
+
+def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout):
+    """Loss, z-loss, correct-token and weight sums of one (micro)batch; the loss sum is differentiated."""
+    logits = build(config).apply({"params": params}, **model_features(config, batch), enable_dropout=enable_dropout,
+                                 rngs={"dropout": rng} if enable_dropout else None)
+    weights = loss_weights(batch)
+    loss, z, correct = cross_entropy(logits, batch["decoder_target_tokens"], weights, z_loss, label_smoothing)
+    return loss, {"z_loss": z, "correct": correct, "weight": jnp.sum(weights.astype(jnp.float32))}
+
+
+def train_step(state: TrainState, batch, base_rng, *, config: ModelConfig, tx: optax.GradientTransformation,
+               schedule: Callable, num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0):
+    """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch,
+    whatever the number of microbatches."""
+    rng = jax.random.fold_in(base_rng, state.step)
+    grad_fn = jax.value_and_grad(_sums, argnums=1, has_aux=True)
+    args = (z_loss, label_smoothing, True)
+    if num_microbatches == 1:
+        (loss, aux), grads = grad_fn(config, state.params, batch, rng, *args)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(num_microbatches, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, inputs):
+            index, microbatch = inputs
+            (loss, aux), grads = grad_fn(config, state.params, microbatch, jax.random.fold_in(rng, index), *args)
+            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"z_loss": jnp.zeros(()), "correct": jnp.zeros(()),
+                                                              "weight": jnp.zeros(())}, state.params))
+        (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
+    denominator = jnp.maximum(aux["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state)
+    metrics = {"loss": loss / denominator, "z_loss": aux["z_loss"] / denominator,
+               "accuracy": aux["correct"] / denominator, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state.step), "target_tokens": aux["weight"]}
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, config: ModelConfig):
+    """Sums for perplexity and accuracy over a validation batch (no z-loss, no smoothing, no dropout)."""
+    loss, aux = _sums(config, params, batch, None, 0.0, 0.0, False)
+    return {"loss_sum": loss, "correct": aux["correct"], "weight": aux["weight"]}

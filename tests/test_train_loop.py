@@ -1,0 +1,149 @@
+"""End-to-end training through gin: learning, exact resume after SIGKILL, FLOPs, and bad input."""
+
+import hashlib
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from t5lite import cli
+from t5lite.config import ModelConfig
+from t5lite.scaling import flops
+from t5lite.train.metrics import read_metrics
+
+TINY = ["ModelConfig.d_model = 64", "ModelConfig.d_ff = 128", "ModelConfig.num_heads = 2", "ModelConfig.head_dim = 32",
+        "ModelConfig.num_kv_heads = None", "ModelConfig.num_encoder_layers = 1", "ModelConfig.num_decoder_layers = 1",
+        "ModelConfig.dtype = 'float32'", "train.batch_size = 8", "train.log_every = 1", "train.progress = False",
+        "train.checkpoint_every = 10", "learning_rate_schedule.warmup_steps = 10"]
+SPAN = ["runs/t5_tiny_span_corruption.gin", "train.task_feature_lengths = {'inputs': 64, 'targets': 16}"]
+LM = ["runs/llama_tiny_lm.gin", "train.task_feature_lengths = {'targets': 64}"]
+PREFIX = ["runs/prefix_lm_tiny.gin", "train.task_feature_lengths = {'inputs': 48, 'targets': 16}"]
+
+
+def train(model_dir, run, *bindings):
+    """Trains in this process as `t5lite train` would; returns the exit code."""
+    gin_file, *run_bindings = run
+    args = ["train", f"--gin_file={gin_file}", f"--model_dir={model_dir}"]
+    return cli.main(args + [f"--gin.{b.replace(' = ', '=', 1)}" for b in TINY + run_bindings + list(bindings)])
+
+
+def losses(model_dir):
+    return [row["loss"] for row in read_metrics(pathlib.Path(model_dir) / "train_metrics.jsonl")]
+
+
+@pytest.mark.parametrize("run", [SPAN, LM, PREFIX], ids=["span_corruption", "causal_lm", "prefix_lm"])
+def test_training_lowers_the_loss(run, tmp_path):
+    assert train(tmp_path, run, "train.num_steps = 40") == 0
+    curve = losses(tmp_path)
+    assert len(curve) == 40
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 1.0, curve
+    assert (tmp_path / "checkpoints" / "40").is_dir() and (tmp_path / "config.gin").is_file()
+    row = read_metrics(tmp_path / "train_metrics.jsonl")[-1]
+    assert {"perplexity", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "tflops_per_device"} <= set(row)
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(tmp_path):
+    steps = ["train.num_steps = 30"]
+    assert train(tmp_path / "straight", SPAN, *steps) == 0
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "t5lite.cli", "train", f"--gin_file={SPAN[0]}", f"--model_dir={killed}"]
+    command += [f"--gin.{b.replace(' = ', '=', 1)}" for b in TINY + SPAN[1:] + steps]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    metrics = killed / "train_metrics.jsonl"
+    while time.time() < deadline and process.poll() is None:
+        if (killed / "checkpoints" / "10").is_dir() and metrics.is_file() and len(metrics.read_text().splitlines()) >= 13:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(losses(killed)) < 30
+    assert train(killed, SPAN, *steps) == 0
+    assert losses(killed) == losses(tmp_path / "straight")  # bit-identical, step by step
+
+
+def test_flops_match_hand_counts():
+    config = ModelConfig(architecture="decoder", vocab_size=1000, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                         d_ff=256, num_decoder_layers=2, mlp_activation="swiglu")
+    s = 32
+    projections = 2 * s * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64)  # q, k, v (2 kv heads), o
+    scores = 4 * s * s * 4 * 16 / 2  # causal
+    mlp = 2 * s * 3 * 64 * 256
+    logits = 2 * s * 64 * 1000
+    assert flops.training_flops_per_sequence(config, 0, s) == 3 * (2 * (projections + scores + mlp) + logits)
+
+    t5 = ModelConfig(architecture="encoder_decoder", vocab_size=500, d_model=32, num_heads=2, head_dim=8, d_ff=64,
+                     num_encoder_layers=1, num_decoder_layers=1, mlp_activation="relu")
+    e, d = 20, 10
+    encoder = 2 * e * 4 * 32 * 16 + 4 * e * e * 16 + 2 * e * 2 * 32 * 64
+    self_attention = 2 * d * 4 * 32 * 16 + 4 * d * d * 16 / 2
+    cross = 2 * d * 2 * 32 * 16 + 2 * e * 2 * 32 * 16 + 4 * d * e * 16
+    decoder = self_attention + cross + 2 * d * 2 * 32 * 64
+    assert flops.training_flops_per_sequence(t5, e, d) == 3 * (encoder + decoder + 2 * d * 32 * 500)
+
+
+def _fingerprint(directory: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("trained")
+    assert train(model_dir, SPAN, "train.num_steps = 10") == 0
+    return model_dir
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (["ModelConfig.num_decoder_layers = 3"], "holds a run of a different model"),
+    (["train.mixture_or_task_name = 'no_such_task'"], "no_such_task"),
+    (["train.no_such_parameter = 1"], "no_such_parameter"),
+    (["train.num_steps = 20", "learning_rate_schedule.base_learning_rate = 1e30"], "at step"),
+])
+def test_bad_input_fails_clearly_and_keeps_checkpoints(trained_dir, bindings, message, capsys):
+    before = _fingerprint(trained_dir / "checkpoints")
+    assert train(trained_dir, SPAN, *bindings) == 2
+    assert message in capsys.readouterr().err
+    assert _fingerprint(trained_dir / "checkpoints") == before
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (["ModelConfig.position_encoding = 'learned'", "ModelConfig.max_length = 32"], "learned position table"),
+    (["ModelConfig.vocab_size = 1000"], "Set ModelConfig.vocab_size = 4224"),
+    (["train.task_feature_lengths = {'targets': 16}"], "must give lengths for ['inputs', 'targets']"),
+])
+def test_bad_input_for_a_new_run_writes_nothing(tmp_path, bindings, message, capsys):
+    assert train(tmp_path / "run", SPAN, *bindings) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_gin_file(tmp_path, capsys):
+    assert cli.main(["train", "--gin_file=runs/missing.gin", f"--model_dir={tmp_path / 'run'}"]) == 2
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_empty_dataset(tmp_path, capsys):
+    from t5lite import data
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    data.register_text_file_task("t5lite_test_empty", str(empty), objective="span_corruption")
+    assert train(tmp_path / "run", SPAN, "train.mixture_or_task_name = 't5lite_test_empty'") == 2
+    assert "empty" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "run").exists()
+
+
+def test_named_step_restore_and_json_metrics(trained_dir):
+    from t5lite.train.loop import restore_params
+
+    config, params, step = restore_params(trained_dir)
+    assert step == 10 and config.d_model == 64
+    assert json.loads((trained_dir / "t5lite_config.json").read_text())["d_model"] == 64
+    assert any((trained_dir / "tensorboard" / "train").iterdir())
