@@ -48,6 +48,36 @@ def train(args: argparse.Namespace) -> None:
     train_loop(args.model_dir)
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    """Validation perplexity and the task's metrics for a trained run; writes eval_<step>.json."""
+    import json
+
+    from t5lite import inference
+
+    run = inference.load_run(args.model_dir, args.step)
+    results = inference.evaluate_run(run, num_batches=args.batches, max_examples=args.max_examples)
+    out = pathlib.Path(args.model_dir) / f"eval_{run.step}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(f"Wrote {out}")
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Generates from a trained run for prompts given as arguments or in a file (one per line)."""
+    from t5lite import decoding, inference
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line for line in pathlib.Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("No prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
+    options = decoding.DecodingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams)
+    run = inference.load_run(args.model_dir, args.step)
+    for prompt, output in zip(prompts, inference.generate_texts(run, prompts, options, seed=args.seed)):
+        print(f"> {prompt}\n{output}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t5lite", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     _gin_arguments(p)
     p.add_argument("--model_dir", required=True, help="where checkpoints, metrics and the config go")
     p.set_defaults(run=train)
+    p = commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__)
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
+    p.add_argument("--batches", type=int, default=20, help="validation batches for perplexity")
+    p.add_argument("--max_examples", type=int, default=64, help="examples per task decoded for its metrics")
+    p.set_defaults(run=evaluate)
+    p = commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__)
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--prompts_file")
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--num_beams", type=int, default=None, help="beam search with this many beams")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=generate)
+    p = commands.add_parser("vocab", help="Trains (or finds in the cache) a SentencePiece vocabulary.")
+    from t5lite.data import add_vocab_arguments, vocab_command
+    add_vocab_arguments(p)
+    p.set_defaults(run=vocab_command)
     return parser
 
 

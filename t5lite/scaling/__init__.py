@@ -1,0 +1,1 @@
+"""Scaling studies: FLOP accounting, compute sweeps, fits and plots."""

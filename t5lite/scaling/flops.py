@@ -1,0 +1,129 @@
+"""Training FLOPs of a model config, the 6·N·D rule they refine, and model FLOP utilisation.
+
+The exact count follows MaxText's MFU convention so that numbers compare across codebases:
+only matmuls count (2 FLOPs per multiply-add); the embedding lookup is free, the logits
+projection is not; attention scores plus the weighted sum cost 4·Sq·Sk·H·dh per layer and
+sequence, halved for causal self-attention (a good kernel skips the masked half); norms,
+softmax, position biases and the optimizer are left out; training is 3 × forward (the
+backward pass costs two forwards).
+
+Conventions worth knowing:
+- Prefix-LM decoders are counted as causal over their whole length, as MaxText does.
+- Sliding windows are not discounted: the count describes the dense computation.
+- Tokens: a decoder's sequence is `targets_length` tokens (for a prefix LM that length
+  already includes the prefix). An encoder-decoder's sequence is `inputs_length +
+  targets_length` tokens; each token passes through only one stack, so its training cost
+  is about 3·N per token rather than 6·N.
+"""
+
+from __future__ import annotations
+
+from t5lite.config import ModelConfig
+from t5lite.layers.mlp import is_gated
+from t5lite.models.params import param_count
+
+# Advertised dense bf16 peak per chip / GPU (H100 and H200: SXM parts).
+PEAK_BF16_FLOPS = {
+    "tpu_v4": 275e12,
+    "tpu_v5e": 197e12,
+    "tpu_v5p": 459e12,
+    "tpu_v6e": 918e12,
+    "a100": 312e12,
+    "h100": 989e12,
+    "h200": 989e12,
+}
+
+# `jax.Device.device_kind` of each TPU; NVIDIA kinds carry memory sizes, so they match by substring.
+_TPU_KINDS = {"tpu v4": "tpu_v4", "tpu v5 lite": "tpu_v5e", "tpu v5e": "tpu_v5e", "tpu v5": "tpu_v5p",
+              "tpu v5p": "tpu_v5p", "tpu v6 lite": "tpu_v6e", "tpu v6e": "tpu_v6e"}
+_GPU_KINDS = ("a100", "h100", "h200")
+
+
+def six_n_d(num_params: float, num_tokens: float) -> float:
+    """Kaplan's and Hoffmann's approximation of training compute."""
+    _check_positive(num_params=num_params, num_tokens=num_tokens)
+    return 6.0 * num_params * num_tokens
+
+
+def embedding_param_count(config: ModelConfig) -> int:
+    """Token embedding, untied logits matrix and position tables (learned or relative bias)."""
+    vocab = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
+    return vocab + param_count(config) - param_count(config.replace(position_encoding="none"))
+
+
+def non_embedding_param_count(config: ModelConfig) -> int:
+    """Kaplan et al.'s N: everything but the embedding and position tables."""
+    return param_count(config) - embedding_param_count(config)
+
+
+def tokens_per_sequence(config: ModelConfig, inputs_length: int, targets_length: int) -> int:
+    _check_lengths(config, inputs_length, targets_length)
+    return targets_length + (inputs_length if config.is_encoder_decoder else 0)
+
+
+def forward_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_length: int) -> int:
+    """Matmul FLOPs of one forward pass over one sequence (see the module docstring).
+
+    `inputs_length` is the encoder's length and is ignored for decoder-only models, whose
+    length is `targets_length` (prefix included for a prefix LM).
+    """
+    _check_lengths(config, inputs_length, targets_length)
+    d, heads, kv_heads, hd = config.d_model, config.num_heads, config.kv_heads, config.head_dim
+    query_out = 2 * 2 * d * heads * hd  # per query token: query and output projections
+    key_value = 2 * 2 * d * kv_heads * hd  # per key token: key and value projections
+    mlp = 2 * (3 if is_gated(config.mlp_activation) else 2) * d * config.d_ff
+
+    def attention(q_len: int, k_len: int, causal: bool) -> int:
+        scores_and_values = 4 * q_len * k_len * heads * hd
+        return q_len * query_out + k_len * key_value + (scores_and_values // 2 if causal else scores_and_values)
+
+    dec = targets_length
+    decoder_layer = attention(dec, dec, causal=True) + dec * mlp
+    total = 2 * d * config.vocab_size * dec  # logits
+    if config.is_encoder_decoder:
+        enc = inputs_length
+        total += config.num_encoder_layers * (attention(enc, enc, causal=False) + enc * mlp)
+        decoder_layer += attention(dec, enc, causal=False)
+    return total + config.num_decoder_layers * decoder_layer
+
+
+def training_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_length: int) -> int:
+    """Forward plus backward (3 × forward); what MFU divides by step time."""
+    return 3 * forward_flops_per_sequence(config, inputs_length, targets_length)
+
+
+def training_flops_per_token(config: ModelConfig, inputs_length: int, targets_length: int) -> float:
+    """Training FLOPs per token of `tokens_per_sequence`; compare with 6·N."""
+    return (training_flops_per_sequence(config, inputs_length, targets_length)
+            / tokens_per_sequence(config, inputs_length, targets_length))
+
+
+def mfu(flops_per_step: float, step_time_s: float, num_devices: int, peak_flops_per_device: float) -> float:
+    """Model FLOP utilisation: achieved model FLOP/s over the devices' combined peak."""
+    _check_positive(flops_per_step=flops_per_step, step_time_s=step_time_s, num_devices=num_devices,
+                    peak_flops_per_device=peak_flops_per_device)
+    return flops_per_step / (step_time_s * num_devices * peak_flops_per_device)
+
+
+def peak_flops_per_device(device) -> float | None:
+    """Peak bf16 FLOP/s of a `jax.Device` or its `device_kind` ('TPU v5 lite', 'NVIDIA H100 80GB HBM3').
+
+    None for devices not in `PEAK_BF16_FLOPS` (CPUs, other GPUs), so that callers can measure
+    a peak or ask for one instead of reporting a made-up MFU.
+    """
+    kind = getattr(device, "device_kind", device).strip().lower()
+    name = _TPU_KINDS.get(kind) or next((gpu for gpu in _GPU_KINDS if gpu in kind), None)
+    return None if name is None else PEAK_BF16_FLOPS[name]
+
+
+def _check_lengths(config: ModelConfig, inputs_length: int, targets_length: int) -> None:
+    if targets_length <= 0:
+        raise ValueError(f"targets_length={targets_length} must be positive.")
+    if config.is_encoder_decoder and inputs_length <= 0:
+        raise ValueError(f"inputs_length={inputs_length} must be positive for an encoder-decoder model.")
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name}={value!r} must be positive.")
