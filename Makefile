@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 .PHONY: test demo clean
@@ -16,8 +15,9 @@ $(VENV)/.installed: setup.py
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
-demo: $(VENV)/.installed
-	$(PY) experiments/demo.py
+demo: $(VENV)/.installed  # a fresh run each time: demo_run/ is the demo's own output
+	rm -rf demo_run
+	$(PY) experiments/demo.py --model_dir=demo_run
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache demo_run

@@ -138,6 +138,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     if resume_step is None:
         state = init_state(config, tx, jax.random.PRNGKey(seed))
     start = int(state.step)
+    num_devices = len(jax.tree.leaves(state.params)[0].sharding.device_set)  # the devices the step runs on
 
     step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=learning_rate,
                                         num_microbatches=num_microbatches, z_loss=z_loss,
@@ -178,7 +179,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
             if logging and window:
                 seconds = time.perf_counter() - window_start
                 last = metrics_lib.summarize(window, seconds, timed_steps, flops_per_step,
-                                             batch_size * (encoder_length + decoder_length), jax.device_count(), peak)
+                                             batch_size * (encoder_length + decoder_length), num_devices, peak)
                 writer.write(done, last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}",
                                 mfu=f"{last.get('mfu', 0):.1%}")
