@@ -1,0 +1,128 @@
+"""The input pipeline the training loop consumes: seqio task -> feature converter -> numpy batches.
+
+Every random choice (file and example order, span positions, prefix split points, mixture
+sampling) is seeded from `seed` and tf.data runs deterministically, so the stream is a pure
+function of its arguments. Resuming therefore needs only an integer: the number of batches
+already consumed, which the checkpoint stores. Resuming at batch p replays the pipeline and
+drops the first p batches: exact, and it costs preprocessing time only (on the project's
+shared 2-core CPU machine about a minute per 1000 batches of 32 span-corruption rows of
+128/32 tokens; the same machine runs a bare `tf.data.Dataset.range` at ~20k elements/s).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5lite.data.tasks import check_registered
+
+FEATURE_CONVERTERS = {
+    "encoder_decoder": seqio.EncDecFeatureConverter,
+    "decoder": seqio.LMFeatureConverter,
+    "prefix_lm": seqio.PrefixLMFeatureConverter,
+}
+MODEL_KINDS = tuple(FEATURE_CONVERTERS)
+
+
+class DataStream:
+    """Deterministic, resumable iterator of numpy batches (dict feature name -> np.ndarray [batch, length]).
+
+    Batches carry seqio's model feature names (encoder_input_tokens, decoder_target_tokens, ...).
+    With `repeat=False` the last batch is filled up with all-zero rows (zero loss weights and
+    segment ids), so every batch has the same shape and no example is dropped. Processes of a
+    multi-host run pass their own `shard_index` and read disjoint parts of the data.
+    """
+
+    def __init__(self, mixture_or_task_name: str, *, split: str, task_feature_lengths: Mapping[str, int],
+                 batch_size: int, model_kind: str, pack: bool = True, shuffle: bool = True, seed: int = 0,
+                 shard_index: int = 0, num_shards: int = 1, repeat: bool = True, start_position: int = 0):
+        if model_kind not in FEATURE_CONVERTERS:
+            raise ValueError(f"model_kind={model_kind!r} is not supported. Allowed values: {', '.join(MODEL_KINDS)}.")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards}).")
+        if start_position < 0:
+            raise ValueError(f"start_position={start_position} must be >= 0.")
+        check_registered(mixture_or_task_name)
+        self._provider = seqio.get_mixture_or_task(mixture_or_task_name)
+        if split not in self._provider.splits:
+            raise ValueError(f"{mixture_or_task_name!r} has no split {split!r}; it has "
+                             f"{sorted(self._provider.splits)}.")
+        _check_features(mixture_or_task_name, set(self._provider.output_features), model_kind, task_feature_lengths)
+        self._name, self._split, self._lengths = mixture_or_task_name, split, dict(task_feature_lengths)
+        self._batch_size, self._seed = batch_size, seed
+        self._shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+        self._converter = FEATURE_CONVERTERS[model_kind](pack=pack)
+        self._check_not_empty()
+        self._batches = self._dataset(repeat=repeat, shuffle=shuffle).skip(start_position).as_numpy_iterator()
+        self._position = start_position
+
+    def __iter__(self) -> "DataStream":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._batches)
+        self._position += 1
+        return batch
+
+    @property
+    def position(self) -> int:
+        """Batches consumed so far; `DataStream(..., start_position=position)` continues from here."""
+        return self._position
+
+    @property
+    def vocabulary(self) -> seqio.Vocabulary:
+        return self._provider.output_features["targets"].vocabulary
+
+    @property
+    def model_feature_lengths(self) -> dict[str, int]:
+        """Length of each model feature, e.g. inputs + targets for the prefix-LM decoder."""
+        return dict(self._converter.get_model_feature_lengths(self._lengths))
+
+    def _examples(self, repeat: bool, shuffle: bool) -> tf.data.Dataset:
+        examples = self._provider.get_dataset(
+            sequence_length=self._lengths, split=self._split, shuffle=shuffle, seed=self._seed,
+            shard_info=self._shard, num_epochs=None if repeat else 1)
+        features = set(self._provider.output_features)  # drop e.g. "*_pretokenized" strings
+        return examples.map(lambda ex: {k: v for k, v in ex.items() if k in features})
+
+    def _dataset(self, repeat: bool, shuffle: bool) -> tf.data.Dataset:
+        examples = self._examples(repeat, shuffle)
+        batches = self._converter(examples, self._lengths).batch(self._batch_size).map(self._fill_batch)
+        options = tf.data.Options()
+        options.deterministic = True
+        return batches.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+    def _fill_batch(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        def fill(x):
+            x = tf.pad(x, [[0, self._batch_size - tf.shape(x)[0]]] + [[0, 0]] * (x.shape.rank - 1))
+            return tf.ensure_shape(x, [self._batch_size] + x.shape[1:])
+
+        return {key: fill(value) for key, value in batch.items()}
+
+    def _check_not_empty(self) -> None:
+        """An empty split repeated forever would hang the first step instead of failing."""
+        if not any(True for _ in self._examples(repeat=False, shuffle=False).take(1)):
+            shard = f" (shard {self._shard.index} of {self._shard.num_shards})" if self._shard.num_shards > 1 else ""
+            raise ValueError(
+                f"Task {self._name!r}, split {self._split!r}{shard} yields no examples: its files are empty, or "
+                f"every text is shorter than an objective needs. Check the task's data files, or use another "
+                f"split{', or fewer shards' if shard else ''}.")
+
+
+def _check_features(name: str, features: set[str], model_kind: str, lengths: Mapping[str, int]) -> None:
+    """A decoder trained on span-corruption targets alone would learn nonsense, silently."""
+    needed = {"targets"} if model_kind == "decoder" else {"inputs", "targets"}
+    if not needed <= features or (model_kind == "decoder" and "inputs" in features):
+        fix = ("a task with only 'targets', e.g. t5lite_corpus_lm" if model_kind == "decoder" else
+               "a task with 'inputs' and 'targets', e.g. t5lite_corpus_span_corruption or t5lite_corpus_prefix_lm")
+        raise ValueError(f"Task {name!r} has features {sorted(features)} but model_kind={model_kind!r} needs "
+                         f"{sorted(needed)}: use {fix}.")
+    missing = needed - set(lengths)
+    if missing or any(not isinstance(lengths[key], int) or lengths[key] <= 0 for key in needed):
+        raise ValueError(f"task_feature_lengths={dict(lengths)} must give a positive length for each of "
+                         f"{sorted(needed)}.")

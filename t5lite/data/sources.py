@@ -1,0 +1,97 @@
+"""A seqio DataSource of {"text"} examples read from .txt or .jsonl files.
+
+Without validation files, a fixed share of the lines becomes the validation split, chosen by a
+hash of each line's text: the split is the same on every machine and every run, and does not
+shift when files are added. Shuffling (file order, then lines in a large buffer) is seeded, so
+a pipeline built twice with one seed reads the same order; seqio's FunctionDataSource warns
+against exactly the shuffling we need here, hence a DataSource of our own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence, Union
+
+import seqio
+import tensorflow as tf
+
+Files = Union[str, Sequence[str], Callable[[], Sequence[str]]]
+JSON_SUFFIXES = (".jsonl", ".json")
+_HASH_BUCKETS = 10_000
+LINE_SHUFFLE_BUFFER = 100_000
+
+
+class TextFilesSource(seqio.DataSource):
+    """Lines of `train_files` (glob patterns, or a function returning paths, called on first read)."""
+
+    def __init__(self, train_files: Files, validation_files: Files | None = None, *, text_key: str = "text",
+                 validation_fraction: float = 0.03):
+        if validation_files is None and not 0 < validation_fraction < 1:
+            raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1) when no "
+                             f"validation_files are given.")
+        self._files = {"train": train_files, "validation": validation_files or train_files}
+        self._hash_split = validation_files is None
+        self._text_key = text_key
+        self._validation_buckets = round(validation_fraction * _HASH_BUCKETS)
+        for split, files in self._files.items():
+            if not callable(files):
+                self.list_shards(split)  # fail at registration, not at the first training step
+        super().__init__(splits=("train", "validation"))
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return False
+
+    def list_shards(self, split: str) -> list[str]:
+        files = self._files[split]
+        paths = seqio.utils.list_files(files() if callable(files) else files)
+        missing = [path for path in paths if not tf.io.gfile.exists(path)]
+        if not paths or missing:
+            raise FileNotFoundError(f"No text files for the {split!r} split: {files!r} matches "
+                                    f"{'nothing' if not paths else 'missing files ' + str(missing)}. "
+                                    f"Check the path or glob pattern.")
+        if len({path.endswith(JSON_SUFFIXES) for path in paths}) > 1:
+            raise ValueError(f"{files!r} mixes .jsonl and plain-text files; register them as two tasks and "
+                             f"combine them with register_mixture.")
+        return paths
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                    shard_info: seqio.ShardInfo | None = None, *, sequence_length=None, use_cached=False,
+                    num_epochs=1) -> tf.data.Dataset:
+        paths = self.list_shards(split)
+        files = tf.data.Dataset.from_tensor_slices(paths)
+        if shard_info:
+            files = files.shard(shard_info.num_shards, shard_info.index)
+        if shuffle:
+            files = files.shuffle(len(paths), seed=seed)
+        lines = files.flat_map(tf.data.TextLineDataset)
+        if paths[0].endswith(JSON_SUFFIXES):
+            lines = lines.filter(_not_blank).map(self._json_text)
+        if not self._hash_split:
+            lines = lines.filter(_not_blank)
+        elif split == "validation":
+            lines = lines.filter(lambda line: _not_blank(line) & self._is_validation(line))
+        else:
+            lines = lines.filter(lambda line: _not_blank(line) & ~self._is_validation(line))
+        if shuffle:
+            lines = lines.shuffle(LINE_SHUFFLE_BUFFER, seed=seed)
+        return lines.map(lambda line: {"text": tf.strings.strip(line)})
+
+    def _is_validation(self, line: tf.Tensor) -> tf.Tensor:
+        return tf.strings.to_hash_bucket_fast(tf.strings.strip(line), _HASH_BUCKETS) < self._validation_buckets
+
+    def _json_text(self, line: tf.Tensor) -> tf.Tensor:
+        def parse(line):
+            record = json.loads(line.numpy())
+            if not isinstance(record, dict) or self._text_key not in record:
+                raise ValueError(f"A JSON line has no key {self._text_key!r}: {line.numpy()[:200]!r}; set text_key "
+                                 f"to the field that holds the text.")
+            return str(record[self._text_key])
+
+        text = tf.py_function(parse, [line], tf.string)
+        text.set_shape([])
+        return text
+
+
+def _not_blank(line: tf.Tensor) -> tf.Tensor:
+    return tf.strings.length(tf.strings.strip(line)) > 0
