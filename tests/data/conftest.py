@@ -1,6 +1,5 @@
 """Data fixtures; the temporary cache they build in is tests/conftest.py's `t5lite_cache`."""
 
-
 import pytest
 
 
