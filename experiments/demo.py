@@ -68,10 +68,14 @@ def plot_loss(model_dir: pathlib.Path) -> pathlib.Path:
 
 
 def sample_decodes(run: inference.Run, count: int = 4) -> list[tuple[str, str, str]]:
+    """Greedy decodes of validation examples with at least two masked spans (one-span examples
+    are mostly a sentence's final word)."""
     task = seqio.get_mixture_or_task(run.task)
-    examples = itertools.islice(task.get_dataset(run.task_feature_lengths, split="validation", shuffle=False,
-                                                 seed=0).as_numpy_iterator(), count)
     vocab = run.vocabulary
+    first_sentinel = vocab.vocab_size - vocab.extra_ids
+    dataset = task.get_dataset(run.task_feature_lengths, split="validation", shuffle=False, seed=0)
+    examples = itertools.islice((ex for ex in dataset.as_numpy_iterator()
+                                 if np.sum(ex["inputs"] >= first_sentinel) >= 2), count)
     pairs = [(vocab.decode(ex["inputs"].tolist()), vocab.decode(ex["targets"].tolist())) for ex in examples]
     options = decoding.DecodingOptions(max_new_tokens=run.task_feature_lengths["targets"])
     predictions = inference.generate_texts(run, [inputs for inputs, _ in pairs], options)
