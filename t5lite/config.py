@@ -24,6 +24,8 @@ POSITION_ENCODINGS = ("relative", "rope", "alibi", "sinusoidal", "learned", "non
 ROPE_SCALINGS = ("none", "linear", "ntk")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+INT8_DENSE_FAMILIES = ("attention", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # "xla" materialises scores; "pallas" is the flash kernel (masks and biases computed per tile);
+    # "cudnn" is jax.nn.dot_product_attention on a GPU; "auto" picks pallas on TPU/GPU, xla on CPU.
+    attention_impl: str = "xla"
+    # Dense families whose matmuls run in int8 (straight-through gradients): "attention" (q, k, v,
+    # out projections), "mlp". Query-key products and the output logits stay in `dtype`.
+    int8_dense: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_choice("architecture", self.architecture, ARCHITECTURES)
@@ -77,6 +85,13 @@ class ModelConfig:
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if not isinstance(self.int8_dense, (tuple, list)) or len(set(self.int8_dense)) != len(self.int8_dense):
+            raise ValueError(f"int8_dense={self.int8_dense!r} must be a tuple of distinct families from: "
+                             f"{', '.join(INT8_DENSE_FAMILIES)} (e.g. ('attention', 'mlp')).")
+        for family in self.int8_dense:
+            _check_choice("int8_dense", family, INT8_DENSE_FAMILIES)
+        object.__setattr__(self, "int8_dense", tuple(self.int8_dense))  # JSON and gin give lists
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_decoder_layers",
                      "relative_num_buckets", "relative_max_distance", "max_length"):
             _check_positive(name, getattr(self, name))

@@ -1,8 +1,9 @@
 """Multi-head attention with grouped key/value heads (MHA, GQA, MQA) and a KV cache.
 
-Layout is [batch, length, heads, head_dim]. Masks and position biases are built by
-the caller (once per stack, shared by all layers); rotary embeddings are applied
-here because they rotate the projected queries and keys.
+Layout is [batch, length, heads, head_dim]. Masks and position biases come from the
+caller's `AttentionSpec` (built once per stack, shared by all layers), which also says
+which implementation attends; rotary embeddings are applied here because they rotate
+the projected queries and keys.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.flash_attention import flash_attention
+from t5lite.layers.attention_spec import AttentionSpec
 from t5lite.layers.dense import DenseGeneral
 from t5lite.layers.positions import apply_rope
 
@@ -43,6 +46,17 @@ def dot_product_attention(query, key, value, mask=None, bias=None, dropout_rng=N
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def attend(query, key, value, spec: AttentionSpec, scale, dropout_rng=None, dropout_rate=0.0, dtype=jnp.float32):
+    """Attention by `spec.impl`: XLA (`dot_product_attention`), cuDNN (`jax.nn.dot_product_attention`),
+    or the Pallas flash kernel ("auto" backend: TPU, GPU, else the interpreter)."""
+    if spec.impl == "xla":
+        return dot_product_attention(query, key, value, spec.mask, spec.bias, dropout_rng, dropout_rate, scale, dtype)
+    if spec.impl == "cudnn":
+        bias = None if spec.bias is None else spec.bias.astype(query.dtype)
+        return jax.nn.dot_product_attention(query, key, value, bias, spec.mask, scale=scale, implementation="cudnn")
+    return flash_attention(query, key, value, sm_scale=scale, **spec.kernel_kwargs())
+
+
 class Attention(nn.Module):
     """Self-attention (inputs_kv is inputs_q) or cross-attention.
 
@@ -59,12 +73,13 @@ class Attention(nn.Module):
     deterministic: bool = True
     decode: bool = False
     is_cross_attention: bool = False
+    int8: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, rope=None, cache_position=None):
-        dense = functools.partial(DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype)
+    def __call__(self, inputs_q, inputs_kv, spec: AttentionSpec, rope=None, cache_position=None):
+        dense = functools.partial(DenseGeneral, int8=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
         # Without runtime scaling, T5 folds 1/sqrt(head_dim) into the query initialisation.
         query_scale = 1.0 if self.scale_by_head_dim else self.head_dim ** -0.5
         query = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), kernel_scale=query_scale,
@@ -80,8 +95,8 @@ class Attention(nn.Module):
                 key, value = self._update_cache(key, value, cache_position)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
         dropout_rng = None if self.deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
-        out = dot_product_attention(query, key, value, mask, bias, dropout_rng, self.dropout_rate,
-                                    self.head_dim ** -0.5 if self.scale_by_head_dim else 1.0, self.dtype)
+        out = attend(query, key, value, spec, self.head_dim ** -0.5 if self.scale_by_head_dim else 1.0,
+                     dropout_rng, self.dropout_rate, self.dtype)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), in_axes=2, name="out")(out)
 

@@ -33,24 +33,27 @@ def relative_position_bucket(relative_position, bidirectional: bool = True, num_
 
 
 class RelativePositionBias(nn.Module):
-    """A learned scalar per (head, bucket), added to attention logits; one table per stack."""
+    """T5's learned scalar per (head, bucket); one table per stack. It returns the table itself:
+    XLA attention materialises the bias with `relative_position_bias`, the Pallas kernel computes
+    it per tile from the table."""
 
     num_heads: int
     num_buckets: int = 32
-    max_distance: int = 128
-    bidirectional: bool = True
-    dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, query_positions, key_positions):
-        table = self.param("rel_embedding",
-                           nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
-                           (self.num_heads, self.num_buckets), self.param_dtype)
-        relative = key_positions[:, None, :] - query_positions[:, :, None]
-        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = jnp.take(table.astype(jnp.float32), buckets, axis=1)  # [heads, batch, q, k]
-        return jnp.moveaxis(bias, 0, 1)
+    def __call__(self):
+        return self.param("rel_embedding",
+                          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
+                          (self.num_heads, self.num_buckets), self.param_dtype)
+
+
+def relative_position_bias(table, query_positions, key_positions, bidirectional: bool = True,
+                           max_distance: int = 128):
+    """table [heads, buckets] looked up at each pair's bucket: [batch, heads, q, k] float32."""
+    relative = key_positions[:, None, :] - query_positions[:, :, None]
+    buckets = relative_position_bucket(relative, bidirectional, table.shape[1], max_distance)
+    return jnp.moveaxis(jnp.take(table.astype(jnp.float32), buckets, axis=1), 0, 1)
 
 
 def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: str = "none", factor: float = 1.0):
@@ -92,8 +95,12 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
 def alibi_bias(query_positions, key_positions, num_heads: int):
     """-slope * |q - k| per head: [batch, heads, q, k]."""
+    return slope_bias(jnp.asarray(alibi_slopes(num_heads), jnp.float32), query_positions, key_positions)
+
+
+def slope_bias(slopes, query_positions, key_positions):
+    """-slopes[h] * |q - k|: [batch, heads, q, k] (ALiBi for `alibi_slopes`)."""
     distance = jnp.abs(query_positions[:, :, None] - key_positions[:, None, :]).astype(jnp.float32)
-    slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
     return -slopes[None, :, None, None] * distance[:, None]
 
 

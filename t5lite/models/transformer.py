@@ -1,7 +1,8 @@
 """Transformer layers and the encoder / decoder stacks that both model kinds are made of.
 
-A stack embeds positions, builds the attention mask and position bias once, then runs
-its layers (scanned with `nn.scan` by default, optionally rematerialised).
+A stack embeds positions, builds its attention specs once (masks and position bias for the
+configured attention implementation), then runs its layers (scanned with `nn.scan` by
+default, optionally rematerialised).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import jax.numpy as jnp
 from t5lite.config import ModelConfig
 from t5lite.layers import positions as pos
 from t5lite.layers.attention import Attention
+from t5lite.layers.attention_spec import cross_attention_spec, resolve_impl, self_attention_spec
 from t5lite.layers.dense import DenseGeneral
 from t5lite.layers.embedding import Embed
-from t5lite.layers.masks import attention_mask, cross_attention_mask
 from t5lite.layers.mlp import Mlp
 from t5lite.layers.norm import NORMS
 
@@ -44,13 +45,18 @@ def residual(config: ModelConfig, x, sublayer, norm_name: str, deterministic: bo
 def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool, cross: bool = False):
     return Attention(num_heads=config.num_heads, num_kv_heads=config.kv_heads, head_dim=config.head_dim,
                      scale_by_head_dim=config.scale_attention_by_head_dim, dropout_rate=config.dropout_rate,
-                     deterministic=deterministic, decode=decode, is_cross_attention=cross, name=name,
-                     **dtypes(config))
+                     deterministic=deterministic, decode=decode, is_cross_attention=cross,
+                     int8="attention" in config.int8_dense, name=name, **dtypes(config))
 
 
 def _mlp(config: ModelConfig, deterministic: bool):
     return Mlp(d_ff=config.d_ff, activation=config.mlp_activation, dropout_rate=config.dropout_rate,
-               deterministic=deterministic, name="mlp", **dtypes(config))
+               deterministic=deterministic, int8="mlp" in config.int8_dense, name="mlp", **dtypes(config))
+
+
+def attention_impl(config: ModelConfig, deterministic: bool, decode: bool = False) -> str:
+    """The stack's attention implementation; attention dropout is on only when dropout is enabled."""
+    return resolve_impl(config.attention_impl, not deterministic and config.dropout_rate > 0.0, decode)
 
 
 class EncoderLayer(nn.Module):
@@ -58,10 +64,10 @@ class EncoderLayer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask, bias, rope):
+    def __call__(self, x, spec, rope):
         cfg, det = self.config, self.deterministic
         attention = _attention(cfg, "attention", det, decode=False)
-        x = residual(cfg, x, lambda h: attention(h, h, mask, bias, rope), "pre_attention_norm", det)
+        x = residual(cfg, x, lambda h: attention(h, h, spec, rope), "pre_attention_norm", det)
         x = residual(cfg, x, _mlp(cfg, det), "pre_mlp_norm", det)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
@@ -74,14 +80,14 @@ class DecoderLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, bias, rope, cache_position, encoded, cross_mask):
+    def __call__(self, x, spec, rope, cache_position, encoded, cross_spec):
         cfg, det = self.config, self.deterministic
         self_attention = _attention(cfg, "self_attention", det, self.decode)
-        x = residual(cfg, x, lambda h: self_attention(h, h, mask, bias, rope, cache_position),
+        x = residual(cfg, x, lambda h: self_attention(h, h, spec, rope, cache_position),
                      "pre_self_attention_norm", det)
         if cfg.is_encoder_decoder:
             cross_attention = _attention(cfg, "cross_attention", det, self.decode, cross=True)
-            x = residual(cfg, x, lambda h: cross_attention(h, encoded, cross_mask), "pre_cross_attention_norm", det)
+            x = residual(cfg, x, lambda h: cross_attention(h, encoded, cross_spec), "pre_cross_attention_norm", det)
         x = residual(cfg, x, _mlp(cfg, det), "pre_mlp_norm", det)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
@@ -105,33 +111,34 @@ def run_layers(config: ModelConfig, layer_cls, num_layers: int, x, *args, **laye
 
 class PositionEncoder(nn.Module):
     """Turns positions into what the layers consume: an additive embedding, an attention bias
-    or rotary cos/sin, depending on `config.position_encoding`."""
+    (by its parameters, for the attention spec) or rotary cos/sin, per `config.position_encoding`."""
 
     config: ModelConfig
     bidirectional: bool = True
 
     @nn.compact
-    def __call__(self, query_positions, key_positions):
-        """Returns (embedding to add to the inputs or None, attention bias or None, rope or None)."""
+    def __call__(self, positions):
+        """Returns (embedding to add to the inputs or None, bias arguments of `self_attention_spec`,
+        rope or None)."""
         cfg = self.config
         kind = cfg.position_encoding
         if kind == "relative":
-            bias = pos.RelativePositionBias(num_heads=cfg.num_heads, num_buckets=cfg.relative_num_buckets,
-                                            max_distance=cfg.relative_max_distance, bidirectional=self.bidirectional,
-                                            name="relpos_bias", **dtypes(cfg))(query_positions, key_positions)
-            return None, bias, None
+            table = pos.RelativePositionBias(num_heads=cfg.num_heads, num_buckets=cfg.relative_num_buckets,
+                                             name="relpos_bias", param_dtype=jnp.dtype(cfg.param_dtype))()
+            return None, dict(relpos_table=table, relpos_bidirectional=self.bidirectional,
+                              relpos_max_distance=cfg.relative_max_distance), None
         if kind == "alibi":
-            return None, pos.alibi_bias(query_positions, key_positions, cfg.num_heads), None
+            return None, dict(alibi_slopes=jnp.asarray(pos.alibi_slopes(cfg.num_heads), jnp.float32)), None
         if kind == "rope":
             inv_freq = pos.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor)
-            return None, None, pos.rope_cos_sin(query_positions, inv_freq)
+            return None, {}, pos.rope_cos_sin(positions, inv_freq)
         if kind == "sinusoidal":
-            return pos.sinusoidal_embedding(query_positions, cfg.d_model).astype(cfg.dtype), None, None
+            return pos.sinusoidal_embedding(positions, cfg.d_model).astype(cfg.dtype), {}, None
         if kind == "learned":
             embedding = pos.LearnedPositionEmbedding(cfg.max_length, cfg.d_model, name="position_embedder",
-                                                     **dtypes(cfg))(query_positions)
-            return embedding, None, None
-        return None, None, None
+                                                     **dtypes(cfg))(positions)
+            return embedding, {}, None
+        return None, {}, None
 
 
 def default_positions(tokens, positions):
@@ -155,16 +162,16 @@ class EncoderStack(nn.Module):
         cfg = self.config
         positions = default_positions(tokens, positions)
         valid = tokens > 0 if segment_ids is None else segment_ids > 0
-        mask = attention_mask(query_positions=positions, key_positions=positions, query_valid=valid,
-                              key_valid=valid, query_segments=segment_ids, key_segments=segment_ids,
-                              sliding_window=cfg.sliding_window, attention_sinks=cfg.attention_sinks)
-        added, bias, rope = PositionEncoder(cfg, bidirectional=True, name="positions")(positions, positions)
+        added, bias_args, rope = PositionEncoder(cfg, bidirectional=True, name="positions")(positions)
+        spec = self_attention_spec(attention_impl(cfg, deterministic), positions=positions, valid=valid,
+                                   segments=segment_ids, sliding_window=cfg.sliding_window,
+                                   attention_sinks=cfg.attention_sinks, **bias_args)
         x = self.embedder(tokens)
         if added is not None:
             x = x + added
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, mask, bias, rope, deterministic=deterministic)
+        x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, spec, rope, deterministic=deterministic)
         return final_norm(cfg, x, deterministic)
 
 
@@ -172,7 +179,8 @@ class DecoderStack(nn.Module):
     """Causal (or prefix-LM) decoder stack ending in vocabulary logits.
 
     In decode mode the first call sizes the cache from its inputs' length; each later call
-    consumes the next tokens, continuing from the position kept in the cache.
+    consumes the next tokens, continuing from the position kept in the cache. Decode mode
+    attends with XLA whatever `attention_impl` says (see `resolve_impl`).
     """
 
     config: ModelConfig
@@ -190,35 +198,36 @@ class DecoderStack(nn.Module):
             index.value = start + tokens.shape[1]
             positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
             query_region, key_region = _cached_prefix_regions(causal_attention, start, key_positions.shape[1])
-            query_valid = key_valid = None
+            query_valid = None
         else:
             positions = default_positions(tokens, positions)
             if decode:
                 self.variable("cache", "position", jnp.zeros, (), jnp.int32)
                 self.variable("cache", "key_positions", lambda: positions[:1])
-            key_positions = positions
-            query_region = key_region = causal_attention
-            query_valid = key_valid = target_tokens > 0 if target_tokens is not None else (
+            key_positions = key_region = None
+            query_region = causal_attention
+            query_valid = target_tokens > 0 if target_tokens is not None else (
                 None if segment_ids is None else segment_ids > 0)
         segments = None if stepping else segment_ids
-        mask = attention_mask(query_positions=positions, key_positions=key_positions, query_valid=query_valid,
-                              key_valid=key_valid, query_segments=segments, key_segments=segments, causal=True,
-                              query_bidirectional=query_region, key_bidirectional=key_region,
-                              sliding_window=cfg.sliding_window, attention_sinks=cfg.attention_sinks)
-        cross_mask = None
+        impl = attention_impl(cfg, deterministic, decode)
+        added, bias_args, rope = PositionEncoder(cfg, bidirectional=False, name="positions")(positions)
+        spec = self_attention_spec(impl, positions=positions, valid=query_valid, segments=segments, causal=True,
+                                   region=query_region, sliding_window=cfg.sliding_window,
+                                   attention_sinks=cfg.attention_sinks, key_positions=key_positions,
+                                   key_region=key_region, **bias_args)
+        cross_spec = None
         if cfg.is_encoder_decoder:
             query_ok = jnp.ones(tokens.shape, bool) if query_valid is None else query_valid
-            cross_mask = cross_attention_mask(query_ok, encoder_valid, segments,
+            cross_spec = cross_attention_spec(impl, query_ok, encoder_valid, segments,
                                               None if segments is None else encoder_segment_ids)
-        added, bias, rope = PositionEncoder(cfg, bidirectional=False, name="positions")(positions, key_positions)
         x = self.embedder(tokens)
         if added is not None:
             x = x + added
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         cache_position = positions[0, 0]
-        x = run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, x, mask, bias, rope, cache_position, encoded,
-                       cross_mask, deterministic=deterministic, decode=decode)
+        x = run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, x, spec, rope, cache_position, encoded,
+                       cross_spec, deterministic=deterministic, decode=decode)
         x = final_norm(cfg, x, deterministic)
         if cfg.tie_embeddings:
             if cfg.rescale_tied_logits:
