@@ -147,3 +147,15 @@ def test_named_step_restore_and_json_metrics(trained_dir):
     assert step == 10 and config.d_model == 64
     assert json.loads((trained_dir / "t5lite_config.json").read_text())["d_model"] == 64
     assert any((trained_dir / "tensorboard" / "train").iterdir())
+
+
+def test_synthetic_copy_reaches_high_exact_match(tmp_path):
+    from t5lite import inference
+
+    bindings = ["train.mixture_or_task_name = 't5lite_synthetic_copy'", "train.num_steps = 300",
+                "train.progress = False", "train.log_every = 100", "train.checkpoint_every = 300",
+                "ModelConfig.dtype = 'float32'"]
+    args = ["train", "--gin_file=runs/t5_tiny_synthetic.gin", f"--model_dir={tmp_path}"]
+    assert cli.main(args + [f"--gin.{b.replace(' = ', '=', 1)}" for b in bindings]) == 0
+    results = inference.evaluate_run(inference.load_run(tmp_path), num_batches=1, max_examples=48)
+    assert results["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= 80.0, results
