@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     from t5lite.data import add_vocab_arguments, vocab_command
     add_vocab_arguments(p)
     p.set_defaults(run=vocab_command)
+    from t5lite.scaling.commands import add_sweep_commands
+    add_sweep_commands(commands)
     return parser
 
 

@@ -58,6 +58,10 @@ class ChinchillaLaw:
     # name -> (low, high) for E, A, B, alpha, beta, a and b.
     intervals: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
+    def __getitem__(self, name: str) -> float:
+        """r["E"], r["alpha"], ...: the issue's dict-style access."""
+        return getattr(self, name)
+
     def loss(self, N, D):
         return self.E + self.A / np.asarray(N, float) ** self.alpha + self.B / np.asarray(D, float) ** self.beta
 

@@ -114,6 +114,11 @@ def gin_bindings(config: ModelConfig) -> list[str]:
     return [f"ModelConfig.{field.name} = {getattr(config, field.name)!r}" for field in dataclasses.fields(config)]
 
 
+def family_base(family: str) -> ModelConfig:
+    """The family's default config, so callers can check a base run's architecture against it."""
+    return _family(family)[0]
+
+
 def _family(family: str) -> tuple[ModelConfig, float]:
     if family not in FAMILIES:
         raise ValueError(f"Unknown model family {family!r}. Families: {', '.join(FAMILIES)}.")

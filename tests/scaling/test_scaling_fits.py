@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from t5lite.scaling import fits
+from t5lite.scaling import fit, fits
 
 SHARED_DATA = pathlib.Path(__file__).parents[2].parent / "shared" / "data"
 FIGURE4 = SHARED_DATA / "chinchilla_figure4_points.csv"
@@ -154,3 +154,11 @@ def test_bad_input_raises():
         fits.approach2(N[keep], D[keep], C[keep], L[keep])
     with pytest.raises(ValueError, match="two or more"):
         fits.approach1(N[:9], D[:9], C[:9], L[:9])
+
+
+def test_public_api_reads_like_a_dict():
+    N = np.array([1e8, 3e8, 1e9, 3e9] * 3)
+    D = np.repeat([2e9, 2e10, 2e11], 4)
+    L = 1.7 + 400 / N ** 0.34 + 410 / D ** 0.28
+    r = fit.approach3(N, D, L, exclude_highest=0)
+    np.testing.assert_allclose([r["alpha"], r["beta"], r["E"]], [0.34, 0.28, 1.7], rtol=0.02)
