@@ -152,8 +152,8 @@ def test_named_step_restore_and_json_metrics(trained_dir):
 def test_synthetic_copy_reaches_high_exact_match(tmp_path):
     from t5lite import inference
 
-    bindings = ["train.mixture_or_task_name = 't5lite_synthetic_copy'", "train.num_steps = 300",
-                "train.progress = False", "train.log_every = 100", "train.checkpoint_every = 300",
+    bindings = ["train.mixture_or_task_name = 't5lite_synthetic_copy'", "train.num_steps = 450",
+                "train.progress = False", "train.log_every = 150", "train.checkpoint_every = 450",
                 "ModelConfig.dtype = 'float32'"]
     args = ["train", "--gin_file=runs/t5_tiny_synthetic.gin", f"--model_dir={tmp_path}"]
     assert cli.main(args + [f"--gin.{b.replace(' = ', '=', 1)}" for b in bindings]) == 0
