@@ -42,10 +42,24 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Trains (or resumes) the model a gin config describes, writing everything into --model_dir."""
+    from t5lite import distributed
     from t5lite.train.loop import train as train_loop
 
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     parse_gin(args.gin_file, args.gin_bindings)
     train_loop(args.model_dir)
+
+
+def compile_step(args: argparse.Namespace) -> int:
+    """Compiles the train step a gin config describes for a TPU topology, on any machine, and reports
+    per-chip memory and FLOPs. Exits 1 if the step does not fit the chips' HBM."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: libtpu never opens a chip
+    from t5lite.train import aot
+
+    parse_gin(args.gin_file, args.gin_bindings)
+    report = aot.compile_train_step(args.topology, aot.train_arguments())
+    print(report.summary())
+    return 0 if report.fits else 1
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -89,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help=train.__doc__, description=train.__doc__)
     _gin_arguments(p)
     p.add_argument("--model_dir", required=True, help="where checkpoints, metrics and the config go")
+    p.add_argument("--coordinator_address", help="host:port of process 0, for a multi-process run set by hand")
+    p.add_argument("--num_processes", type=int, help="processes in a multi-process run set by hand")
+    p.add_argument("--process_id", type=int, help="this process's index in a multi-process run set by hand")
     p.set_defaults(run=train)
+    p = commands.add_parser("compile", help=compile_step.__doc__, description=compile_step.__doc__)
+    _gin_arguments(p)
+    p.add_argument("--topology", required=True, help="a TPU topology, e.g. v5e:2x2 or v5p:4x4x8")
+    p.set_defaults(run=compile_step)
     p = commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__)
     p.add_argument("--model_dir", required=True)
     p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
@@ -135,11 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"t5lite {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

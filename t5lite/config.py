@@ -167,16 +167,21 @@ GIN_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     """Replaces the gin state with these files (looked up as given, then under gin_configs/) and bindings."""
     search = [pathlib.Path.cwd(), GIN_CONFIG_DIR]
+    paths = []
     for name in files:
-        if not any((root / name).is_file() for root in search):
+        found = [root / name for root in search if (root / name).is_file()]
+        if not found:
             raise FileNotFoundError(f"Gin file {name!r} not found in {', '.join(map(str, search))}. Shipped configs: "
-                                    f"runs/*.gin and models/<family>/<size>.gin under {GIN_CONFIG_DIR}.")
+                                    f"runs/*.gin, models/<family>/<size>.gin and sharding/*.gin under "
+                                    f"{GIN_CONFIG_DIR}.")
+        # Absolute: gin would otherwise try `runs/x.gin` as a resource of a Python package named `runs`.
+        paths.append(str(found[0]))
     if GIN_CONFIG_DIR.is_dir():
         gin.add_config_file_search_path(str(GIN_CONFIG_DIR))
     gin.clear_config()
     with _quiet_gin_search():
         try:
-            gin.parse_config_files_and_bindings(list(files), list(bindings))
+            gin.parse_config_files_and_bindings(paths, list(bindings))
         except (ValueError, KeyError) as error:
             raise ValueError(f"Bad gin configuration: {error}") from error
 

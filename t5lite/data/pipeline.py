@@ -58,7 +58,9 @@ class DataStream:
         self._shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
         self._converter = FEATURE_CONVERTERS[model_kind](pack=pack)
         self._check_not_empty()
-        self._batches = self._dataset(repeat=repeat, shuffle=shuffle).skip(start_position).as_numpy_iterator()
+        batches = self._dataset(repeat=repeat, shuffle=shuffle)
+        self._spec = {name: (tuple(spec.shape), spec.dtype.as_numpy_dtype) for name, spec in batches.element_spec.items()}
+        self._batches = batches.skip(start_position).as_numpy_iterator()
         self._position = start_position
 
     def __iter__(self) -> "DataStream":
@@ -73,6 +75,11 @@ class DataStream:
     def position(self) -> int:
         """Batches consumed so far; `DataStream(..., start_position=position)` continues from here."""
         return self._position
+
+    @property
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of every feature of a batch, known without preprocessing one."""
+        return dict(self._spec)
 
     @property
     def vocabulary(self) -> seqio.Vocabulary:

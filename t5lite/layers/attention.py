@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.flash_attention import flash_attention
 from t5lite.layers.attention_spec import AttentionSpec
@@ -54,7 +55,27 @@ def attend(query, key, value, spec: AttentionSpec, scale, dropout_rng=None, drop
     if spec.impl == "cudnn":
         bias = None if spec.bias is None else spec.bias.astype(query.dtype)
         return jax.nn.dot_product_attention(query, key, value, bias, spec.mask, scale=scale, implementation="cudnn")
-    return flash_attention(query, key, value, sm_scale=scale, **spec.kernel_kwargs())
+    return sharded_flash_attention(query, key, value, spec, scale)
+
+
+def sharded_flash_attention(query, key, value, spec: AttentionSpec, scale):
+    """The flash kernel once per shard of the mesh in context (XLA cannot partition a Pallas
+    kernel): queries split by the logical rules over batch and heads, keys and values alike.
+    Key/value heads the rules keep whole are repeated to one per query head first."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return flash_attention(query, key, value, sm_scale=scale, **spec.kernel_kwargs())
+    q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "kv"))
+    if kv_spec[2] != q_spec[2]:
+        groups = query.shape[2] // key.shape[2]
+        key, value, kv_spec = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2), q_spec
+    rows, heads = P(q_spec[0]), P(q_spec[2])
+    spec_specs = spec.replace(q_positions=rows, kv_positions=rows, q_segments=rows, kv_segments=rows,
+                              prefix_length=rows, relpos_table=heads, alibi_slopes=heads)
+    per_shard = lambda q, k, v, s: flash_attention(q, k, v, sm_scale=scale, **s.kernel_kwargs())
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec_specs), out_specs=q_spec,
+                         check_vma=False)(query, key, value, spec)
 
 
 class Attention(nn.Module):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pallas_kernels import backend as kernel_backend
 from t5lite.layers import positions as pos
 from t5lite.layers.masks import attention_mask, cross_attention_mask
 
@@ -26,12 +27,13 @@ def resolve_impl(choice: str, attention_dropout: bool, decode: bool) -> str:
     """The implementation ("xla", "pallas" or "cudnn") a stack uses for `ModelConfig.attention_impl`.
 
     Cached decoding attends a few new rows over the cache, where a flash kernel has nothing to tile:
-    it always uses "xla". "auto" picks the Pallas kernel on TPU and GPU, and XLA on the CPU (where
+    it always uses "xla". "auto" picks the Pallas kernel on TPU and GPU (also when compiling ahead of
+    time for one, see `pallas_kernels.backend.compiling_for`), and XLA on the CPU (where
     Pallas only interprets) or while attention dropout is on (no fused kernel has it).
     """
     if decode:
         return "xla"
-    platform = jax.default_backend()
+    platform = kernel_backend.platform()
     if choice == "auto":
         return "pallas" if platform in ("tpu", "gpu") and not attention_dropout else "xla"
     if choice != "xla" and attention_dropout:

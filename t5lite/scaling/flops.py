@@ -111,9 +111,14 @@ def peak_flops_per_device(device) -> float | None:
     None for devices not in `PEAK_BF16_FLOPS` (CPUs, other GPUs), so that callers can measure
     a peak or ask for one instead of reporting a made-up MFU.
     """
-    kind = getattr(device, "device_kind", device).strip().lower()
-    name = _TPU_KINDS.get(kind) or next((gpu for gpu in _GPU_KINDS if gpu in kind), None)
+    name = chip_name(device)
     return None if name is None else PEAK_BF16_FLOPS[name]
+
+
+def chip_name(device) -> str | None:
+    """The key of a `jax.Device` (or its `device_kind`) in `PEAK_BF16_FLOPS`, e.g. "tpu_v5p"; None if unknown."""
+    kind = getattr(device, "device_kind", device).strip().lower()
+    return _TPU_KINDS.get(kind) or next((gpu for gpu in _GPU_KINDS if gpu in kind), None)
 
 
 def _check_lengths(config: ModelConfig, inputs_length: int, targets_length: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import orbax.checkpoint as ocp
 
 from t5lite.config import ModelConfig
@@ -77,11 +78,14 @@ class TrainCheckpoints:
         return restored["state"], restored["data"]["position"]
 
     def restore_params(self, step: int | None = None):
-        """(params, step) alone, as saved (no optimizer state is kept), for evaluation and generation."""
+        """(params, step) alone (no optimizer state is kept), for evaluation and generation: where the
+        devices the run was sharded over are not all here, on this process's first device."""
         step = self.latest_step() if step is None else step
         if step not in self.all_steps():
             raise FileNotFoundError(f"No complete checkpoint for step {step}; available: {self.all_steps()}.")
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(fallback_sharding=here)))
         return restored["state"]["params"], step
 
     def close(self) -> None:

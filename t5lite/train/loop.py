@@ -17,6 +17,7 @@ from typing import Callable
 import gin
 import jax
 import numpy as np
+import optax
 import tqdm
 
 from t5lite import data as t5data
@@ -24,12 +25,17 @@ from t5lite.config import ModelConfig
 from t5lite.scaling import flops
 from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
-from t5lite.train.step import eval_step, init_state, train_step
+from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
+from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded_train_step
 
 MODEL_KINDS = ("encoder_decoder", "decoder", "prefix_lm")
 # Fields that may differ between a model dir's config and a resumed run's: they change how the
 # same parameters are computed, not which parameters there are.
 RESUMABLE_FIELDS = ("dtype", "dropout_rate", "remat_policy")
+# Steps dispatched before the oldest must finish: enough to hide the host's work, few enough that
+# queued batches do not pile up in device memory. (With ~100 steps queued, XLA:CPU's virtual
+# devices deadlocked in an all-reduce of the data-parallel step.)
+MAX_STEPS_AHEAD = 2
 
 
 def model_lengths(kind: str, task_feature_lengths: dict[str, int]) -> tuple[int, int]:
@@ -87,13 +93,21 @@ def data_stream(name: str, kind: str, lengths: dict[str, int], batch_size: int, 
 
 
 def evaluate(params, config: ModelConfig, name: str, kind: str, lengths: dict[str, int], batch_size: int,
-             num_batches: int, pack: bool, eval_fn: Callable) -> dict[str, float]:
-    """Perplexity and token accuracy over the first `num_batches` validation batches."""
+             num_batches: int, pack: bool, eval_fn: Callable, global_batch: Callable = dict) -> dict[str, float]:
+    """Perplexity and token accuracy over the first `num_batches` validation batches.
+
+    `global_batch` turns this process's rows into the step's input. In a multi-process run every
+    process runs `num_batches` steps; one whose shard has run out feeds all-padding batches."""
     stream = data_stream(name, kind, lengths, batch_size, split="validation", pack=pack, seed=0, shuffle=False,
                          repeat=False)
     totals = {"loss_sum": 0.0, "correct": 0.0, "weight": 0.0}
-    for _, batch in zip(range(num_batches), stream):
-        totals = {k: totals[k] + float(v) for k, v in jax.device_get(eval_fn(params, batch)).items()}
+    last = None
+    for _ in range(num_batches):
+        local = next(stream, None)
+        if local is None and jax.process_count() == 1:
+            break
+        last = local if local is not None else {key: np.zeros_like(value) for key, value in last.items()}
+        totals = {k: totals[k] + float(v) for k, v in jax.device_get(eval_fn(params, global_batch(last))).items()}
     if not totals["weight"]:
         raise ValueError(f"The validation split of {name!r} gave no target tokens to evaluate on.")
     loss = totals["loss_sum"] / totals["weight"]
@@ -104,98 +118,132 @@ def evaluate(params, config: ModelConfig, name: str, kind: str, lengths: dict[st
 def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: dict = gin.REQUIRED, batch_size: int = gin.REQUIRED, num_steps: int = gin.REQUIRED,
           learning_rate: Callable = gin.REQUIRED, optimizer: Callable = gin.REQUIRED, model_kind: str | None = None,
-          pack: bool = True, seed: int = 0, num_microbatches: int = 1, z_loss: float = 1e-4,
-          label_smoothing: float = 0.0, log_every: int = 50, checkpoint_every: int = 500,
+          mesh_shape: MeshShape = MeshShape(), pack: bool = True, seed: int = 0, num_microbatches: int = 1,
+          z_loss: float = 1e-4, label_smoothing: float = 0.0, log_every: int = 50, checkpoint_every: int = 500,
           keep_checkpoints: int | None = 3, eval_every: int | None = None, eval_batches: int = 10,
           peak_flops_per_device: float | None = None, progress: bool = True) -> dict[str, float]:
     """Trains (or resumes) a model in `model_dir`; returns the last logged training metrics.
 
     `learning_rate` is a schedule (e.g. @learning_rate_schedule()) and `optimizer` a factory taking it
-    (e.g. @optimizer, without parentheses).
+    (e.g. @optimizer, without parentheses). `mesh_shape` (e.g. @MeshShape()) spreads the step over all
+    devices of all processes; batch_size is the global batch.
     """
     model_dir = pathlib.Path(model_dir).absolute()
     config = model_config
     kind = model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     check_run(config, kind, task_feature_lengths, batch_size, num_microbatches)
+    step = TrainStep.create(config, mesh_shape, optimizer(learning_rate=learning_rate), learning_rate, seed=seed,
+                            batch_size=batch_size, num_microbatches=num_microbatches, z_loss=z_loss,
+                            label_smoothing=label_smoothing)
     check_model_dir(model_dir, config)
     checkpoints_exist = (model_dir / "checkpoints").is_dir()
     checkpoints = ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints) if checkpoints_exist else None
     resume_step = checkpoints.latest_step() if checkpoints else None
-    tx = optimizer(learning_rate=learning_rate)
-    abstract = jax.eval_shape(functools.partial(init_state, config, tx), jax.random.PRNGKey(seed))
     start_position = 0
     if resume_step is not None:
-        state, start_position = checkpoints.restore(abstract, resume_step)
+        state, start_position = checkpoints.restore(step.abstract_state, resume_step)
     stream = data_stream(mixture_or_task_name, kind, task_feature_lengths, batch_size, split="train", pack=pack,
                          seed=seed, start_position=start_position)
     t5data.check_vocabulary_fits(stream.vocabulary, config.vocab_size)
     first_batch = next(stream)  # an empty dataset fails here, before anything is written
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.gin").write_text(gin.config_str())
-    (model_dir / ckpt.CONFIG_FILE).write_text(config.to_json())
+    if jax.process_index() == 0:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.gin").write_text(gin.config_str())
+        (model_dir / ckpt.CONFIG_FILE).write_text(config.to_json())
     checkpoints = checkpoints or ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints)
-    if resume_step is None:
-        state = init_state(config, tx, jax.random.PRNGKey(seed))
-    start = int(state.step)
-    num_devices = len(jax.tree.leaves(state.params)[0].sharding.device_set)  # the devices the step runs on
+    partitioner = step.partitioner
+    with partitioner.context():
+        if resume_step is None:
+            state = init_state(config, step.tx, jax.random.PRNGKey(seed), step.state_shardings)
+        start = int(state.step)
+        eval_fn = sharded_eval_step(partitioner, step.state_shardings.params, config)
+        dropout_rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), partitioner.replicated)
+        encoder_length, decoder_length = model_lengths(kind, task_feature_lengths)
+        flops_per_step = batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length)
+        peak = (peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
+                or metrics_lib.measure_peak_flops())
+        primary = jax.process_index() == 0
+        writer = metrics_lib.MetricsWriter(model_dir) if primary else None
+        eval_writer = metrics_lib.MetricsWriter(model_dir, "eval") if primary else None
+        bar = tqdm.tqdm(total=num_steps, initial=start, disable=not (progress and primary), unit="step",
+                        dynamic_ncols=True)
 
-    step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=learning_rate,
-                                        num_microbatches=num_microbatches, z_loss=z_loss,
-                                        label_smoothing=label_smoothing), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, config=config))
-    dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-    encoder_length, decoder_length = model_lengths(kind, task_feature_lengths)
-    flops_per_step = batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length)
-    peak = peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0]) or metrics_lib.measure_peak_flops()
-    writer, eval_writer = metrics_lib.MetricsWriter(model_dir), metrics_lib.MetricsWriter(model_dir, "eval")
-    bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-
-    pending, window, last = [], [], {}
-    window_start, timed_steps = None, 0
-    batch = first_batch
-    try:
-        for step in range(start, num_steps):
-            state, step_metrics = step_fn(state, batch, dropout_rng)
-            pending.append((step + 1, step_metrics))
-            done = step + 1
-            if window_start is None:  # leave compilation out of the timings
-                jax.block_until_ready(step_metrics)
-                window_start = time.perf_counter()
-            else:
-                timed_steps += 1
-            logging = done % log_every == 0 or done == num_steps
-            saving = done % checkpoint_every == 0 or done == num_steps
-            if (logging or saving) and pending:
-                fetched = jax.device_get(pending)
-                for fetched_step, values in fetched:
-                    if not np.isfinite(values["loss"]):
-                        raise FloatingPointError(
-                            f"The loss became {float(values['loss'])} at step {fetched_step}. Training stopped; the "
-                            f"last good checkpoint is step {checkpoints.latest_step()}. Lower the learning rate or "
-                            f"enable clipping (optimizer.clip_norm).")
-                window += [values for _, values in fetched]
-                pending = []
-            if logging and window:
-                seconds = time.perf_counter() - window_start
-                last = metrics_lib.summarize(window, seconds, timed_steps, flops_per_step,
-                                             batch_size * (encoder_length + decoder_length), num_devices, peak)
-                writer.write(done, last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}",
-                                mfu=f"{last.get('mfu', 0):.1%}")
-                window, window_start, timed_steps = [], time.perf_counter(), 0
-            if saving:
-                checkpoints.save(done, state, stream.position, force=done == num_steps)
-            if eval_every and (done % eval_every == 0 or done == num_steps):
-                eval_writer.write(done, evaluate(state.params, config, mixture_or_task_name, kind,
-                                                 task_feature_lengths, batch_size, eval_batches, pack, eval_fn))
-            bar.update(1)
-            if done < num_steps:
-                batch = next(stream)
-    finally:
-        bar.close()
-        checkpoints.close()
+        pending, window, last = [], [], {}
+        window_start, timed_steps = None, 0
+        batch = partitioner.global_batch(first_batch)
+        try:
+            for step_index in range(start, num_steps):
+                state, step_metrics = step.fn(state, batch, dropout_rng)
+                pending.append((step_index + 1, step_metrics))
+                if len(pending) > MAX_STEPS_AHEAD:  # the host runs ahead of the devices by at most this much
+                    jax.block_until_ready(pending[-MAX_STEPS_AHEAD - 1][1])
+                done = step_index + 1
+                if window_start is None:  # leave compilation out of the timings
+                    jax.block_until_ready(step_metrics)
+                    window_start = time.perf_counter()
+                else:
+                    timed_steps += 1
+                logging = done % log_every == 0 or done == num_steps
+                saving = done % checkpoint_every == 0 or done == num_steps
+                if (logging or saving) and pending:
+                    fetched = jax.device_get(pending)
+                    for fetched_step, values in fetched:
+                        if not np.isfinite(values["loss"]):
+                            raise FloatingPointError(
+                                f"The loss became {float(values['loss'])} at step {fetched_step}. Training stopped; "
+                                f"the last good checkpoint is step {checkpoints.latest_step()}. Lower the learning "
+                                f"rate or enable clipping (optimizer.clip_norm).")
+                    window += [values for _, values in fetched]
+                    pending = []
+                if logging and window:
+                    seconds = time.perf_counter() - window_start
+                    last = metrics_lib.summarize(window, seconds, timed_steps, flops_per_step,
+                                                 batch_size * (encoder_length + decoder_length),
+                                                 partitioner.mesh.size, peak)
+                    if writer:
+                        writer.write(done, last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}",
+                                    mfu=f"{last.get('mfu', 0):.1%}")
+                    window, window_start, timed_steps = [], time.perf_counter(), 0
+                if saving:
+                    checkpoints.save(done, state, stream.position, force=done == num_steps)
+                if eval_every and (done % eval_every == 0 or done == num_steps):
+                    results = evaluate(state.params, config, mixture_or_task_name, kind, task_feature_lengths,
+                                       batch_size, eval_batches, pack, eval_fn, partitioner.global_batch)
+                    if eval_writer:
+                        eval_writer.write(done, results)
+                bar.update(1)
+                if done < num_steps:
+                    batch = partitioner.global_batch(next(stream))
+        finally:
+            bar.close()
+            checkpoints.close()
     return last
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The sharded train step of a run and what it needs: `train` runs it, `t5lite compile`
+    compiles it ahead of time for a TPU topology."""
+
+    partitioner: Partitioner
+    tx: optax.GradientTransformation
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    state_shardings: TrainState
+    fn: Callable
+
+    @classmethod
+    def create(cls, config: ModelConfig, mesh_shape: MeshShape, tx: optax.GradientTransformation,
+               schedule: Callable, *, seed: int, batch_size: int, num_microbatches: int, z_loss: float,
+               label_smoothing: float, devices=None) -> "TrainStep":
+        partitioner = Partitioner.create(config, mesh_shape, devices)
+        partitioner.check_batch(batch_size, num_microbatches)
+        abstract = jax.eval_shape(functools.partial(init_state, config, tx), jax.random.PRNGKey(seed))
+        state_shardings = partitioner.state(abstract, partitioner.params(config))
+        fn = sharded_train_step(partitioner, state_shardings, config=config, tx=tx, schedule=schedule,
+                                num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing)
+        return cls(partitioner, tx, abstract_with_shardings(abstract, state_shardings), state_shardings, fn)
 
 
 def restore_params(model_dir: str | pathlib.Path, step: int | None = None):

@@ -7,6 +7,7 @@ it with the state donated, so parameters and optimizer state are updated in plac
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -17,6 +18,7 @@ import optax
 
 from t5lite.config import ModelConfig
 from t5lite.models import build, dummy_inputs
+from t5lite.sharding import BATCH_LOGICAL, Partitioner
 from t5lite.train.losses import cross_entropy
 
 ENCODER_DECODER_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
@@ -32,11 +34,13 @@ class TrainState:
     opt_state: Any
 
 
-def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, shardings=None) -> TrainState:
+    """A fresh state; with `shardings` (a TrainState of NamedShardings, from `Partitioner.state`)
+    every array is created where it lives. The values do not depend on the sharding."""
     def init(key):
         params = nn.unbox(build(config).init(key, **dummy_inputs(config), enable_dropout=False)["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    return jax.jit(init)(rng)
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def model_features(config: ModelConfig, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -70,7 +74,8 @@ def train_step(state: TrainState, batch, base_rng, *, config: ModelConfig, tx: o
     if num_microbatches == 1:
         (loss, aux), grads = grad_fn(config, state.params, batch, rng, *args)
     else:
-        micro = jax.tree.map(lambda x: x.reshape(num_microbatches, -1, *x.shape[1:]), batch)
+        # Microbatch m holds rows m, m + M, m + 2M, ...: every device keeps its own rows of each.
+        micro = jax.tree.map(lambda x: x.reshape(-1, num_microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, inputs):
             index, microbatch = inputs
@@ -95,3 +100,18 @@ def eval_step(params, batch, *, config: ModelConfig):
     """Sums for perplexity and accuracy over a validation batch (no z-loss, no smoothing, no dropout)."""
     loss, aux = _sums(config, params, batch, None, 0.0, 0.0, False)
     return {"loss_sum": loss, "correct": aux["correct"], "weight": aux["weight"]}
+
+
+def sharded_train_step(partitioner: Partitioner, state_shardings, **step_kwargs):
+    """`train_step` jitted with explicit shardings (pjit): the state where `state_shardings` puts it
+    (donated, so updated in place), the batch split over the batch axes, metrics replicated.
+    Trace and compile it inside `partitioner.context()`."""
+    return jax.jit(functools.partial(train_step, **step_kwargs),
+                   in_shardings=(state_shardings, partitioner.sharding(BATCH_LOGICAL), partitioner.replicated),
+                   out_shardings=(state_shardings, partitioner.replicated), donate_argnums=(0,))
+
+
+def sharded_eval_step(partitioner: Partitioner, param_shardings, config: ModelConfig):
+    return jax.jit(functools.partial(eval_step, config=config),
+                   in_shardings=(param_shardings, partitioner.sharding(BATCH_LOGICAL)),
+                   out_shardings=partitioner.replicated)

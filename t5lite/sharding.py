@@ -1,0 +1,218 @@
+"""Meshes, logical axis rules, and the shardings of parameters, train states and batches.
+
+Layers name their axes logically (`embed`, `heads`, `mlp`, ...); a mesh has the physical axes
+`data`, `fsdp`, `tensor` and `expert`. The rules map one onto the other, so data parallelism,
+FSDP (ZeRO-3: weights and optimizer state split, gathered layer by layer), tensor parallelism
+(Megatron-style splits of heads and MLP units) and their mixes differ only in `MeshShape`:
+
+    batch                                  -> data, fsdp, expert
+    embed                                  -> fsdp
+    heads, kv_heads, mlp, joined_kv, vocab,
+    expert_mlp                             -> tensor
+    expert                                 -> expert
+
+Flax applies the rules in order and never uses a mesh axis twice in one array, so activations
+[batch, length, embed] split their batch over fsdp while weights split `embed` over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from t5lite.config import ModelConfig
+from t5lite.models import init_params
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
+BATCH_LOGICAL = ("batch", "length")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """Devices per mesh axis; one axis may be -1: all the devices the others leave.
+
+    `slices` > 1 is a multi-slice TPU run: the `data` axis is split over that many slices,
+    which talk over the data-centre network, while the other axes stay within a slice.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    slices: int = 1
+
+    def sizes(self, num_devices: int) -> dict[str, int]:
+        """Each mesh axis's size on `num_devices` devices; a clear error when they cannot fit."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        bad = {axis: size for axis, size in sizes.items() if not isinstance(size, int) or size == 0 or size < -1}
+        if bad:
+            raise ValueError(f"Mesh axis sizes must be positive integers, or -1 for the rest; got {bad}.")
+        free = [axis for axis, size in sizes.items() if size == -1]
+        if len(free) > 1:
+            raise ValueError(f"Only one mesh axis may be -1 (all remaining devices), but {' and '.join(free)} are.")
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if free and num_devices % fixed == 0:
+            sizes[free[0]] = num_devices // fixed
+        if math.prod(sizes.values()) != num_devices:
+            given = ", ".join(f"{axis}={getattr(self, axis)}" for axis in MESH_AXES)
+            raise ValueError(f"The mesh axes ({given}) need {'a multiple of ' if free else ''}{fixed} devices, but "
+                             f"there are {num_devices}. Choose sizes that multiply to {num_devices}, or set one "
+                             f"axis to -1.")
+        if not isinstance(self.slices, int) or self.slices < 1 or sizes["data"] % self.slices:
+            raise ValueError(f"MeshShape.slices={self.slices} must be a positive integer dividing the data axis "
+                             f"(data={sizes['data']}): each slice holds an equal part of it.")
+        return sizes
+
+
+GinMeshShape = gin.external_configurable(MeshShape, name="MeshShape", module="t5lite")
+
+
+def make_mesh(shape: MeshShape, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all devices of all processes), laid out along the
+    physical interconnect where the platform has one (TPU torus, multi-slice)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = shape.sizes(len(devices))
+    dims = tuple(sizes[axis] for axis in MESH_AXES)
+    if shape.slices > 1:
+        if getattr(devices[0], "slice_index", None) is None:
+            raise ValueError(f"MeshShape.slices={shape.slices} needs multi-slice TPU devices, but these "
+                             f"{devices[0].platform} devices belong to no slice; set MeshShape.slices=1.")
+        within_slice = (sizes["data"] // shape.slices,) + dims[1:]
+        array = mesh_utils.create_hybrid_device_mesh(within_slice, (shape.slices, 1, 1, 1), devices,
+                                                     allow_split_physical_axes=True)
+    else:
+        array = mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=True)
+    return Mesh(array, MESH_AXES)
+
+
+def axis_rules(config: ModelConfig, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
+    """Logical -> mesh axis rules for `config` on `mesh`.
+
+    Key/value heads split over `tensor` only when it divides them (GQA/MQA with few KV heads
+    keeps the small K/V projections whole on every tensor device).
+    """
+    rules = [("batch", BATCH_AXES), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
+             ("joined_kv", "tensor"), ("vocab", "tensor"), ("expert", "expert"), ("expert_mlp", "tensor")]
+    if config.kv_heads % mesh.shape["tensor"] == 0:
+        rules.append(("kv_heads", "tensor"))
+    return tuple(rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioner:
+    """A mesh and the rules that place a model's arrays on it."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def create(cls, config: ModelConfig, shape: MeshShape, devices: Sequence[Any] | None = None) -> "Partitioner":
+        mesh = make_mesh(shape, devices)
+        tensor = mesh.shape["tensor"]
+        if config.num_heads % tensor:
+            raise ValueError(f"The tensor axis (tensor={tensor}) must divide ModelConfig.num_heads="
+                             f"{config.num_heads}; choose MeshShape.tensor from {_divisors(config.num_heads)}.")
+        return cls(mesh, axis_rules(config, mesh))
+
+    @contextlib.contextmanager
+    def context(self):
+        """Where the model's logical sharding constraints take effect: trace and compile inside it."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
+        return NamedSharding(self.mesh, nn.logical_to_mesh_axes(tuple(logical_axes), self.rules))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_shards(self) -> int:
+        """Devices the batch is split over (each holds batch_size / batch_shards rows)."""
+        return math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
+
+    def params(self, config: ModelConfig):
+        """NamedShardings of the parameters, checked to divide every parameter evenly."""
+        boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), boxed=True))
+        specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), self.rules)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=_is_boxed):
+            self._check_divides(jax.tree_util.keystr(path), leaf)
+        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
+                            is_leaf=lambda x: isinstance(x, P))
+
+    def state(self, abstract_state, param_shardings):
+        """Shardings of a train state: parameters as given, optimizer statistics like the
+        parameter they belong to (factored statistics keep the spec of the axes they keep),
+        counters replicated."""
+        params_def = jax.tree.structure(abstract_state.params)
+        abstract_params = jax.tree.leaves(abstract_state.params)
+        shardings = jax.tree.leaves(param_shardings)
+
+        def place(subtree):
+            if jax.tree.structure(subtree) != params_def:
+                return self.replicated
+            leaves = [_like_param(leaf, param, sharding) for leaf, param, sharding
+                      in zip(jax.tree.leaves(subtree), abstract_params, shardings)]
+            return jax.tree.unflatten(params_def, leaves)
+
+        return jax.tree.map(place, abstract_state, is_leaf=lambda x: jax.tree.structure(x) == params_def)
+
+    def check_batch(self, batch_size: int, num_microbatches: int = 1) -> None:
+        shards = self.batch_shards
+        if (batch_size // num_microbatches) % shards:
+            sizes = ", ".join(f"{axis}={self.mesh.shape[axis]}" for axis in BATCH_AXES)
+            raise ValueError(f"The batch is split over {shards} devices ({sizes}), so each microbatch of "
+                             f"batch_size={batch_size} / num_microbatches={num_microbatches} rows must be a "
+                             f"multiple of {shards}. Change train.batch_size, num_microbatches or the mesh.")
+
+    def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """One global array per feature, assembled from this process's rows (its data shard)."""
+        sharding = self.sharding(BATCH_LOGICAL)
+        return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local_batch.items()}
+
+    def _check_divides(self, name: str, leaf: nn.LogicallyPartitioned) -> None:
+        spec = nn.logical_to_mesh_axes(leaf.names, self.rules)
+        for size, logical, axes in zip(leaf.value.shape, leaf.names, spec):
+            axes = (axes,) if isinstance(axes, str) else axes or ()
+            devices = math.prod(self.mesh.shape[axis] for axis in axes)
+            if size % devices:
+                split = ", ".join(f"{axis}={self.mesh.shape[axis]}" for axis in axes)
+                raise ValueError(f"Parameter {name} has {size} entries along its {logical!r} axis, which the mesh "
+                                 f"splits over {split} ({devices} devices); {devices} must divide {size}. Change "
+                                 f"the mesh or the model dimension.")
+
+
+def abstract_with_shardings(tree, shardings):
+    """ShapeDtypeStructs carrying their target shardings: what restore and AOT compile take."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _is_boxed(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _like_param(leaf, param, sharding: NamedSharding) -> NamedSharding:
+    """The sharding of an optimizer statistic of `param`: the same when shaped alike; for a
+    factored statistic (one axis reduced away), the spec of the remaining axes; else replicated."""
+    if leaf.shape == param.shape:
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
+    for axis in range(param.ndim):
+        if param.shape[:axis] + param.shape[axis + 1:] == leaf.shape:
+            return NamedSharding(sharding.mesh, P(*spec[:axis], *spec[axis + 1:]))
+    return NamedSharding(sharding.mesh, P())
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

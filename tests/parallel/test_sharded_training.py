@@ -1,0 +1,141 @@
+"""Sharded training on 8 virtual CPU devices equals training on one device, mesh by mesh."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from t5lite.config import ModelConfig
+from t5lite.sharding import MeshShape, Partitioner
+from t5lite.train import optimizers
+from t5lite.train.checkpoint import TrainCheckpoints
+from t5lite.train.loop import TrainStep
+from t5lite.train.step import TrainState, init_state
+
+ENCODER_DECODER = ModelConfig(architecture="encoder_decoder", vocab_size=64, d_model=32, num_heads=4, head_dim=8,
+                              d_ff=64, num_encoder_layers=2, num_decoder_layers=2, mlp_activation="geglu",
+                              dtype="float32", tie_embeddings=False)
+# GQA with 2 key/value heads: on tensor=4 its K/V projections stay whole on every device.
+DECODER = ModelConfig(architecture="decoder", vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                      d_ff=64, num_decoder_layers=2, mlp_activation="swiglu", position_encoding="rope",
+                      dtype="float32", tie_embeddings=True)
+CONFIGS = {"encoder_decoder": ENCODER_DECODER, "decoder": DECODER}
+MESHES = {"data8": MeshShape(data=8), "fsdp8": MeshShape(data=1, fsdp=8),
+          "data2_tensor4": MeshShape(data=2, tensor=4), "fsdp4_tensor2": MeshShape(data=1, fsdp=4, tensor=2)}
+BATCH, MICROBATCHES, STEPS = 16, 2, 3
+
+
+def batches(config, seed=0):
+    rs = np.random.RandomState(seed)
+    out = []
+    for _ in range(STEPS):
+        targets = rs.randint(1, config.vocab_size, (BATCH, 8)).astype(np.int32)
+        targets[:, -2:] = 0  # padding carries no loss
+        batch = {"decoder_input_tokens": np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], 1),
+                 "decoder_target_tokens": targets}
+        if config.is_encoder_decoder:
+            batch["encoder_input_tokens"] = rs.randint(1, config.vocab_size, (BATCH, 12)).astype(np.int32)
+        out.append(batch)
+    return out
+
+
+def train(config, mesh_shape, devices=None):
+    """(losses, final state) of STEPS Adafactor steps with microbatches on `mesh_shape`."""
+    schedule = optimizers.learning_rate_schedule("constant", 0.01)
+    step = TrainStep.create(config, mesh_shape, optimizers.optimizer(learning_rate=schedule, name="adafactor"), schedule,
+                            seed=0, batch_size=BATCH, num_microbatches=MICROBATCHES, z_loss=1e-4,
+                            label_smoothing=0.0, devices=devices)
+    partitioner = step.partitioner
+    with partitioner.context():
+        state = init_state(config, step.tx, jax.random.PRNGKey(0), step.state_shardings)
+        rng = jax.device_put(jax.random.PRNGKey(1), partitioner.replicated)
+        losses = []
+        for batch in batches(config):
+            state, metrics = step.fn(state, partitioner.global_batch(batch), rng)
+            losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+@functools.lru_cache(maxsize=None)
+def single_device(kind):
+    losses, state = train(CONFIGS[kind], MeshShape(), devices=jax.devices()[:1])
+    return losses, jax.device_get(state)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_sharded_training_matches_one_device(kind, mesh):
+    losses, state = train(CONFIGS[kind], MESHES[mesh])
+    reference_losses, reference = single_device(kind)
+    # float32 throughout; only the order of the sums over devices differs.
+    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
+    assert losses[-1] < losses[0]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
+                 jax.device_get(state.params), reference.params)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-7),
+                 jax.device_get(state.opt_state), reference.opt_state)
+
+
+def test_parameters_are_placed_as_the_rules_say():
+    _, state = train(ENCODER_DECODER, MESHES["fsdp4_tensor2"])
+    params = state.params
+    expected = {  # [layers, ...] leading axis of the scanned stacks stays whole
+        ("token_embedder", "embedding"): P("tensor", "fsdp"),  # vocab, embed
+        ("encoder", "layers", "attention", "query", "kernel"): P(None, "fsdp", "tensor", None),  # embed, heads, kv
+        ("encoder", "layers", "attention", "out", "kernel"): P(None, "tensor", None, "fsdp"),  # heads, kv, embed
+        ("encoder", "layers", "mlp", "wi_0", "kernel"): P(None, "fsdp", "tensor"),  # embed, mlp
+        ("decoder", "layers", "mlp", "wo", "kernel"): P(None, "tensor", "fsdp"),  # mlp, embed
+        ("decoder", "logits_dense", "kernel"): P("fsdp", "tensor"),  # embed, vocab
+        ("encoder", "positions", "relpos_bias", "rel_embedding"): P("tensor", None),  # heads, buckets
+    }
+    for path, spec in expected.items():
+        leaf = functools.reduce(lambda tree, key: tree[key], path, params)
+        assert leaf.sharding.spec == spec, (path, leaf.sharding.spec)
+    query = params["encoder"]["layers"]["attention"]["query"]["kernel"]  # [2, 32, 4, 8]
+    assert leaf_shard_shape(query) == (2, 8, 2, 8)
+
+
+def test_factored_optimizer_statistics_follow_their_parameter():
+    """Adafactor factors kernels with two axes >= 128: its row / column statistics drop one axis
+    and keep the mesh axes of the other."""
+    partitioner = Partitioner.create(ENCODER_DECODER, MESHES["fsdp4_tensor2"])
+    params = {"kernel": jax.ShapeDtypeStruct((2, 256, 512), jnp.float32)}
+    shardings = {"kernel": partitioner.sharding(("layers", "embed", "mlp"))}
+    tx = optax.adafactor(1e-3)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                          opt_state=jax.eval_shape(tx.init, params))
+    placed = partitioner.state(abstract, shardings)
+    assert placed.params["kernel"].spec == P(None, "fsdp", "tensor")
+    specs = {jax.tree_util.keystr(path): sharding.spec
+             for path, sharding in jax.tree_util.tree_leaves_with_path(placed.opt_state)}
+    assert specs == {"[0].count": P(), "[0].v_row['kernel']": P(None, "fsdp"),
+                     "[0].v_col['kernel']": P(None, "tensor"), "[0].v['kernel']": P()}
+
+
+def leaf_shard_shape(array):
+    return array.addressable_shards[0].data.shape
+
+
+def test_checkpoint_restores_under_another_mesh(tmp_path):
+    _, state = train(ENCODER_DECODER, MESHES["fsdp8"])
+    checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
+    checkpoints.save(STEPS, state, data_position=STEPS, force=True)
+    checkpoints.close()
+    schedule = optimizers.learning_rate_schedule("constant", 0.01)
+    target = TrainStep.create(ENCODER_DECODER, MESHES["data2_tensor4"], optimizers.optimizer(learning_rate=schedule, name="adafactor"),
+                              schedule, seed=0, batch_size=BATCH, num_microbatches=1, z_loss=0.0,
+                              label_smoothing=0.0)
+    checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
+    restored, position = checkpoints.restore(target.abstract_state)
+    checkpoints.close()
+    assert position == STEPS
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+    jax.tree.map(lambda array, sharding: assert_sharding(array, sharding), restored, target.state_shardings)
+
+
+def assert_sharding(array, sharding):
+    assert array.sharding == sharding, (array.sharding, sharding)
