@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pallas_kernels import backend as kernel_backend
 from t5lite.config import ModelConfig
 from t5lite.models import init_params
 
@@ -122,6 +123,9 @@ class Partitioner:
         if config.num_heads % tensor:
             raise ValueError(f"The tensor axis (tensor={tensor}) must divide ModelConfig.num_heads="
                              f"{config.num_heads}; choose MeshShape.tensor from {_divisors(config.num_heads)}.")
+        if config.int8_dense and mesh.size > 1 and kernel_backend.platform() in ("tpu", "gpu"):
+            raise ValueError(f"ModelConfig.int8_dense={config.int8_dense} runs Pallas matmul kernels that are not "
+                             f"sharded yet; train it on one device, or drop int8_dense to use this mesh.")
         return cls(mesh, axis_rules(config, mesh))
 
     @contextlib.contextmanager

@@ -9,6 +9,7 @@ the projected queries and keys.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -65,8 +66,8 @@ def sharded_flash_attention(query, key, value, spec: AttentionSpec, scale):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return flash_attention(query, key, value, sm_scale=scale, **spec.kernel_kwargs())
-    q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
-    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "kv"))
+    q_spec = _dividing_spec(nn.logical_to_mesh_axes(("batch", "length", "heads", "kv")), query.shape, mesh)
+    kv_spec = _dividing_spec(nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "kv")), key.shape, mesh)
     if kv_spec[2] != q_spec[2]:
         groups = query.shape[2] // key.shape[2]
         key, value, kv_spec = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2), q_spec
@@ -76,6 +77,15 @@ def sharded_flash_attention(query, key, value, spec: AttentionSpec, scale):
     per_shard = lambda q, k, v, s: flash_attention(q, k, v, sm_scale=scale, **s.kernel_kwargs())
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec_specs), out_specs=q_spec,
                          check_vma=False)(query, key, value, spec)
+
+
+def _dividing_spec(spec, shape, mesh):
+    """`spec` without the mesh axes that do not divide their array axis (e.g. the batch of one
+    that initialisation traces), which then stays whole on every shard."""
+    def fits(axes, size):
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        return size % math.prod(mesh.shape[axis] for axis in axes) == 0
+    return P(*(axes if fits(axes, size) else None for axes, size in zip(tuple(spec) + (None,) * len(shape), shape)))
 
 
 class Attention(nn.Module):

@@ -54,10 +54,10 @@ class CompileReport:
         mesh = " ".join(f"{axis}={size}" for axis, size in self.mesh.items())
         lines = [f"topology      {self.topology}: {self.num_devices} x {self.device_kind}, mesh {mesh}"]
         if self.error is None:
-            m = {key: _size(value) for key, value in self.memory.items()}
+            m = {key: format_bytes(value) for key, value in self.memory.items()}
             lines += [f"per device    arguments {m['argument']} (state + batch), outputs {m['output']} ({m['alias']} "
                       f"of them in the arguments' buffers), temporaries {m['temp']}, code {m['code']}",
-                      f"total         {_size(self.bytes_per_device)} of {_size(self.hbm_bytes)} HBM: "
+                      f"total         {format_bytes(self.bytes_per_device)} of {format_bytes(self.hbm_bytes)} HBM: "
                       f"{'fits' if self.fits else 'DOES NOT FIT'} "
                       f"({self.bytes_per_device / self.hbm_bytes:.0%})",
                       f"step FLOPs    {self.model_flops:.3g} per device (XLA's cost analysis, which counts a "
@@ -72,7 +72,7 @@ class CompileReport:
         return math.prod(self.mesh.values())
 
 
-def _size(num_bytes: int) -> str:
+def format_bytes(num_bytes: int) -> str:
     return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2 ** 20:.1f} MiB"
 
 

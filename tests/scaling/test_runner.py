@@ -12,11 +12,12 @@ from t5lite.config import model_config_from_gin
 from t5lite.scaling import commands, results, runner
 from t5lite.train.metrics import read_metrics
 
-# Two budgets x two sizes of d_model 64 decoders (1, 2, 4, 5 layers), 21-24 steps of 2 x 32 tokens each.
-TINY = dict(budgets=[3e9, 4.5e9], family="decoder", base_gin="runs/llama_tiny_lm.gin", num_sizes=3, span=1.03,
-            tokens_per_param=0.0013,
+# Two budgets x two sizes of d_model 64 decoders (1, 2, 4, 5 layers), 21-24 steps of 8 x 32 tokens each
+# (a row per virtual device: runs use all 8).
+TINY = dict(budgets=[1.2e10, 1.8e10], family="decoder", base_gin="runs/llama_tiny_lm.gin", num_sizes=3, span=1.03,
+            tokens_per_param=0.0052,
             bindings=["ModelConfig.dtype = 'float32'", "train.task_feature_lengths = {'targets': 32}",
-                      "train.batch_size = 2", "train.log_every = 5", "train.checkpoint_every = 10",
+                      "train.batch_size = 8", "train.log_every = 5", "train.checkpoint_every = 10",
                       "learning_rate_schedule.warmup_steps = 5", "train.eval_batches = 2", "train.progress = False"])
 
 
@@ -39,14 +40,14 @@ def sweep(tmp_path_factory):
 def test_plan_gin_files_parse_back_to_the_planned_configs(tmp_path):
     points = runner.write_plan(runner.SweepSpec(**TINY), tmp_path)
     assert len({p.name for p in points}) == len(points) == 4
-    assert {p.budget for p in points} == {3e9, 4.5e9}
+    assert {p.budget for p in points} == {1.2e10, 1.8e10}
     import gin
     for point in points:
         gin_file = tmp_path / point.name / runner.POINT_GIN
         assert model_config_from_gin([str(gin_file)]) == point.config
         assert gin.query_parameter("train.num_steps") == point.num_steps >= runner.MIN_STEPS
-        assert gin.query_parameter("train.batch_size") == 2
-        assert point.tokens_per_step == 2 * 32
+        assert gin.query_parameter("train.batch_size") == 8
+        assert point.tokens_per_step == 8 * 32
         assert abs(point.flops / point.budget - 1) < 0.05  # whole steps keep C within fits' budget grouping
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert [p["name"] for p in plan["points"]] == [p.name for p in points]
@@ -59,9 +60,9 @@ def test_plan_gin_files_parse_back_to_the_planned_configs(tmp_path):
     runner.write_plan(runner.SweepSpec(**TINY), tmp_path)
     before = (tmp_path / "plan.json").read_text()
     with pytest.raises(ValueError, match="another sweep's plan"):
-        runner.write_plan(runner.SweepSpec(**{**TINY, "budgets": [3e9, 6e9]}), tmp_path)
+        runner.write_plan(runner.SweepSpec(**{**TINY, "budgets": [1.2e10, 2.4e10]}), tmp_path)
     assert (tmp_path / "plan.json").read_text() == before
-    assert not list(tmp_path.glob("*C6.00e09*"))
+    assert not list(tmp_path.glob("*C2.40e10*"))
 
 
 def test_sweep_runs_end_to_end(sweep):

@@ -1,0 +1,61 @@
+"""Tiny models, meshes and a few sharded training steps, shared by the parallelism tests."""
+
+import functools
+
+import jax
+import numpy as np
+
+from t5lite.config import ModelConfig
+from t5lite.sharding import MeshShape
+from t5lite.train import optimizers
+from t5lite.train.loop import TrainStep
+from t5lite.train.step import init_state
+
+ENCODER_DECODER = ModelConfig(architecture="encoder_decoder", vocab_size=64, d_model=32, num_heads=4, head_dim=8,
+                              d_ff=64, num_encoder_layers=2, num_decoder_layers=2, mlp_activation="geglu",
+                              dtype="float32", tie_embeddings=False)
+# GQA with 2 key/value heads: on tensor=4 its K/V projections stay whole on every device.
+DECODER = ModelConfig(architecture="decoder", vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                      d_ff=64, num_decoder_layers=2, mlp_activation="swiglu", position_encoding="rope",
+                      dtype="float32", tie_embeddings=True)
+CONFIGS = {"encoder_decoder": ENCODER_DECODER, "decoder": DECODER}
+MESHES = {"data8": MeshShape(data=8), "fsdp8": MeshShape(data=1, fsdp=8),
+          "data2_tensor4": MeshShape(data=2, tensor=4), "fsdp4_tensor2": MeshShape(data=1, fsdp=4, tensor=2)}
+BATCH, MICROBATCHES, STEPS = 16, 2, 3
+
+
+def batches(config, seed=0):
+    rs = np.random.RandomState(seed)
+    out = []
+    for _ in range(STEPS):
+        targets = rs.randint(1, config.vocab_size, (BATCH, 8)).astype(np.int32)
+        targets[:, -2:] = 0  # padding carries no loss
+        batch = {"decoder_input_tokens": np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], 1),
+                 "decoder_target_tokens": targets}
+        if config.is_encoder_decoder:
+            batch["encoder_input_tokens"] = rs.randint(1, config.vocab_size, (BATCH, 12)).astype(np.int32)
+        out.append(batch)
+    return out
+
+
+def train(config, mesh_shape, devices=None):
+    """(losses, final state) of STEPS Adafactor steps with microbatches on `mesh_shape`."""
+    schedule = optimizers.learning_rate_schedule("constant", 0.01)
+    step = TrainStep.create(config, mesh_shape, optimizers.optimizer(learning_rate=schedule, name="adafactor"), schedule,
+                            seed=0, batch_size=BATCH, num_microbatches=MICROBATCHES, z_loss=1e-4,
+                            label_smoothing=0.0, devices=devices)
+    partitioner = step.partitioner
+    with partitioner.context():
+        state = init_state(config, step.tx, jax.random.PRNGKey(0), step.state_shardings)
+        rng = jax.device_put(jax.random.PRNGKey(1), partitioner.replicated)
+        losses = []
+        for batch in batches(config):
+            state, metrics = step.fn(state, partitioner.global_batch(batch), rng)
+            losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+@functools.lru_cache(maxsize=None)
+def single_device(kind):
+    losses, state = train(CONFIGS[kind], MeshShape(), devices=jax.devices()[:1])
+    return losses, jax.device_get(state)
