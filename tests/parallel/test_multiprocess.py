@@ -23,7 +23,8 @@ BINDINGS = ["ModelConfig.d_model = 64", "ModelConfig.d_ff = 128", "ModelConfig.n
             "ModelConfig.head_dim = 16", "ModelConfig.num_encoder_layers = 1", "ModelConfig.num_decoder_layers = 1",
             "ModelConfig.dtype = 'float32'", "MeshShape.data = 2", "MeshShape.fsdp = 4", "train.batch_size = 8",
             "train.task_feature_lengths = {'inputs': 32, 'targets': 8}", "train.log_every = 1",
-            "train.checkpoint_every = 2", "train.progress = False", "learning_rate_schedule.name = 'constant'",
+            "train.checkpoint_every = 2", "train.progress = False", "train.eval_every = 6", "train.eval_batches = 2",
+            "learning_rate_schedule.name = 'constant'",
             "learning_rate_schedule.base_learning_rate = 0.01"]
 FIRST_STEPS, ALL_STEPS = 4, 6
 
@@ -75,6 +76,9 @@ def test_two_processes_train_save_resume_like_one(tmp_path):
     train_two_processes(tmp_path, ALL_STEPS)  # resumes from the step-4 checkpoint
     rows = read_metrics(tmp_path / "train_metrics.jsonl")
     assert [row["step"] for row in rows] == list(range(1, ALL_STEPS + 1))
+    evaluation = read_metrics(tmp_path / "eval_metrics.jsonl")  # both processes evaluated their shards together
+    assert [row["step"] for row in evaluation] == [FIRST_STEPS, ALL_STEPS]  # each run evaluates at its end
+    assert all(np.isfinite(row["loss"]) for row in evaluation)
     reference_losses, reference_params = one_process_reference()
     np.testing.assert_allclose([row["loss"] for row in rows], reference_losses, rtol=1e-5)
     _, params, step = restore_params(tmp_path)
