@@ -53,7 +53,6 @@ def train(args: argparse.Namespace) -> None:
 def compile_step(args: argparse.Namespace) -> int:
     """Compiles the train step a gin config describes for a TPU topology, on any machine, and reports
     per-chip memory and FLOPs. Exits 1 if the step does not fit the chips' HBM."""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: libtpu never opens a chip
     from t5lite.train import aot
 
     parse_gin(args.gin_file, args.gin_bindings)

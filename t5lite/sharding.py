@@ -180,10 +180,40 @@ class Partitioner:
                              f"batch_size={batch_size} / num_microbatches={num_microbatches} rows must be a "
                              f"multiple of {shards}. Change train.batch_size, num_microbatches or the mesh.")
 
-    def global_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """One global array per feature, assembled from this process's rows (its data shard)."""
+    def data_shard(self, batch_size: int, process_index: int | None = None) -> tuple[int, int]:
+        """(index, count) of the data shard a process reads (batch_size / count rows a step).
+
+        A process feeds the blocks of batch rows its devices hold, in row order; processes holding
+        the same blocks (a tensor group spanning hosts) read the same shard.
+        """
+        process_index = jax.process_index() if process_index is None else process_index
+        held: dict[int, set[int]] = {}
+        for device, index in self.sharding(BATCH_LOGICAL).devices_indices_map((batch_size, 1)).items():
+            held.setdefault(device.process_index, set()).add(index[0].indices(batch_size)[0])
+        groups = sorted({frozenset(starts) for starts in held.values()}, key=min)
+        if sum(map(len, groups)) != len(set().union(*groups)) or len(set(map(len, groups))) != 1:
+            raise ValueError(f"On this mesh ({dict(self.mesh.shape)}) processes hold overlapping or unequal sets of "
+                             f"batch rows, so they cannot feed their own rows; change MeshShape (e.g. a smaller "
+                             f"tensor axis, kept within hosts).")
+        return groups.index(frozenset(held[process_index])), len(groups)
+
+    def global_batch(self, local_batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+        """One global array of `batch_size` rows per feature from this process's rows: the blocks
+        its devices hold, in row order (see `data_shard`)."""
         sharding = self.sharding(BATCH_LOGICAL)
-        return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local_batch.items()}
+
+        def assemble(value):
+            shape = (batch_size, *value.shape[1:])
+            rows = {device: index[0].indices(batch_size)[:2]
+                    for device, index in sharding.addressable_devices_indices_map(shape).items()}
+            starts = sorted({start for start, _ in rows.values()})
+            local = {start: i * (stop - start) for i, (start, stop) in enumerate(sorted(set(rows.values())))}
+            assert len(local) == len(starts)
+            arrays = [jax.device_put(value[local[start]:local[start] + stop - start], device)
+                      for device, (start, stop) in rows.items()]
+            return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+        return {name: assemble(value) for name, value in local_batch.items()}
 
     def _check_divides(self, name: str, leaf: nn.LogicallyPartitioned) -> None:
         spec = nn.logical_to_mesh_axes(leaf.names, self.rules)

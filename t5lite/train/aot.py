@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 from typing import Any, Mapping
 
 import gin
@@ -78,6 +79,7 @@ def format_bytes(num_bytes: int) -> str:
 
 def topology_devices(topology: str) -> list:
     """The devices of a TPU topology such as "v5p:4x4x8", described by libtpu (no TPU needed)."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # describing a topology never opens a chip
     try:
         import libtpu  # noqa: F401
     except ImportError as error:
@@ -112,6 +114,10 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
     kind = args["model_kind"] or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     loop.check_run(config, kind, lengths, batch_size, args["num_microbatches"])
     devices = topology_devices(topology)
+    chip = flops.chip_name(devices[0])
+    if chip not in HBM_BYTES:
+        raise ValueError(f"t5lite knows the HBM of {', '.join(HBM_BYTES)} chips, not of {devices[0].device_kind!r} "
+                         f"({topology}); add it to t5lite.train.aot.HBM_BYTES.")
     with compiling_for("tpu"):
         step = loop.TrainStep.create(config, args["mesh_shape"], args["optimizer"](learning_rate=args["learning_rate"]),
                                      args["learning_rate"], seed=args["seed"], batch_size=batch_size,
@@ -130,7 +136,7 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
     encoder_length, decoder_length = loop.model_lengths(kind, lengths)
     report = CompileReport(
         topology=topology, device_kind=devices[0].device_kind, mesh=dict(partitioner.mesh.shape),
-        hbm_bytes=HBM_BYTES[flops.chip_name(devices[0])],
+        hbm_bytes=HBM_BYTES[chip],
         model_flops=batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length)
         / len(devices))
     try:

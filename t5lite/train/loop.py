@@ -85,21 +85,25 @@ def check_model_dir(model_dir: pathlib.Path, config: ModelConfig) -> None:
 
 
 def data_stream(name: str, kind: str, lengths: dict[str, int], batch_size: int, *, split: str, pack: bool,
-                seed: int, start_position: int = 0, shuffle: bool = True, repeat: bool = True):
-    return t5data.DataStream(name, split=split, task_feature_lengths=lengths,
-                             batch_size=batch_size // jax.process_count(), model_kind=kind, pack=pack,
-                             shuffle=shuffle, seed=seed, shard_index=jax.process_index(),
-                             num_shards=jax.process_count(), repeat=repeat, start_position=start_position)
+                seed: int, data_shard: tuple[int, int] = (0, 1), start_position: int = 0, shuffle: bool = True,
+                repeat: bool = True):
+    """This process's stream: shard `data_shard` = (index, count) of the data, batch_size / count rows."""
+    index, count = data_shard
+    return t5data.DataStream(name, split=split, task_feature_lengths=lengths, batch_size=batch_size // count,
+                             model_kind=kind, pack=pack, shuffle=shuffle, seed=seed, shard_index=index,
+                             num_shards=count, repeat=repeat, start_position=start_position)
 
 
 def evaluate(params, config: ModelConfig, name: str, kind: str, lengths: dict[str, int], batch_size: int,
-             num_batches: int, pack: bool, eval_fn: Callable, global_batch: Callable = dict) -> dict[str, float]:
+             num_batches: int, pack: bool, eval_fn: Callable, global_batch: Callable = dict,
+             data_shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """Perplexity and token accuracy over the first `num_batches` validation batches.
 
-    `global_batch` turns this process's rows into the step's input. In a multi-process run every
-    process runs `num_batches` steps; one whose shard has run out feeds all-padding batches."""
-    stream = data_stream(name, kind, lengths, batch_size, split="validation", pack=pack, seed=0, shuffle=False,
-                         repeat=False)
+    `global_batch` turns this process's rows (shard `data_shard`) into the step's input. In a
+    multi-process run every process runs `num_batches` steps; one whose shard has run out feeds
+    all-padding batches."""
+    stream = data_stream(name, kind, lengths, batch_size, split="validation", pack=pack, seed=0,
+                         data_shard=data_shard, shuffle=False, repeat=False)
     totals = {"loss_sum": 0.0, "correct": 0.0, "weight": 0.0}
     last = None
     for _ in range(num_batches):
@@ -142,8 +146,9 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     start_position = 0
     if resume_step is not None:
         state, start_position = checkpoints.restore(step.abstract_state, resume_step)
+    data_shard = step.partitioner.data_shard(batch_size)
     stream = data_stream(mixture_or_task_name, kind, task_feature_lengths, batch_size, split="train", pack=pack,
-                         seed=seed, start_position=start_position)
+                         seed=seed, data_shard=data_shard, start_position=start_position)
     t5data.check_vocabulary_fits(stream.vocabulary, config.vocab_size)
     first_batch = next(stream)  # an empty dataset fails here, before anything is written
 
@@ -152,6 +157,8 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
         (model_dir / "config.gin").write_text(gin.config_str())
         (model_dir / ckpt.CONFIG_FILE).write_text(config.to_json())
     checkpoints = checkpoints or ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints)
+    # Measured (where no peak is known) on one local device, outside the mesh context.
+    peak = peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0]) or metrics_lib.measure_peak_flops()
     partitioner = step.partitioner
     with partitioner.context():
         if resume_step is None:
@@ -161,8 +168,6 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
         dropout_rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), partitioner.replicated)
         encoder_length, decoder_length = model_lengths(kind, task_feature_lengths)
         flops_per_step = batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length)
-        peak = (peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
-                or metrics_lib.measure_peak_flops())
         primary = jax.process_index() == 0
         writer = metrics_lib.MetricsWriter(model_dir) if primary else None
         eval_writer = metrics_lib.MetricsWriter(model_dir, "eval") if primary else None
@@ -171,7 +176,8 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
 
         pending, window, last = [], [], {}
         window_start, timed_steps = None, 0
-        batch = partitioner.global_batch(first_batch)
+        global_batch = functools.partial(partitioner.global_batch, batch_size=batch_size)
+        batch = global_batch(first_batch)
         try:
             for step_index in range(start, num_steps):
                 state, step_metrics = step.fn(state, batch, dropout_rng)
@@ -210,12 +216,12 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
                     checkpoints.save(done, state, stream.position, force=done == num_steps)
                 if eval_every and (done % eval_every == 0 or done == num_steps):
                     results = evaluate(state.params, config, mixture_or_task_name, kind, task_feature_lengths,
-                                       batch_size, eval_batches, pack, eval_fn, partitioner.global_batch)
+                                       batch_size, eval_batches, pack, eval_fn, global_batch, data_shard)
                     if eval_writer:
                         eval_writer.write(done, results)
                 bar.update(1)
                 if done < num_steps:
-                    batch = partitioner.global_batch(next(stream))
+                    batch = global_batch(next(stream))
         finally:
             bar.close()
             checkpoints.close()

@@ -50,7 +50,7 @@ def train(config, mesh_shape, devices=None):
         rng = jax.device_put(jax.random.PRNGKey(1), partitioner.replicated)
         losses = []
         for batch in batches(config):
-            state, metrics = step.fn(state, partitioner.global_batch(batch), rng)
+            state, metrics = step.fn(state, partitioner.global_batch(batch, BATCH), rng)
             losses.append(float(metrics["loss"]))
     return losses, state
 

@@ -111,3 +111,30 @@ def test_cluster_environment_decides_multi_process(monkeypatch):
     assert distributed.cluster_environment() == "TPU pod"
     with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
         distributed.initialize("localhost:1234", 2, 2)
+
+
+@pytest.mark.parametrize("topology, shape", [("v5p:4x4x4", MeshShape(data=1, fsdp=-1, tensor=4)),
+                                             ("v5e:4x4", MeshShape(data=1, fsdp=-1, tensor=4)),
+                                             ("v5e:4x4", MeshShape(data=-1))])
+def test_processes_sharing_batch_rows_read_the_same_data_shard(topology, shape):
+    """On a pod, a tensor group can span hosts: those hosts hold the same batch rows and must feed
+    the same examples, so they read the same shard."""
+    pytest.importorskip("libtpu", reason="libtpu (in the test extras) describes TPU topologies")
+    from t5lite.train import aot
+
+    devices = aot.topology_devices(topology)
+    partitioner = Partitioner.create(ENCODER_DECODER, shape, devices)
+    batch_size = 64
+    rows = partitioner.sharding(("batch", "length")).devices_indices_map((batch_size, 1))
+    processes = sorted({device.process_index for device in devices})
+    assert len(processes) > 1
+    shards = {process: partitioner.data_shard(batch_size, process) for process in processes}
+    count = {count for _, count in shards.values()}.pop()
+    assert all(c == count for _, c in shards.values()) and sorted({i for i, _ in shards.values()}) == list(range(count))
+    held = {process: {rows[device][0].indices(batch_size)[:2] for device in devices if device.process_index == process}
+            for process in processes}
+    for process in processes:
+        index, _ = shards[process]
+        assert sum(stop - start for start, stop in held[process]) == batch_size // count
+        same_shard = [other for other in processes if shards[other][0] == index]
+        assert all(held[other] == held[process] for other in same_shard)  # same rows, same examples

@@ -66,7 +66,7 @@ def one_process_reference():
         for _ in range(ALL_STEPS):
             local = [next(shard) for shard in shards]
             batch = {name: np.concatenate([rows[name] for rows in local]) for name in local[0]}
-            state, metrics = step.fn(state, step.partitioner.global_batch(batch), rng)
+            state, metrics = step.fn(state, step.partitioner.global_batch(batch, args["batch_size"]), rng)
             losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
 
