@@ -26,6 +26,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 INT8_DENSE_FAMILIES = ("attention", "mlp")
+ROUTERS = ("tokens_choose", "experts_choose")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,28 @@ class ModelConfig:
     # Dense families whose matmuls run in int8 (straight-through gradients): "attention" (q, k, v,
     # out projections), "mlp". Query-key products and the output logits stay in `dtype`.
     int8_dense: tuple[str, ...] = ()
+    # Switch-MoE (0 experts: dense). The MLP of every k-th layer (layers k-1, 2k-1, ...) of a stack
+    # is a mixture of experts, k = encoder_moe_every / decoder_moe_every (0: no experts in that stack).
+    num_experts: int = 0
+    encoder_moe_every: int = 2
+    decoder_moe_every: int = 2
+    experts_per_token: int = 1  # top-k of tokens-choose routing
+    # "tokens_choose": each token picks its top-k experts (Switch, GShard); "experts_choose": each expert
+    # picks its top tokens of a group (Zhou et al. 2022; it sees the whole group, so it is not causal).
+    router: str = "tokens_choose"
+    # Expert capacity per group: max(min_expert_capacity, ceil(capacity_factor * group * k / experts)).
+    train_capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_expert_capacity: int = 4
+    # Routes every token (no capacity): tokens sorted by expert through grouped matmuls (ragged_dot).
+    moe_dropless: bool = False
+    # Tokens routed together: each sequence splits into groups of at most this many tokens.
+    moe_group_size: int = 4096
+    router_jitter: float = 0.0  # inputs times U(1 - jitter, 1 + jitter) while training
+    load_balance_loss: float = 0.01
+    router_z_loss: float = 1e-3
+    # Dropout inside the experts (Switch fine-tuning uses 0.4); None: dropout_rate.
+    expert_dropout_rate: float | None = None
 
     def __post_init__(self):
         _check_choice("architecture", self.architecture, ARCHITECTURES)
@@ -103,7 +126,7 @@ class ModelConfig:
                 raise ValueError(
                     f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}: each "
                     f"key/value head serves a whole group of query heads. Allowed values: "
-                    f"{[k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]}.")
+                    f"{divisors(self.num_heads)}.")
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even with position_encoding='rope'.")
         if self.position_encoding == "sinusoidal" and self.d_model % 2:
@@ -122,6 +145,50 @@ class ModelConfig:
             raise ValueError(f"norm_epsilon={self.norm_epsilon} must be > 0.")
         if self.rescale_tied_logits and not self.tie_embeddings:
             raise ValueError("rescale_tied_logits=True needs tie_embeddings=True (it rescales the tied projection).")
+        self._check_moe()
+
+    def _check_moe(self):
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"num_experts={self.num_experts!r} must be 0 (dense) or a positive integer.")
+        if not self.num_experts:
+            return
+        _check_choice("router", self.router, ROUTERS)
+        for name in ("experts_per_token", "min_expert_capacity", "moe_group_size"):
+            _check_positive(name, getattr(self, name))
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(f"experts_per_token={self.experts_per_token} is larger than num_experts="
+                             f"{self.num_experts}: a token cannot pick more experts than there are.")
+        if self.moe_dropless and self.router != "tokens_choose":
+            raise ValueError("moe_dropless=True routes tokens to their top-k experts; set router='tokens_choose'.")
+        for name in ("train_capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
+        for name in ("router_jitter", "load_balance_loss", "router_z_loss"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+        if self.expert_dropout_rate is not None and not 0.0 <= self.expert_dropout_rate < 1.0:
+            raise ValueError(f"expert_dropout_rate={self.expert_dropout_rate} must be in [0, 1) or None.")
+        stacks = {"decoder": (self.decoder_moe_every, self.num_decoder_layers)}
+        if self.is_encoder_decoder:
+            stacks["encoder"] = (self.encoder_moe_every, self.num_encoder_layers)
+        for stack, (every, layers) in stacks.items():
+            if not isinstance(every, int) or every < 0 or (every and layers % every):
+                raise ValueError(f"{stack}_moe_every={every!r} must be 0 (no experts) or a positive integer "
+                                 f"dividing num_{stack}_layers={layers}; choose from {divisors(layers)}.")
+        if not any(every for every, _ in stacks.values()):
+            raise ValueError(f"num_experts={self.num_experts} but no stack has MoE layers; set "
+                             f"{' or '.join(f'{stack}_moe_every' for stack in stacks)} to a positive integer.")
+
+    def moe_every(self, stack: str) -> int:
+        """k when every k-th layer of the stack ("encoder" or "decoder") is MoE, else 0."""
+        if not self.num_experts or (stack == "encoder" and not self.is_encoder_decoder):
+            return 0
+        return self.encoder_moe_every if stack == "encoder" else self.decoder_moe_every
+
+    def num_moe_layers(self, stack: str) -> int:
+        every = self.moe_every(stack)
+        layers = self.num_encoder_layers if stack == "encoder" else self.num_decoder_layers
+        return layers // every if every else 0
 
     @property
     def kv_heads(self) -> int:
@@ -149,6 +216,10 @@ class ModelConfig:
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported. Allowed values: {', '.join(allowed)}.")
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def _check_positive(name: str, value: Any) -> None:

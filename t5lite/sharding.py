@@ -10,9 +10,13 @@ FSDP (ZeRO-3: weights and optimizer state split, gathered layer by layer), tenso
     heads, kv_heads, mlp, joined_kv, vocab,
     expert_mlp                             -> tensor
     expert                                 -> expert
+    expert_batch                           -> data, fsdp
 
 Flax applies the rules in order and never uses a mesh axis twice in one array, so activations
 [batch, length, embed] split their batch over fsdp while weights split `embed` over it.
+Expert parallelism: tokens dispatched to experts [expert, expert_batch, capacity, embed] move
+the `expert` mesh axis from their groups to their experts (an all-to-all), so each device runs
+only its own experts.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import backend as kernel_backend
-from t5lite.config import ModelConfig
+from t5lite.config import ModelConfig, divisors
 from t5lite.models import init_params
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -103,7 +107,8 @@ def axis_rules(config: ModelConfig, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
     keeps the small K/V projections whole on every tensor device).
     """
     rules = [("batch", BATCH_AXES), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
-             ("joined_kv", "tensor"), ("vocab", "tensor"), ("expert", "expert"), ("expert_mlp", "tensor")]
+             ("joined_kv", "tensor"), ("vocab", "tensor"), ("expert", "expert"), ("expert_mlp", "tensor"),
+             ("expert_batch", ("data", "fsdp"))]
     if config.kv_heads % mesh.shape["tensor"] == 0:
         rules.append(("kv_heads", "tensor"))
     return tuple(rules)
@@ -122,7 +127,15 @@ class Partitioner:
         tensor = mesh.shape["tensor"]
         if config.num_heads % tensor:
             raise ValueError(f"The tensor axis (tensor={tensor}) must divide ModelConfig.num_heads="
-                             f"{config.num_heads}; choose MeshShape.tensor from {_divisors(config.num_heads)}.")
+                             f"{config.num_heads}; choose MeshShape.tensor from {divisors(config.num_heads)}.")
+        experts = mesh.shape["expert"]
+        if config.num_experts and config.num_experts % experts:
+            raise ValueError(f"The expert axis (expert={experts}) must divide ModelConfig.num_experts="
+                             f"{config.num_experts}: each device group holds whole experts. Choose MeshShape.expert "
+                             f"from {divisors(config.num_experts)}.")
+        if config.moe_dropless and experts > 1:
+            raise ValueError("ModelConfig.moe_dropless=True sorts tokens by expert on each device and does not split "
+                             "experts over devices; set MeshShape.expert=1 or use capacity-based routing.")
         if config.int8_dense and mesh.size > 1 and kernel_backend.platform() in ("tpu", "gpu"):
             raise ValueError(f"ModelConfig.int8_dense={config.int8_dense} runs Pallas matmul kernels that are not "
                              f"sharded yet; train it on one device, or drop int8_dense to use this mesh.")
@@ -245,6 +258,3 @@ def _like_param(leaf, param, sharding: NamedSharding) -> NamedSharding:
             return NamedSharding(sharding.mesh, P(*spec[:axis], *spec[axis + 1:]))
     return NamedSharding(sharding.mesh, P())
 
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]

@@ -11,6 +11,7 @@ import transformers
 
 from t5lite import cli
 from t5lite.interop import hf
+from t5lite.layers.moe import moe_summary
 from t5lite.models import get_config, param_count
 
 
@@ -156,3 +157,54 @@ def test_convert_refuses_bad_paths_and_touches_nothing(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "new")]) == 2
     assert "neither a t5lite checkpoint" in capsys.readouterr().err
     assert (occupied / "keep.txt").read_text() == "precious" and not (tmp_path / "new").exists()
+
+
+def switch(sparse_step=2, **changes):
+    """A random-initialised HF Switch Transformer with 4 experts in every (step 1) or every other layer."""
+    torch.manual_seed(0)
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4, num_heads=4, num_experts=4,
+        expert_capacity=64, num_sparse_encoder_layers=4 // sparse_step, num_sparse_decoder_layers=4 // sparse_step,
+        dropout_rate=0.0, router_jitter_noise=0.0, relative_attention_num_buckets=8,
+        relative_attention_max_distance=24, **changes)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    model.set_input_embeddings(model.shared)
+    return model
+
+
+@pytest.mark.parametrize("sparse_step", [1, 2])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_switch_transformers_logits_match_hugging_face(sparse_step, scan_layers):
+    hf_model = switch(sparse_step)
+    model, params = hf.from_torch(hf_model, scan_layers=scan_layers)
+    assert model.config.num_experts == 4 and model.config.encoder_moe_every == sparse_step
+    forward = jax.jit(lambda params, x, y: model.apply({"params": params}, x, y, enable_dropout=False, mutable=["moe"]))
+    for batch, x_len, y_len in [(2, 7, 5), (1, 40, 33)]:
+        x, y = ids((batch, x_len), 1), ids((batch, y_len), 2)
+        logits, sown = forward(params, jnp.asarray(x), jnp.asarray(y))
+        error = np.abs(np.asarray(logits) - hf_logits(hf_model, x, y)).max()
+        assert error <= 1e-4, error
+        usage = moe_summary(sown["moe"])
+        assert float(usage["dropped_fraction"]) == 0.0
+        assert np.count_nonzero(np.asarray(usage["expert_fraction"])) > 1  # the routing really splits tokens
+    exported = hf.state_dict_from_params(params, model.config)
+    for key, value in exported.items():
+        np.testing.assert_array_equal(value, hf_model.state_dict()[key].numpy(), err_msg=key)
+    assert param_count(model.config) == sum(p.numel() for p in hf_model.parameters())
+
+
+def test_switch_transformers_load_from_a_saved_directory(tmp_path):
+    hf_model = switch()
+    hf_model.save_pretrained(tmp_path / "hf")
+    model, params = hf.load_pretrained(tmp_path / "hf")
+    x, y = ids((2, 6), 5), ids((2, 5), 6)
+    np.testing.assert_allclose(t5lite_logits(model, params, x, y), hf_logits(hf_model, x, y), atol=1e-4)
+
+
+def test_unsupported_switch_models_are_refused():
+    with pytest.raises(ValueError, match="sparse step 1 or 2"):
+        hf.config_from_hf(switch(sparse_step=4).config)
+    with pytest.raises(ValueError, match="router_bias=True"):
+        hf.config_from_hf(switch(router_bias=True).config)
+    with pytest.raises(ValueError, match="Exporting mixture-of-experts models"):
+        hf.hf_config_from(get_config("switch/tiny"))

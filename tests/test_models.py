@@ -151,6 +151,15 @@ def test_cached_decoding_reproduces_full_forward(architecture, position_encoding
     np.testing.assert_allclose(stepped, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("architecture", ["decoder", "encoder_decoder"])
+def test_moe_cached_decoding_reproduces_full_forward(architecture):
+    """Token by token routes one token per group; equal to the full pass when no token is dropped."""
+    config = small(architecture, num_experts=4, experts_per_token=2, decoder_moe_every=1, eval_capacity_factor=4.0)
+    y, x = tokens((2, 7)), tokens((2, 5), seed=1)
+    full = decoder_logits(config, y, encoder_input_tokens=x) if architecture == "encoder_decoder" else decoder_logits(config, y)
+    np.testing.assert_allclose(cached_logits(config, y, [1] * 7, encoder_tokens=x), full, atol=1e-5, rtol=1e-5)
+
+
 def test_cached_prefix_lm_prefill_then_steps():
     config = small(position_encoding="rope")
     y = tokens((2, 8))
@@ -166,6 +175,8 @@ def test_cached_prefix_lm_prefill_then_steps():
     dict(architecture="encoder_decoder", norm="layer", residual="post", position_encoding="learned"),
     dict(architecture="decoder", num_kv_heads=1, position_encoding="learned", mlp_activation="gelu"),
     dict(architecture="decoder", tie_embeddings=True, norm="layer", position_encoding="alibi", scan_layers=False),
+    dict(architecture="encoder_decoder", num_experts=4, decoder_moe_every=1),
+    dict(architecture="decoder", num_experts=3, mlp_activation="relu", scan_layers=False),
 ])
 def test_param_count_equals_initialised_count(changes):
     config = small(**changes)
@@ -180,9 +191,9 @@ def test_scanned_params_carry_logical_axis_names():
     assert params["token_embedder"]["embedding"].names == ("vocab", "embed")
 
 
-@pytest.mark.parametrize("remat_policy", ["full", "dots"])
-def test_remat_keeps_logits_and_gradients(remat_policy):
-    config = small("encoder_decoder")
+@pytest.mark.parametrize("remat_policy, num_experts", [("full", 0), ("dots", 0), ("dots", 4)])
+def test_remat_keeps_logits_and_gradients(remat_policy, num_experts):
+    config = small("encoder_decoder", num_experts=num_experts)
     rematted = config.replace(remat_policy=remat_policy)
     _, params = model_and_params(config)
     x, y = tokens((2, 5)), tokens((2, 4), seed=1)

@@ -1,9 +1,11 @@
-"""Hugging Face interop: T5 (v1.0, v1.1, mT5) and Llama, PyTorch models in and out.
+"""Hugging Face interop: T5 (v1.0, v1.1, mT5) and Llama, PyTorch models in and out; Switch
+Transformers (T5 with mixture-of-experts MLPs) in.
 
 Weights move through one table per family that names, for every Hugging Face tensor,
-where it lives in t5lite and whether it is a vector or a matrix stored [out, in]
+where it lives in t5lite, whether it is a vector or a matrix stored [out, in]
 (`in` rows: the first t5lite axis is the input; `out`: the last t5lite axis is the
-output). The same table serves both directions, so import and export cannot drift.
+output), and for expert weights which expert of the stacked t5lite array it is. The same
+table serves both directions, so import and export cannot drift.
 Only local objects and directories are read: there is no hub access.
 """
 
@@ -24,16 +26,20 @@ _T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "sil
                    "gated-relu": "reglu", "gated-gelu": "geglu", "gated-gelu_new": "geglu", "gated-silu": "swiglu"}
 _T5_EXPORT_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu",
                           "reglu": "gated-relu", "geglu": "gated-gelu", "swiglu": "gated-silu"}
+# Switch Transformers' dense_act_fn (never gated) <-> our mlp_activation.
+_SWITCH_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu"}
 
 
-def _t5_mlp_rules(prefix: str, config: ModelConfig):
-    if config.mlp_activation in ("reglu", "geglu", "swiglu"):
-        rules = [(f"{prefix}.DenseReluDense.wi_0.weight", "mlp/wi_0/kernel", "in"),
-                 (f"{prefix}.DenseReluDense.wi_1.weight", "mlp/wi_1/kernel", "in")]
-    else:
-        rules = [(f"{prefix}.DenseReluDense.wi.weight", "mlp/wi/kernel", "in")]
-    return rules + [(f"{prefix}.DenseReluDense.wo.weight", "mlp/wo/kernel", "in"),
-                    (f"{prefix}.layer_norm.weight", "pre_mlp_norm/scale", "vector")]
+def _t5_mlp_rules(prefix: str, config: ModelConfig, moe: bool):
+    """T5's DenseReluDense, or Switch's `mlp` (dense) and `mlp.router` + `mlp.experts.expert_{e}` (sparse)."""
+    names = ("wi_0", "wi_1", "wo") if config.mlp_activation in ("reglu", "geglu", "swiglu") else ("wi", "wo")
+    norm = (f"{prefix}.layer_norm.weight", "pre_mlp_norm/scale", "vector")
+    if moe:
+        return [(f"{prefix}.mlp.router.classifier.weight", "moe/router/kernel", "in"), norm] + [
+            (f"{prefix}.mlp.experts.expert_{e}.{name}.weight", f"moe/{name}", "in", e)
+            for e in range(config.num_experts) for name in names]
+    module = "mlp" if config.num_experts else "DenseReluDense"
+    return [(f"{prefix}.{module}.{name}.weight", f"mlp/{name}/kernel", "in") for name in names] + [norm]
 
 
 def _t5_attention_rules(prefix: str, hf_name: str, ours: str):
@@ -41,8 +47,13 @@ def _t5_attention_rules(prefix: str, hf_name: str, ours: str):
             for p, name in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))]
 
 
+def _is_moe_layer(config: ModelConfig, stack: str, index: int) -> bool:
+    every = config.moe_every(stack)
+    return bool(every) and (index + 1) % every == 0
+
+
 def _t5_rules(config: ModelConfig):
-    """(hf key, t5lite path, kind) for every tensor of a T5ForConditionalGeneration."""
+    """(hf key, t5lite path, kind[, expert]) for every tensor of a T5 / Switch Transformers model."""
     rules = [("shared.weight", "token_embedder/embedding", "vector"),
              ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
               "encoder/positions/relpos_bias/rel_embedding", "in"),
@@ -56,16 +67,16 @@ def _t5_rules(config: ModelConfig):
         block, ours = f"encoder.block.{i}", f"encoder/layers_{i}"
         layer_rules = _t5_attention_rules(f"{block}.layer.0", "SelfAttention", "attention") + [
             (f"{block}.layer.0.layer_norm.weight", "pre_attention_norm/scale", "vector")] + _t5_mlp_rules(
-            f"{block}.layer.1", config)
-        rules += [(hf, f"{ours}/{path}", kind) for hf, path, kind in layer_rules]
+            f"{block}.layer.1", config, _is_moe_layer(config, "encoder", i))
+        rules += [(hf, f"{ours}/{path}", *rest) for hf, path, *rest in layer_rules]
     for i in range(config.num_decoder_layers):
         block, ours = f"decoder.block.{i}", f"decoder/layers_{i}"
         layer_rules = (_t5_attention_rules(f"{block}.layer.0", "SelfAttention", "self_attention")
                        + [(f"{block}.layer.0.layer_norm.weight", "pre_self_attention_norm/scale", "vector")]
                        + _t5_attention_rules(f"{block}.layer.1", "EncDecAttention", "cross_attention")
                        + [(f"{block}.layer.1.layer_norm.weight", "pre_cross_attention_norm/scale", "vector")]
-                       + _t5_mlp_rules(f"{block}.layer.2", config))
-        rules += [(hf, f"{ours}/{path}", kind) for hf, path, kind in layer_rules]
+                       + _t5_mlp_rules(f"{block}.layer.2", config, _is_moe_layer(config, "decoder", i)))
+        rules += [(hf, f"{ours}/{path}", *rest) for hf, path, *rest in layer_rules]
     return rules
 
 
@@ -92,19 +103,45 @@ def _llama_rules(config: ModelConfig):
 
 
 def config_from_hf(hf_config: Any, dtype: str = "float32") -> ModelConfig:
-    """The t5lite config of a transformers T5Config / MT5Config / LlamaConfig."""
+    """The t5lite config of a transformers T5Config / MT5Config / SwitchTransformersConfig / LlamaConfig."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type in ("t5", "mt5"):
-        return _t5_config(hf_config, dtype)
+        proj = hf_config.feed_forward_proj
+        if proj not in _T5_ACTIVATIONS:
+            raise ValueError(f"T5 feed_forward_proj={proj!r} is not supported; supported: {sorted(_T5_ACTIVATIONS)}.")
+        return _t5_config(hf_config, dtype, _T5_ACTIVATIONS[proj])
+    if model_type == "switch_transformers":
+        return _switch_config(hf_config, dtype)
     if model_type == "llama":
         return _llama_config(hf_config, dtype)
-    raise ValueError(f"Unsupported Hugging Face model_type {model_type!r}; t5lite imports t5, mt5 and llama.")
+    raise ValueError(f"Unsupported Hugging Face model_type {model_type!r}; t5lite imports t5, mt5, "
+                     f"switch_transformers and llama.")
 
 
-def _t5_config(hf: Any, dtype: str) -> ModelConfig:
-    proj = hf.feed_forward_proj
-    if proj not in _T5_ACTIVATIONS:
-        raise ValueError(f"T5 feed_forward_proj={proj!r} is not supported; supported: {sorted(_T5_ACTIVATIONS)}.")
+def _switch_config(hf: Any, dtype: str) -> ModelConfig:
+    """Switch routes each sequence as one group with a fixed `expert_capacity`; t5lite's groups hold up
+    to `moe_group_size` tokens and `min_expert_capacity` = that capacity, so it keeps whatever HF keeps."""
+    if hf.dense_act_fn not in _SWITCH_ACTIVATIONS:
+        raise ValueError(f"Switch dense_act_fn={hf.dense_act_fn!r} is not supported; supported: "
+                         f"{sorted(_SWITCH_ACTIVATIONS)}.")
+    if hf.router_bias:
+        raise ValueError("Switch checkpoints with router_bias=True are not supported (t5lite's router has no bias).")
+    every = {}
+    for stack in ("encoder", "decoder"):
+        step = getattr(hf, f"{stack}_sparse_step")
+        if step not in (1, 2) or not getattr(hf, f"num_sparse_{stack}_layers"):
+            # HF makes layers i with i % step == 1 sparse; t5lite every k-th (i + 1) % k == 0: equal for 1 and 2.
+            raise ValueError(f"Switch {stack}_sparse_step={step} (num_sparse_{stack}_layers="
+                             f"{getattr(hf, f'num_sparse_{stack}_layers')}) is not supported: t5lite imports "
+                             f"models with experts in every layer or every other layer (sparse step 1 or 2).")
+        every[f"{stack}_moe_every"] = step
+    return _t5_config(hf, dtype, _SWITCH_ACTIVATIONS[hf.dense_act_fn]).replace(
+        num_experts=hf.num_experts, experts_per_token=1, router="tokens_choose", min_expert_capacity=hf.expert_capacity,
+        router_jitter=float(hf.router_jitter_noise), load_balance_loss=float(hf.router_aux_loss_coef),
+        router_z_loss=float(hf.router_z_loss_coef), **every)
+
+
+def _t5_config(hf: Any, dtype: str, activation: str) -> ModelConfig:
     tied = bool(hf.tie_word_embeddings)
     rescale = bool(getattr(hf, "scale_decoder_outputs", tied))
     if rescale and not tied:
@@ -114,7 +151,7 @@ def _t5_config(hf: Any, dtype: str) -> ModelConfig:
     return ModelConfig(
         architecture="encoder_decoder", vocab_size=hf.vocab_size, d_model=hf.d_model, num_heads=hf.num_heads,
         head_dim=hf.d_kv, d_ff=hf.d_ff, num_encoder_layers=hf.num_layers, num_decoder_layers=hf.num_decoder_layers,
-        mlp_activation=_T5_ACTIVATIONS[proj], norm="rms", norm_epsilon=hf.layer_norm_epsilon, residual="pre",
+        mlp_activation=activation, norm="rms", norm_epsilon=hf.layer_norm_epsilon, residual="pre",
         position_encoding="relative", relative_num_buckets=hf.relative_attention_num_buckets,
         relative_max_distance=hf.relative_attention_max_distance, scale_attention_by_head_dim=False,
         tie_embeddings=tied, rescale_tied_logits=rescale, dropout_rate=float(hf.dropout_rate), dtype=dtype)
@@ -144,6 +181,9 @@ def hf_config_from(config: ModelConfig):
     """The transformers config for a t5lite config, or ValueError naming what HF cannot express."""
     import transformers
 
+    if config.num_experts:
+        raise ValueError("Exporting mixture-of-experts models to Hugging Face is not supported; t5lite imports "
+                         "Switch Transformers but writes only dense T5 and Llama models.")
     if config.is_encoder_decoder:
         _require(config, "T5", position_encoding="relative", norm="rms", residual="pre",
                  scale_attention_by_head_dim=False, sliding_window=None, num_kv_heads=(None, config.num_heads))
@@ -189,7 +229,16 @@ def _unscanned_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
 
 
-def _stack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _scanned_path(config: ModelConfig, stack: str, index: int, leaf: str) -> tuple[str, int]:
+    """Where layer `index` of a stack lives when scanned: (path, position on the stacked axis).
+    Stacks with experts every k-th layer scan blocks of k layers (`layers/layer_{j}`)."""
+    every = config.moe_every(stack)
+    if every:
+        return f"{stack}/layers/layer_{index % every}/{leaf}", index // every
+    return f"{stack}/layers/{leaf}", index
+
+
+def _stack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
     """layers_{i}/x -> layers/x stacked on a leading axis, as nn.scan stores them."""
     out, stacked = {}, {}
     for key, value in flat.items():
@@ -198,36 +247,48 @@ def _stack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[key] = value
             continue
         index, _, leaf = rest.partition("/")
-        stacked.setdefault(f"{stack}/layers/{leaf}", {})[int(index)] = value
+        path, position = _scanned_path(config, stack, int(index), leaf)
+        stacked.setdefault(path, {})[position] = value
     for key, by_index in stacked.items():
         out[key] = np.stack([by_index[i] for i in range(len(by_index))])
     return out
 
 
-def _unstack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _unstack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
     out = {}
     for key, value in flat.items():
         stack, sep, leaf = key.partition("/layers/")
-        if sep:
-            out.update({f"{stack}/layers_{i}/{leaf}": layer for i, layer in enumerate(value)})
-        else:
+        if not sep:
             out[key] = value
+            continue
+        every = config.moe_every(stack)
+        block = 0
+        if every:
+            block_name, _, leaf = leaf.partition("/")
+            block = int(block_name.removeprefix("layer_"))
+        out.update({f"{stack}/layers_{i * (every or 1) + block}/{leaf}": layer for i, layer in enumerate(value)})
     return out
 
 
 def params_from_state_dict(state_dict: dict[str, np.ndarray], config: ModelConfig):
     """t5lite params from a Hugging Face state dict (numpy arrays), checking every tensor is used."""
     shapes = _unscanned_shapes(config)
-    flat, used = {}, set()
-    for hf_key, path, kind in _rules(config):
+    flat, experts, used = {}, {}, set()
+    for hf_key, path, kind, *expert in _rules(config):
         if hf_key not in state_dict:
             raise ValueError(f"The Hugging Face weights lack {hf_key!r}; is the checkpoint complete and of the "
                              f"architecture its config names?")
         weight = np.asarray(state_dict[hf_key], np.float32)
-        flat[path] = weight if kind == "vector" else weight.T.reshape(shapes[path])
-        if flat[path].shape != shapes[path]:
-            raise ValueError(f"{hf_key} has shape {weight.shape}, which does not fit t5lite's {path} {shapes[path]}.")
+        shape = shapes[path][1:] if expert else shapes[path]
+        value = weight if kind == "vector" else weight.T.reshape(shape)
+        if value.shape != shape:
+            raise ValueError(f"{hf_key} has shape {weight.shape}, which does not fit t5lite's {path} {shape}.")
+        if expert:
+            experts.setdefault(path, {})[expert[0]] = value
+        else:
+            flat[path] = value
         used.add(hf_key)
+    flat.update({path: np.stack([by_expert[e] for e in range(len(by_expert))]) for path, by_expert in experts.items()})
     assert set(flat) == set(shapes), set(shapes) ^ set(flat)
     _check_aliases(state_dict, config)
     unused = set(state_dict) - used - set(_tied_aliases(config))
@@ -235,17 +296,17 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], config: ModelConfi
         raise ValueError(f"Hugging Face weights {sorted(unused)[:8]} have no place in t5lite's {config.architecture} "
                          f"model; the config does not describe this checkpoint.")
     if config.scan_layers:
-        flat = _stack_layers(flat)
+        flat = _stack_layers(flat, config)
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
 def state_dict_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
     flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
     if config.scan_layers:
-        flat = _unstack_layers(flat)
+        flat = _unstack_layers(flat, config)
     out = {}
-    for hf_key, path, kind in _rules(config):
-        value = flat[path]
+    for hf_key, path, kind, *expert in _rules(config):
+        value = flat[path][expert[0]] if expert else flat[path]
         if kind == "vector":
             out[hf_key] = value
         elif kind == "in":
@@ -314,9 +375,10 @@ def load_pretrained(directory: str | pathlib.Path, dtype: str = "float32", scan_
     if "tie_word_embeddings" in raw:  # transformers 5 forces T5 to tied on load; restore what was saved
         hf_config.tie_word_embeddings = raw["tie_word_embeddings"]
     config_from_hf(hf_config)  # fail early, with the reason, on unsupported architectures
-    auto = transformers.AutoModelForSeq2SeqLM if hf_config.model_type in ("t5", "mt5") else transformers.AutoModelForCausalLM
+    seq2seq = hf_config.model_type in ("t5", "mt5", "switch_transformers")
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     hf_model = auto.from_pretrained(directory, config=hf_config, local_files_only=True)
-    if hf_config.model_type in ("t5", "mt5"):
+    if seq2seq:
         hf_model.set_input_embeddings(hf_model.shared)  # saved once under shared.weight
     return from_torch(hf_model, dtype, scan_layers)
 

@@ -1,4 +1,5 @@
-"""Building a model from its config, initialising it, and counting parameters without initialising."""
+"""Building a model from its config, initialising it, and counting parameters (all, and active per
+token for mixtures of experts) without initialising."""
 
 from __future__ import annotations
 
@@ -50,4 +51,14 @@ def param_count(config: ModelConfig) -> int:
     if config.is_encoder_decoder:
         total += config.num_encoder_layers * (attention + mlp + 2 * norm) + per_stack + final_norm
         decoder_layer += attention + norm
-    return total + config.num_decoder_layers * decoder_layer + per_stack + final_norm
+    total += config.num_decoder_layers * decoder_layer + per_stack + final_norm
+    # Each MoE layer holds num_experts MLPs and a router instead of one MLP.
+    moe_layers = config.num_moe_layers("encoder") + config.num_moe_layers("decoder")
+    return total + moe_layers * ((config.num_experts - 1) * mlp + d * config.num_experts)
+
+
+def active_param_count(config: ModelConfig) -> int:
+    """Parameters one token passes through: MoE layers count `experts_per_token` experts, not all."""
+    mlp = (3 if is_gated(config.mlp_activation) else 2) * config.d_model * config.d_ff
+    idle = (config.num_experts - config.experts_per_token) * mlp if config.num_experts else 0
+    return param_count(config) - (config.num_moe_layers("encoder") + config.num_moe_layers("decoder")) * idle

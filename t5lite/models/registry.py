@@ -12,6 +12,10 @@ MT5 = T5_1_1.replace(vocab_size=250112)
 LLAMA = ModelConfig(architecture="decoder", vocab_size=32000, position_encoding="rope", mlp_activation="swiglu",
                     scale_attention_by_head_dim=True, tie_embeddings=False, norm_epsilon=1e-5, num_encoder_layers=0)
 PREFIX_LM = LLAMA.replace(vocab_size=32128)
+# Switch Transformers (Fedus et al. 2021) as published: T5 v1.0 with a top-1 mixture of experts in
+# every other MLP of both stacks.
+SWITCH = T5_1_0.replace(num_experts=8, encoder_moe_every=2, decoder_moe_every=2, experts_per_token=1)
+SWITCH_DECODER = LLAMA.replace(num_experts=8, decoder_moe_every=2, experts_per_token=1)
 
 
 def _size(d_model, d_ff, num_heads, layers, **rest):
@@ -47,6 +51,11 @@ _NAMED = {
     "llama/7b": LLAMA.replace(**_decoder_size(4096, 11008, 32, 32, head_dim=128, max_length=4096)),
     "prefix_lm/tiny": PREFIX_LM.replace(**_decoder_size(128, 384, 4, 2, head_dim=32)),
     "prefix_lm/base": PREFIX_LM.replace(**_decoder_size(768, 2048, 12, 12, head_dim=64)),
+    **{f"switch/base_{experts}": SWITCH.replace(num_experts=experts, **_size(768, 3072, 12, 12))
+       for experts in (8, 16, 128)},
+    "switch/tiny": SWITCH.replace(num_experts=4, **_size(128, 256, 4, 2, head_dim=32)),
+    "switch_decoder/tiny": SWITCH_DECODER.replace(
+        num_experts=4, **_decoder_size(128, 256, 4, 2, num_kv_heads=2, head_dim=32, vocab_size=32128)),
 }
 
 

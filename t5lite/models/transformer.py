@@ -20,6 +20,7 @@ from t5lite.layers.attention_spec import cross_attention_spec, resolve_impl, sel
 from t5lite.layers.dense import DenseGeneral
 from t5lite.layers.embedding import Embed
 from t5lite.layers.mlp import Mlp
+from t5lite.layers.moe import MoeMlp
 from t5lite.layers.norm import NORMS
 
 REMAT_POLICIES = {
@@ -49,7 +50,15 @@ def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool
                      int8="attention" in config.int8_dense, name=name, **dtypes(config))
 
 
-def _mlp(config: ModelConfig, deterministic: bool):
+def _mlp(config: ModelConfig, deterministic: bool, moe: bool):
+    if moe:
+        return MoeMlp(
+            num_experts=config.num_experts, d_ff=config.d_ff, activation=config.mlp_activation,
+            experts_per_token=config.experts_per_token, router=config.router,
+            capacity_factor=config.eval_capacity_factor if deterministic else config.train_capacity_factor,
+            min_capacity=config.min_expert_capacity, dropless=config.moe_dropless, group_size=config.moe_group_size,
+            jitter=config.router_jitter, deterministic=deterministic, name="moe", **dtypes(config),
+            dropout_rate=config.dropout_rate if config.expert_dropout_rate is None else config.expert_dropout_rate)
     return Mlp(d_ff=config.d_ff, activation=config.mlp_activation, dropout_rate=config.dropout_rate,
                deterministic=deterministic, int8="mlp" in config.int8_dense, name="mlp", **dtypes(config))
 
@@ -62,13 +71,14 @@ def attention_impl(config: ModelConfig, deterministic: bool, decode: bool = Fals
 class EncoderLayer(nn.Module):
     config: ModelConfig
     deterministic: bool = True
+    moe: bool = False  # a mixture of experts instead of the MLP
 
     @nn.compact
     def __call__(self, x, spec, rope):
         cfg, det = self.config, self.deterministic
         attention = _attention(cfg, "attention", det, decode=False)
         x = residual(cfg, x, lambda h: attention(h, h, spec, rope), "pre_attention_norm", det)
-        x = residual(cfg, x, _mlp(cfg, det), "pre_mlp_norm", det)
+        x = residual(cfg, x, _mlp(cfg, det, self.moe), "pre_mlp_norm", det)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
@@ -78,6 +88,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     deterministic: bool = True
     decode: bool = False
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x, spec, rope, cache_position, encoded, cross_spec):
@@ -88,24 +99,47 @@ class DecoderLayer(nn.Module):
         if cfg.is_encoder_decoder:
             cross_attention = _attention(cfg, "cross_attention", det, self.decode, cross=True)
             x = residual(cfg, x, lambda h: cross_attention(h, encoded, cross_spec), "pre_cross_attention_norm", det)
-        x = residual(cfg, x, _mlp(cfg, det), "pre_mlp_norm", det)
+        x = residual(cfg, x, _mlp(cfg, det, self.moe), "pre_mlp_norm", det)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
-def run_layers(config: ModelConfig, layer_cls, num_layers: int, x, *args, **layer_kwargs):
-    """Applies `num_layers` copies of `layer_cls`: scanned (params stacked on a leading
-    "layers" axis) or unrolled (`layers_0`, `layers_1`, ...). Must be called inside a compact method."""
+class LayerBlock(nn.Module):
+    """`size` consecutive layers, the last with experts: what a stack with MoE every `size`-th layer scans."""
+
+    config: ModelConfig
+    layer_cls: Any
+    size: int
+    layer_kwargs: Any
+
+    @nn.compact
+    def __call__(self, x, *args):
+        for j in range(self.size):
+            x, _ = self.layer_cls(config=self.config, moe=j == self.size - 1, name=f"layer_{j}",
+                                  **self.layer_kwargs)(x, *args)
+        return x, None
+
+
+def run_layers(config: ModelConfig, layer_cls, num_layers: int, moe_every: int, x, *args, **layer_kwargs):
+    """Applies `num_layers` copies of `layer_cls`, with experts in every `moe_every`-th (0: none):
+    scanned (params stacked on a leading "layers" axis; with experts, blocks `layers/layer_{j}` of
+    `moe_every` layers are scanned) or unrolled (`layers_0`, `layers_1`, ...). Must be called inside
+    a compact method."""
     if config.remat_policy != "none":
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
                              prevent_cse=not config.scan_layers)
     if config.scan_layers:
-        scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+        body, length, kwargs = layer_cls, num_layers, layer_kwargs
+        if moe_every:
+            body, length = LayerBlock, num_layers // moe_every
+            kwargs = dict(layer_cls=layer_cls, size=moe_every, layer_kwargs=layer_kwargs)
+        scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0, "moe": 0},
                           split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
-                          length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scanned(config=config, name="layers", **layer_kwargs)(x, *args)
+                          length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(config=config, name="layers", **kwargs)(x, *args)
         return x
     for i in range(num_layers):
-        x, _ = layer_cls(config=config, name=f"layers_{i}", **layer_kwargs)(x, *args)
+        moe = bool(moe_every) and (i + 1) % moe_every == 0
+        x, _ = layer_cls(config=config, moe=moe, name=f"layers_{i}", **layer_kwargs)(x, *args)
     return x
 
 
@@ -171,7 +205,8 @@ class EncoderStack(nn.Module):
             x = x + added
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, spec, rope, deterministic=deterministic)
+        x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, cfg.moe_every("encoder"), x, spec, rope,
+                       deterministic=deterministic)
         return final_norm(cfg, x, deterministic)
 
 
@@ -226,8 +261,8 @@ class DecoderStack(nn.Module):
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         cache_position = positions[0, 0]
-        x = run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, x, spec, rope, cache_position, encoded,
-                       cross_spec, deterministic=deterministic, decode=decode)
+        x = run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, cfg.moe_every("decoder"), x, spec, rope,
+                       cache_position, encoded, cross_spec, deterministic=deterministic, decode=decode)
         x = final_norm(cfg, x, deterministic)
         if cfg.tie_embeddings:
             if cfg.rescale_tied_logits:

@@ -9,6 +9,8 @@ backward pass costs two forwards).
 
 Conventions worth knowing:
 - Prefix-LM decoders are counted as causal over their whole length, as MaxText does.
+- Mixture-of-experts layers count the router and `experts_per_token` experts per token (the
+  active parameters), not the capacity slack or dispatch einsums.
 - Sliding windows are not discounted: the count describes the dense computation.
 - Tokens: a decoder's sequence is `targets_length` tokens (for a prefix LM that length
   already includes the prefix). An encoder-decoder's sequence is `inputs_length +
@@ -77,12 +79,16 @@ def forward_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_
         scores_and_values = 4 * q_len * k_len * heads * hd
         return q_len * query_out + k_len * key_value + (scores_and_values // 2 if causal else scores_and_values)
 
+    # An MoE layer runs a token through the router and `experts_per_token` experts instead of one MLP.
+    moe_extra = (config.experts_per_token - 1) * mlp + 2 * d * config.num_experts if config.num_experts else 0
     dec = targets_length
     decoder_layer = attention(dec, dec, causal=True) + dec * mlp
     total = 2 * d * config.vocab_size * dec  # logits
+    total += config.num_moe_layers("decoder") * dec * moe_extra
     if config.is_encoder_decoder:
         enc = inputs_length
         total += config.num_encoder_layers * (attention(enc, enc, causal=False) + enc * mlp)
+        total += config.num_moe_layers("encoder") * enc * moe_extra
         decoder_layer += attention(dec, enc, causal=False)
     return total + config.num_decoder_layers * decoder_layer
 

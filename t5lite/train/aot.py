@@ -18,6 +18,7 @@ import gin
 import jax
 
 from pallas_kernels.backend import compiling_for
+from t5lite.models import active_param_count, param_count
 from t5lite.scaling import flops
 from t5lite.sharding import BATCH_LOGICAL
 from t5lite.train import loop
@@ -40,6 +41,8 @@ class CompileReport:
     xla_flops: float | None = None  # XLA's cost analysis, per device (each loop body counted once)
     pallas_kernels: int = 0  # Mosaic kernel calls in the compiled step
     model_flops: float = 0.0  # the exact model count (t5lite.scaling.flops), per device
+    params: int = 0
+    active_params: int = 0  # per token: mixtures of experts count the experts a token uses
     error: str | None = None
 
     @property
@@ -53,7 +56,8 @@ class CompileReport:
 
     def summary(self) -> str:
         mesh = " ".join(f"{axis}={size}" for axis, size in self.mesh.items())
-        lines = [f"topology      {self.topology}: {self.num_devices} x {self.device_kind}, mesh {mesh}"]
+        lines = [f"topology      {self.topology}: {self.num_devices} x {self.device_kind}, mesh {mesh}",
+                 f"parameters    {self.params / 1e6:,.1f}M ({self.active_params / 1e6:,.1f}M active per token)"]
         if self.error is None:
             m = {key: format_bytes(value) for key, value in self.memory.items()}
             lines += [f"per device    arguments {m['argument']} (state + batch), outputs {m['output']} ({m['alias']} "
@@ -136,7 +140,7 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
     encoder_length, decoder_length = loop.model_lengths(kind, lengths)
     report = CompileReport(
         topology=topology, device_kind=devices[0].device_kind, mesh=dict(partitioner.mesh.shape),
-        hbm_bytes=HBM_BYTES[chip],
+        hbm_bytes=HBM_BYTES[chip], params=param_count(config), active_params=active_param_count(config),
         model_flops=batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length)
         / len(devices))
     try:

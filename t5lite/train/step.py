@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from t5lite.config import ModelConfig
+from t5lite.layers.moe import moe_summary
 from t5lite.models import build, dummy_inputs
 from t5lite.sharding import BATCH_LOGICAL, Partitioner
 from t5lite.train.losses import cross_entropy
@@ -56,50 +57,66 @@ def loss_weights(batch):
 
 
 def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout):
-    """Loss, z-loss, correct-token and weight sums of one (micro)batch; the loss sum is differentiated."""
-    logits = build(config).apply({"params": params}, **model_features(config, batch), enable_dropout=enable_dropout,
-                                 rngs={"dropout": rng} if enable_dropout else None)
+    """(objective, sums) of one (micro)batch. Sums: loss, z-loss, correct tokens and weight; for MoE
+    models each `moe_*` statistic (a mean over MoE layers) times the weight, so that dividing by the
+    batch's weight averages it over microbatches. The objective, which is differentiated, is the loss
+    sum plus the weighted auxiliary losses."""
+    logits, state = build(config).apply(
+        {"params": params}, **model_features(config, batch), enable_dropout=enable_dropout,
+        rngs={"dropout": rng} if enable_dropout else None, mutable=["moe"])
     weights = loss_weights(batch)
+    weight = jnp.sum(weights.astype(jnp.float32))
     loss, z, correct = cross_entropy(logits, batch["decoder_target_tokens"], weights, z_loss, label_smoothing)
-    return loss, {"z_loss": z, "correct": correct, "weight": jnp.sum(weights.astype(jnp.float32))}
+    sums = {"loss": loss, "z_loss": z, "correct": correct, "weight": weight}
+    moe = moe_summary(state.get("moe", {}))
+    if not moe:
+        return loss, sums
+    sums.update({f"moe_{name}": weight * value for name, value in moe.items()})
+    auxiliary = config.load_balance_loss * moe["load_balance_loss"] + config.router_z_loss * moe["router_z_loss"]
+    return loss + weight * auxiliary, sums
 
 
 def train_step(state: TrainState, batch, base_rng, *, config: ModelConfig, tx: optax.GradientTransformation,
                schedule: Callable, num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0):
-    """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch,
-    whatever the number of microbatches."""
+    """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch
+    (plus MoE auxiliary losses), whatever the number of microbatches. The `loss` metric is the
+    cross entropy (with z-loss); MoE models also log `moe_*` metrics, experts' shares one by one."""
     rng = jax.random.fold_in(base_rng, state.step)
     grad_fn = jax.value_and_grad(_sums, argnums=1, has_aux=True)
     args = (z_loss, label_smoothing, True)
     if num_microbatches == 1:
-        (loss, aux), grads = grad_fn(config, state.params, batch, rng, *args)
+        (_, aux), grads = grad_fn(config, state.params, batch, rng, *args)
     else:
         # Microbatch m holds rows m, m + M, m + 2M, ...: every device keeps its own rows of each.
         micro = jax.tree.map(lambda x: x.reshape(-1, num_microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, inputs):
             index, microbatch = inputs
-            (loss, aux), grads = grad_fn(config, state.params, microbatch, jax.random.fold_in(rng, index), *args)
-            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+            (_, aux), grads = grad_fn(config, state.params, microbatch, jax.random.fold_in(rng, index), *args)
+            return jax.tree.map(jnp.add, carry, (aux, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {"z_loss": jnp.zeros(()), "correct": jnp.zeros(()),
-                                                              "weight": jnp.zeros(())}, state.params))
-        (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
+        shapes = jax.eval_shape(lambda p, b: grad_fn(config, p, b, rng, *args), state.params,
+                                jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
+        (aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
     denominator = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state)
-    metrics = {"loss": loss / denominator, "z_loss": aux["z_loss"] / denominator,
+    metrics = {"loss": aux["loss"] / denominator, "z_loss": aux["z_loss"] / denominator,
                "accuracy": aux["correct"] / denominator, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "target_tokens": aux["weight"]}
+    for name in (name for name in aux if name.startswith("moe_")):
+        value = aux[name] / denominator
+        metrics.update({f"{name}_{e}": share for e, share in enumerate(value)} if value.ndim else {name: value})
     return new_state, metrics
 
 
 def eval_step(params, batch, *, config: ModelConfig):
     """Sums for perplexity and accuracy over a validation batch (no z-loss, no smoothing, no dropout)."""
-    loss, aux = _sums(config, params, batch, None, 0.0, 0.0, False)
-    return {"loss_sum": loss, "correct": aux["correct"], "weight": aux["weight"]}
+    _, sums = _sums(config, params, batch, None, 0.0, 0.0, False)
+    return {"loss_sum": sums["loss"], "correct": sums["correct"], "weight": sums["weight"]}
 
 
 def sharded_train_step(partitioner: Partitioner, state_shardings, **step_kwargs):

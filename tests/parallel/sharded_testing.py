@@ -19,8 +19,15 @@ DECODER = ModelConfig(architecture="decoder", vocab_size=64, d_model=32, num_hea
                       d_ff=64, num_decoder_layers=2, mlp_activation="swiglu", position_encoding="rope",
                       dtype="float32", tie_embeddings=True)
 CONFIGS = {"encoder_decoder": ENCODER_DECODER, "decoder": DECODER}
+# Switch (top-1, experts every other layer of both stacks, some tokens dropped at capacity 1.0) and
+# a top-2 decoder with experts in every layer.
+MOE_CONFIGS = {
+    "switch": ENCODER_DECODER.replace(num_experts=8, train_capacity_factor=1.0, min_expert_capacity=1),
+    "moe_decoder_top2": DECODER.replace(num_experts=8, experts_per_token=2, decoder_moe_every=1),
+}
 MESHES = {"data8": MeshShape(data=8), "fsdp8": MeshShape(data=1, fsdp=8),
           "data2_tensor4": MeshShape(data=2, tensor=4), "fsdp4_tensor2": MeshShape(data=1, fsdp=4, tensor=2)}
+EXPERT_MESHES = {"expert4_data2": MeshShape(data=2, expert=4), "expert8": MeshShape(data=1, expert=8)}
 BATCH, MICROBATCHES, STEPS = 16, 2, 3
 
 
@@ -39,7 +46,8 @@ def batches(config, seed=0):
 
 
 def train(config, mesh_shape, devices=None):
-    """(losses, final state) of STEPS Adafactor steps with microbatches on `mesh_shape`."""
+    """(losses, final state) of STEPS Adafactor steps with microbatches on `mesh_shape`; for MoE
+    models the losses are the objective (cross entropy plus the weighted auxiliary losses)."""
     schedule = optimizers.learning_rate_schedule("constant", 0.01)
     step = TrainStep.create(config, mesh_shape, optimizers.optimizer(learning_rate=schedule, name="adafactor"), schedule,
                             seed=0, batch_size=BATCH, num_microbatches=MICROBATCHES, z_loss=1e-4,
@@ -51,11 +59,12 @@ def train(config, mesh_shape, devices=None):
         losses = []
         for batch in batches(config):
             state, metrics = step.fn(state, partitioner.global_batch(batch, BATCH), rng)
-            losses.append(float(metrics["loss"]))
+            losses.append(float(metrics["loss"] + config.load_balance_loss * metrics.get("moe_load_balance_loss", 0.0)
+                                + config.router_z_loss * metrics.get("moe_router_z_loss", 0.0)))
     return losses, state
 
 
 @functools.lru_cache(maxsize=None)
 def single_device(kind):
-    losses, state = train(CONFIGS[kind], MeshShape(), devices=jax.devices()[:1])
+    losses, state = train({**CONFIGS, **MOE_CONFIGS}[kind], MeshShape(), devices=jax.devices()[:1])
     return losses, jax.device_get(state)

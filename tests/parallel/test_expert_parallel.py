@@ -1,0 +1,59 @@
+"""Expert parallelism on 8 virtual CPU devices equals one device, and bad MoE meshes fail clearly."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from sharded_testing import BATCH, EXPERT_MESHES, MOE_CONFIGS, batches, single_device, train
+from t5lite.sharding import BATCH_LOGICAL, MeshShape, Partitioner
+from t5lite.train import optimizers
+from t5lite.train.loop import TrainStep
+
+
+@pytest.mark.parametrize("mesh", EXPERT_MESHES)
+@pytest.mark.parametrize("kind", MOE_CONFIGS)
+def test_expert_parallel_training_matches_one_device(kind, mesh):
+    losses, state = train(MOE_CONFIGS[kind], EXPERT_MESHES[mesh])
+    reference_losses, reference = single_device(kind)
+    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
+    assert losses[-1] < losses[0]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
+                 jax.device_get(state.params), reference.params)
+    stack = "encoder" if MOE_CONFIGS[kind].is_encoder_decoder else "decoder"
+    layers = state.params[stack]["layers"]
+    moe = layers["layer_1"]["moe"] if "layer_1" in layers else layers["layer_0"]["moe"]
+    for name in ("wi_0", "wo"):  # [blocks, experts, ...]: experts split over the expert axis
+        assert moe[name].sharding.spec[1] == "expert", (name, moe[name].sharding.spec)
+        assert moe[name].addressable_shards[0].data.shape[1] == 8 // EXPERT_MESHES[mesh].expert
+
+
+def test_experts_must_divide_over_the_expert_axis():
+    config = MOE_CONFIGS["switch"].replace(num_experts=6)
+    with pytest.raises(ValueError, match=r"expert axis \(expert=4\) must divide ModelConfig.num_experts=6.*"
+                                         r"\[1, 2, 3, 6\]"):
+        Partitioner.create(config, MeshShape(data=2, expert=4))
+
+
+def test_dropless_refuses_an_expert_axis():
+    config = MOE_CONFIGS["switch"].replace(moe_dropless=True)
+    with pytest.raises(ValueError, match="moe_dropless=True.*MeshShape.expert=1"):
+        Partitioner.create(config, MeshShape(data=1, expert=8))
+
+
+def test_tokens_reach_their_experts_by_all_to_all():
+    """Expert parallelism moves tokens, not weights: the compiled step exchanges dispatched tokens
+    between devices with all-to-all."""
+    config = MOE_CONFIGS["switch"]
+    schedule = optimizers.learning_rate_schedule("constant", 0.01)
+    step = TrainStep.create(config, EXPERT_MESHES["expert4_data2"], optimizers.optimizer(learning_rate=schedule),
+                            schedule, seed=0, batch_size=BATCH, num_microbatches=1, z_loss=0.0, label_smoothing=0.0)
+    partitioner = step.partitioner
+    batch = {name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=partitioner.sharding(BATCH_LOGICAL))
+             for name, value in batches(config)[0].items()}
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    with partitioner.context():
+        hlo = step.fn.lower(step.abstract_state, batch, jax.ShapeDtypeStruct(
+            key.shape, key.dtype, sharding=partitioner.replicated)).compile().as_text()
+    assert "all-to-all" in hlo
