@@ -13,7 +13,7 @@ import pytest
 from t5lite import cli
 from t5lite.config import ModelConfig
 from t5lite.layers import moe
-from t5lite.models import active_param_count, get_config, init_params, param_count
+from t5lite.models import active_param_count, build, get_config, init_params, param_count
 from t5lite.scaling import flops
 from t5lite.train.metrics import read_metrics
 
@@ -198,3 +198,33 @@ def test_switch_trains_on_cpu_with_every_expert_used(tmp_path):
         assert 1.0 <= row["moe_load_balance_loss"] < 4.0  # 1 is perfectly balanced, 4 (= experts) collapsed
         assert row["moe_router_z_loss"] > 0 and 0 <= row["moe_dropped_fraction"] < 1
     assert math.isfinite(rows[-1]["mfu"])
+
+
+def test_jitter_and_expert_dropout_act_only_while_training():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 16))
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+
+    def outputs(**kwargs):
+        layer = moe.MoeMlp(num_experts=4, d_ff=32, min_capacity=8, **kwargs)
+        params = layer.init(jax.random.PRNGKey(1), x)["params"]
+        train = layer.clone(deterministic=False).apply({"params": params}, x, rngs=rngs, mutable=["moe"])[0]
+        return layer.apply({"params": params}, x, mutable=["moe"])[0], train
+
+    for kwargs in (dict(jitter=0.5), dict(dropout_rate=0.5)):
+        evaluated, trained = outputs(**kwargs)
+        assert not np.allclose(evaluated, trained), kwargs
+    np.testing.assert_allclose(*outputs(), rtol=1e-6)  # neither: training changes nothing
+
+
+def test_expert_dropout_rate_overrides_dropout_inside_experts_only():
+    config = get_config("switch/tiny").replace(dtype="float32", dropout_rate=0.0, vocab_size=64)
+    x = jnp.ones((2, 6), jnp.int32)
+    params = init_params(config, jax.random.PRNGKey(0))
+
+    def logits(cfg, enable_dropout):
+        return build(cfg).apply({"params": params}, x, x, enable_dropout=enable_dropout,
+                                rngs={"dropout": jax.random.PRNGKey(1)})
+
+    np.testing.assert_allclose(logits(config, True), logits(config, False), rtol=1e-6)
+    expert_dropout = config.replace(expert_dropout_rate=0.4)
+    assert not np.allclose(logits(expert_dropout, True), logits(expert_dropout, False))

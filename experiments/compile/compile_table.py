@@ -15,7 +15,8 @@ import tqdm  # noqa: E402
 from t5lite import cli  # noqa: E402
 from t5lite.train import aot  # noqa: E402
 
-RUNS = {"t5_1_1": "runs/pretrain_span_corruption.gin", "llama": "runs/pretrain_lm.gin"}
+RUNS = {"t5_1_1": "runs/pretrain_span_corruption.gin", "switch": "runs/pretrain_span_corruption.gin",
+        "llama": "runs/pretrain_lm.gin"}
 CASES = [  # model, sharding, topology: from one copy per chip to splitting it 256 ways
     ("t5_1_1/xl", "data_parallel", "v5e:16x16"),
     ("t5_1_1/xl", "fsdp", "v5e:16x16"),
@@ -27,6 +28,7 @@ CASES = [  # model, sharding, topology: from one copy per chip to splitting it 2
     ("llama/7b", "fsdp", "v5p:4x4x4"),
     ("llama/7b", "fsdp_tensor", "v5p:4x4x4"),
     ("llama/7b", "fsdp", "v6e:16x16"),
+    ("switch/base_128", "expert_fsdp", "v5p:2x2x4"),
 ]
 
 

@@ -68,3 +68,17 @@ def train(config, mesh_shape, devices=None):
 def single_device(kind):
     losses, state = train({**CONFIGS, **MOE_CONFIGS}[kind], MeshShape(), devices=jax.devices()[:1])
     return losses, jax.device_get(state)
+
+
+def train_like_one_device(kind, mesh_shape):
+    """Trains `kind` on `mesh_shape`, checks losses, parameters and optimizer state against one
+    device (float32 throughout: only the order of sums over devices differs); returns the state."""
+    losses, state = train({**CONFIGS, **MOE_CONFIGS}[kind], mesh_shape)
+    reference_losses, reference = single_device(kind)
+    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
+    assert losses[-1] < losses[0]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
+                 jax.device_get(state.params), reference.params)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-7),
+                 jax.device_get(state.opt_state), reference.opt_state)
+    return state

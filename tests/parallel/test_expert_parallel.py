@@ -1,26 +1,18 @@
 """Expert parallelism on 8 virtual CPU devices equals one device, and bad MoE meshes fail clearly."""
 
-import functools
-
 import jax
-import numpy as np
 import pytest
 
-from sharded_testing import BATCH, EXPERT_MESHES, MOE_CONFIGS, batches, single_device, train
+from sharded_testing import BATCH, EXPERT_MESHES, MOE_CONFIGS, batches, train_like_one_device
 from t5lite.sharding import BATCH_LOGICAL, MeshShape, Partitioner
 from t5lite.train import optimizers
 from t5lite.train.loop import TrainStep
 
 
-@pytest.mark.parametrize("mesh", EXPERT_MESHES)
-@pytest.mark.parametrize("kind", MOE_CONFIGS)
+@pytest.mark.parametrize("kind, mesh", [("switch", "expert4_data2"), ("switch", "expert8"),
+                                        ("moe_decoder_top2", "expert8")])
 def test_expert_parallel_training_matches_one_device(kind, mesh):
-    losses, state = train(MOE_CONFIGS[kind], EXPERT_MESHES[mesh])
-    reference_losses, reference = single_device(kind)
-    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
-    assert losses[-1] < losses[0]
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
-                 jax.device_get(state.params), reference.params)
+    state = train_like_one_device(kind, EXPERT_MESHES[mesh])
     stack = "encoder" if MOE_CONFIGS[kind].is_encoder_decoder else "decoder"
     layers = state.params[stack]["layers"]
     moe = layers["layer_1"]["moe"] if "layer_1" in layers else layers["layer_0"]["moe"]

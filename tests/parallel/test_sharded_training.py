@@ -9,7 +9,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sharded_testing import BATCH, CONFIGS, ENCODER_DECODER, MESHES, STEPS, single_device, train
+from sharded_testing import BATCH, CONFIGS, ENCODER_DECODER, MESHES, STEPS, train, train_like_one_device
 from t5lite.sharding import Partitioner
 from t5lite.train import optimizers
 from t5lite.train.checkpoint import TrainCheckpoints
@@ -20,15 +20,7 @@ from t5lite.train.step import TrainState
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_sharded_training_matches_one_device(kind, mesh):
-    losses, state = train(CONFIGS[kind], MESHES[mesh])
-    reference_losses, reference = single_device(kind)
-    # float32 throughout; only the order of the sums over devices differs.
-    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
-    assert losses[-1] < losses[0]
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
-                 jax.device_get(state.params), reference.params)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-7),
-                 jax.device_get(state.opt_state), reference.opt_state)
+    train_like_one_device(kind, MESHES[mesh])
 
 
 def test_parameters_are_placed_as_the_rules_say():
