@@ -27,7 +27,8 @@ MOE_CONFIGS = {
 }
 MESHES = {"data8": MeshShape(data=8), "fsdp8": MeshShape(data=1, fsdp=8),
           "data2_tensor4": MeshShape(data=2, tensor=4), "fsdp4_tensor2": MeshShape(data=1, fsdp=4, tensor=2)}
-EXPERT_MESHES = {"expert4_data2": MeshShape(data=2, expert=4), "expert8": MeshShape(data=1, expert=8)}
+EXPERT_MESHES = {"expert4_data2": MeshShape(data=2, expert=4), "expert8": MeshShape(data=1, expert=8),
+                 "expert2_fsdp2_tensor2": MeshShape(data=1, fsdp=2, tensor=2, expert=2)}
 BATCH, MICROBATCHES, STEPS = 16, 2, 3
 
 

@@ -2,6 +2,7 @@
 
 import jax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from sharded_testing import BATCH, EXPERT_MESHES, MOE_CONFIGS, batches, train_like_one_device
 from t5lite.sharding import BATCH_LOGICAL, MeshShape, Partitioner
@@ -10,14 +11,15 @@ from t5lite.train.loop import TrainStep
 
 
 @pytest.mark.parametrize("kind, mesh", [("switch", "expert4_data2"), ("switch", "expert8"),
-                                        ("moe_decoder_top2", "expert8")])
+                                        ("moe_decoder_top2", "expert2_fsdp2_tensor2")])
 def test_expert_parallel_training_matches_one_device(kind, mesh):
     state = train_like_one_device(kind, EXPERT_MESHES[mesh])
     stack = "encoder" if MOE_CONFIGS[kind].is_encoder_decoder else "decoder"
     layers = state.params[stack]["layers"]
     moe = layers["layer_1"]["moe"] if "layer_1" in layers else layers["layer_0"]["moe"]
-    for name in ("wi_0", "wo"):  # [blocks, experts, ...]: experts split over the expert axis
-        assert moe[name].sharding.spec[1] == "expert", (name, moe[name].sharding.spec)
+    # [blocks, experts, embed, expert_mlp] and [blocks, experts, expert_mlp, embed]
+    for name, spec in (("wi_0", P(None, "expert", "fsdp", "tensor")), ("wo", P(None, "expert", "tensor", "fsdp"))):
+        assert moe[name].sharding.spec == spec, (name, moe[name].sharding.spec)
         assert moe[name].addressable_shards[0].data.shape[1] == 8 // EXPERT_MESHES[mesh].expert
 
 
