@@ -81,10 +81,13 @@ class ModelConfig:
     encoder_moe_every: int = 2
     decoder_moe_every: int = 2
     experts_per_token: int = 1  # top-k of tokens-choose routing
-    # "tokens_choose": each token picks its top-k experts (Switch, GShard); "experts_choose": each expert
-    # picks its top tokens of a group (Zhou et al. 2022; it sees the whole group, so it is not causal).
+    # "tokens_choose": each token picks its top-k experts (Switch, GShard); in the causal decoder, experts
+    # fill their slots token by token, elsewhere all first choices go before any second choice.
+    # "experts_choose": each expert picks its top tokens of a group (Zhou et al. 2022); it sees the
+    # whole group, so it is not causal: encoder only (decoder_moe_every=0).
     router: str = "tokens_choose"
-    # Expert capacity per group: max(min_expert_capacity, ceil(capacity_factor * group * k / experts)).
+    # Expert capacity per group: max(min_expert_capacity, ceil(capacity_factor * group * k / experts));
+    # factor 0 makes it exactly min_expert_capacity (a fixed capacity).
     train_capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     min_expert_capacity: int = 4
@@ -160,9 +163,13 @@ class ModelConfig:
                              f"{self.num_experts}: a token cannot pick more experts than there are.")
         if self.moe_dropless and self.router != "tokens_choose":
             raise ValueError("moe_dropless=True routes tokens to their top-k experts; set router='tokens_choose'.")
+        if self.router == "experts_choose" and self.decoder_moe_every:
+            raise ValueError("router='experts_choose' lets a token's routing depend on later tokens, which the causal "
+                             "decoder must not see; use it in the encoder only (decoder_moe_every=0), or use "
+                             "router='tokens_choose'.")
         for name in ("train_capacity_factor", "eval_capacity_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: exactly min_expert_capacity).")
         for name in ("router_jitter", "load_balance_loss", "router_z_loss"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")

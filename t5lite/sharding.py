@@ -6,17 +6,18 @@ FSDP (ZeRO-3: weights and optimizer state split, gathered layer by layer), tenso
 (Megatron-style splits of heads and MLP units) and their mixes differ only in `MeshShape`:
 
     batch                                  -> data, fsdp, expert
+    expert_batch                           -> data, fsdp
     embed                                  -> fsdp
     heads, kv_heads, mlp, joined_kv, vocab,
     expert_mlp                             -> tensor
     expert                                 -> expert
-    expert_batch                           -> data, fsdp
 
 Flax applies the rules in order and never uses a mesh axis twice in one array, so activations
 [batch, length, embed] split their batch over fsdp while weights split `embed` over it.
 Expert parallelism: tokens dispatched to experts [expert, expert_batch, capacity, embed] move
 the `expert` mesh axis from their groups to their experts (an all-to-all), so each device runs
-only its own experts.
+only its own experts; their groups stay split over data and fsdp, which is why `expert_batch`
+comes before `embed`.
 """
 
 from __future__ import annotations
@@ -106,9 +107,10 @@ def axis_rules(config: ModelConfig, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
     Key/value heads split over `tensor` only when it divides them (GQA/MQA with few KV heads
     keeps the small K/V projections whole on every tensor device).
     """
-    rules = [("batch", BATCH_AXES), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
-             ("joined_kv", "tensor"), ("vocab", "tensor"), ("expert", "expert"), ("expert_mlp", "tensor"),
-             ("expert_batch", ("data", "fsdp"))]
+    # expert_batch before embed: tokens dispatched to experts keep their groups split over data and fsdp.
+    rules = [("batch", BATCH_AXES), ("expert_batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
+             ("mlp", "tensor"), ("joined_kv", "tensor"), ("vocab", "tensor"), ("expert", "expert"),
+             ("expert_mlp", "tensor")]
     if config.kv_heads % mesh.shape["tensor"] == 0:
         rules.append(("kv_heads", "tensor"))
     return tuple(rules)

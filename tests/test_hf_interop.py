@@ -159,12 +159,12 @@ def test_convert_refuses_bad_paths_and_touches_nothing(tmp_path, capsys):
     assert (occupied / "keep.txt").read_text() == "precious" and not (tmp_path / "new").exists()
 
 
-def switch(sparse_step=2, **changes):
+def switch(sparse_step=2, expert_capacity=64, **changes):
     """A random-initialised HF Switch Transformer with 4 experts in every (step 1) or every other layer."""
     torch.manual_seed(0)
     config = transformers.SwitchTransformersConfig(
         vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4, num_heads=4, num_experts=4,
-        expert_capacity=64, num_sparse_encoder_layers=4 // sparse_step, num_sparse_decoder_layers=4 // sparse_step,
+        expert_capacity=expert_capacity, num_sparse_encoder_layers=4 // sparse_step, num_sparse_decoder_layers=4 // sparse_step,
         dropout_rate=0.0, router_jitter_noise=0.0, relative_attention_num_buckets=8,
         relative_attention_max_distance=24, **changes)
     model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
@@ -191,6 +191,17 @@ def test_switch_transformers_logits_match_hugging_face(sparse_step, scan_layers)
     for key, value in exported.items():
         np.testing.assert_array_equal(value, hf_model.state_dict()[key].numpy(), err_msg=key)
     assert param_count(model.config) == sum(p.numel() for p in hf_model.parameters())
+
+
+def test_switch_transformers_drop_the_tokens_hugging_face_drops():
+    """A fixed capacity of 2 tokens per expert and sequence: both drop the same tokens (zero MLP output)."""
+    hf_model = switch(sparse_step=1, expert_capacity=2)
+    model, params = hf.from_torch(hf_model)
+    x, y = ids((2, 24), 7), ids((2, 17), 8)
+    logits, sown = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(y), enable_dropout=False,
+                               mutable=["moe"])
+    assert float(moe_summary(sown["moe"])["dropped_fraction"]) > 0.3
+    np.testing.assert_allclose(logits, hf_logits(hf_model, x, y), atol=1e-4)
 
 
 def test_switch_transformers_load_from_a_saved_directory(tmp_path):

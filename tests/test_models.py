@@ -55,6 +55,18 @@ def test_future_tokens_do_not_change_earlier_logits(architecture, position_encod
     assert not np.allclose(before[:, 6:], after[:, 6:])
 
 
+@pytest.mark.parametrize("architecture", ["decoder", "encoder_decoder"])
+def test_moe_decoder_stays_causal_when_capacity_drops_tokens(architecture):
+    """Top-2 routing at half capacity: later tokens must not take slots from earlier ones."""
+    config = small(architecture, num_experts=4, experts_per_token=2, decoder_moe_every=1, eval_capacity_factor=0.5,
+                   min_expert_capacity=1)
+    y = tokens((2, 12))
+    changed = y.at[:, 5:].set(tokens((2, 7), seed=5))
+    before, after = decoder_logits(config, y), decoder_logits(config, changed)
+    np.testing.assert_array_equal(before[:, :5], after[:, :5])
+    assert not np.allclose(before[:, 5:], after[:, 5:])
+
+
 def test_prefix_lm_is_bidirectional_over_inputs_and_causal_over_targets():
     config = small(position_encoding="rope")
     y = tokens((2, 10))

@@ -23,22 +23,23 @@ def random_probs(groups=3, tokens=16, experts=4, seed=0):
     return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)))
 
 
-def loop_tokens_choose(probs, k, capacity):
+def loop_tokens_choose(probs, k, capacity, causal=False):
     """Tokens pick their top-k experts; experts fill their slots with first choices in token order,
-    then second choices, ... until full."""
+    then second choices, ... until full (causal: token by token, each token's choices in order)."""
     groups, tokens, experts = probs.shape
     dispatch = np.zeros((groups, tokens, experts, capacity))
     combine = np.zeros_like(dispatch)
     for g in range(groups):
         filled = [0] * experts
         ranked = [np.argsort(-probs[g, s])[:k] for s in range(tokens)]
-        for choice in range(k):
-            for s in range(tokens):
-                e = ranked[s][choice]
-                if filled[e] < capacity:
-                    dispatch[g, s, e, filled[e]] = 1
-                    combine[g, s, e, filled[e]] = probs[g, s, e]
-                    filled[e] += 1
+        order = ([(s, c) for s in range(tokens) for c in range(k)] if causal
+                 else [(s, c) for c in range(k) for s in range(tokens)])
+        for s, choice in order:
+            e = ranked[s][choice]
+            if filled[e] < capacity:
+                dispatch[g, s, e, filled[e]] = 1
+                combine[g, s, e, filled[e]] = probs[g, s, e]
+                filled[e] += 1
     return dispatch, combine
 
 
@@ -54,11 +55,12 @@ def loop_experts_choose(probs, capacity):
     return dispatch, combine
 
 
-@pytest.mark.parametrize("k, capacity", [(1, 3), (1, 16), (2, 5), (3, 2)])
-def test_tokens_choose_equals_the_loop(k, capacity):
+@pytest.mark.parametrize("k, capacity, causal", [(1, 3, False), (1, 16, False), (2, 5, False), (3, 2, False),
+                                                (2, 5, True), (3, 2, True)])
+def test_tokens_choose_equals_the_loop(k, capacity, causal):
     probs = random_probs()
-    routing = moe.tokens_choose(jnp.asarray(probs), k, capacity)
-    dispatch, combine = loop_tokens_choose(probs, k, capacity)
+    routing = moe.tokens_choose(jnp.asarray(probs), k, capacity, causal)
+    dispatch, combine = loop_tokens_choose(probs, k, capacity, causal)
     np.testing.assert_array_equal(np.asarray(routing.dispatch), dispatch)
     np.testing.assert_allclose(np.asarray(routing.combine), combine, rtol=1e-6)
     if capacity == 3:  # 16 tokens, 4 experts, 3 slots each: some must be dropped
@@ -79,6 +81,7 @@ def test_expert_capacity_and_groups():
     assert moe.expert_capacity(512, 8, 2, 1.25, 4) == 160
     assert moe.expert_capacity(16, 8, 1, 1.0, 4) == 4  # the minimum
     assert moe.expert_capacity(4, 2, 2, 2.0, 4) == 4  # never more than the group
+    assert moe.expert_capacity(512, 8, 1, 0.0, 64) == 64  # factor 0: a fixed capacity
     assert moe.group_length(512, 4096) == 512
     assert moe.group_length(512, 100) == 64
     assert moe.group_length(12, 5) == 4
@@ -152,7 +155,8 @@ def test_moe_mlp_equals_a_float64_token_loop(router, k, activation, dropless):
     (dict(num_experts=4, encoder_moe_every=0, decoder_moe_every=0), "no stack has MoE layers"),
     (dict(num_experts=4, moe_dropless=True, router="experts_choose"), "moe_dropless=True.*tokens_choose"),
     (dict(num_experts=4, router="hash"), "router='hash' is not supported"),
-    (dict(num_experts=4, train_capacity_factor=0.0), "train_capacity_factor=0.0 must be > 0"),
+    (dict(num_experts=4, train_capacity_factor=-1.0), "train_capacity_factor=-1.0 must be >= 0"),
+    (dict(num_experts=4, router="experts_choose"), "experts_choose.*decoder_moe_every=0"),
     (dict(num_experts=-1), "num_experts=-1 must be 0"),
 ])
 def test_bad_moe_configs_fail_clearly(changes, message):

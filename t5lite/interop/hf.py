@@ -119,8 +119,8 @@ def config_from_hf(hf_config: Any, dtype: str = "float32") -> ModelConfig:
 
 
 def _switch_config(hf: Any, dtype: str) -> ModelConfig:
-    """Switch routes each sequence as one group with a fixed `expert_capacity`; t5lite's groups hold up
-    to `moe_group_size` tokens and `min_expert_capacity` = that capacity, so it keeps whatever HF keeps."""
+    """Switch routes each whole sequence as one group with a fixed `expert_capacity`: capacity factors 0
+    (capacity = min_expert_capacity = expert_capacity) and groups of up to 2^16 tokens do the same."""
     if hf.dense_act_fn not in _SWITCH_ACTIVATIONS:
         raise ValueError(f"Switch dense_act_fn={hf.dense_act_fn!r} is not supported; supported: "
                          f"{sorted(_SWITCH_ACTIVATIONS)}.")
@@ -137,6 +137,7 @@ def _switch_config(hf: Any, dtype: str) -> ModelConfig:
         every[f"{stack}_moe_every"] = step
     return _t5_config(hf, dtype, _SWITCH_ACTIVATIONS[hf.dense_act_fn]).replace(
         num_experts=hf.num_experts, experts_per_token=1, router="tokens_choose", min_expert_capacity=hf.expert_capacity,
+        train_capacity_factor=0.0, eval_capacity_factor=0.0, moe_group_size=2 ** 16,
         router_jitter=float(hf.router_jitter_noise), load_balance_loss=float(hf.router_aux_loss_coef),
         router_z_loss=float(hf.router_z_loss_coef), **every)
 

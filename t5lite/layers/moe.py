@@ -38,18 +38,24 @@ class Routing(NamedTuple):
 
 
 def expert_capacity(group_size: int, num_experts: int, k: int, factor: float, minimum: int) -> int:
-    """Slots per expert and group: ceil(factor·group·k/experts), at least `minimum`, at most the group."""
+    """Slots per expert and group: ceil(factor·group·k/experts), at least `minimum`, at most the group
+    (factor 0: exactly `minimum`, a fixed capacity as Hugging Face's Switch has)."""
     return min(group_size, max(minimum, math.ceil(factor * group_size * k / num_experts)))
 
 
-def tokens_choose(probs: jax.Array, k: int, capacity: int) -> Routing:
+def tokens_choose(probs: jax.Array, k: int, capacity: int, causal: bool = False) -> Routing:
     """Each token picks its k most probable experts. An expert keeps the first `capacity` picks of a
-    group in priority order: every token's first choice by position, then every second choice, ..."""
+    group in priority order: every token's first choice by position, then every second choice, ...
+    `causal` orders picks by position first (token 0's choices, then token 1's, ...), so that whether
+    a token is kept never depends on later tokens, as a causal decoder needs."""
     groups, tokens, num_experts = probs.shape
     top_probs, top_experts = jax.lax.top_k(probs, k)  # [g, s, k]
     picks = jax.nn.one_hot(top_experts, num_experts, dtype=jnp.int32)  # [g, s, k, e]
-    by_priority = picks.transpose(0, 2, 1, 3).reshape(groups, k * tokens, num_experts)
-    queue = (jnp.cumsum(by_priority, axis=1) - 1).reshape(groups, k, tokens, num_experts).transpose(0, 2, 1, 3)
+    if causal:
+        queue = jnp.cumsum(picks.reshape(groups, tokens * k, num_experts), axis=1).reshape(picks.shape) - 1
+    else:
+        by_priority = picks.transpose(0, 2, 1, 3).reshape(groups, k * tokens, num_experts)
+        queue = (jnp.cumsum(by_priority, axis=1) - 1).reshape(groups, k, tokens, num_experts).transpose(0, 2, 1, 3)
     slot = jnp.sum(queue * picks, axis=-1)  # [g, s, k]: place in its expert's queue
     slots = jax.nn.one_hot(jnp.where(slot < capacity, slot, capacity), capacity, dtype=jnp.float32)  # dropped: 0
     picks = picks.astype(jnp.float32)
@@ -91,6 +97,7 @@ class MoeMlp(nn.Module):
     activation: str = "relu"
     experts_per_token: int = 1
     router: str = "tokens_choose"
+    causal: bool = False  # in a causal stack: no token's routing may depend on later tokens
     capacity_factor: float = 1.25
     min_capacity: int = 4
     dropless: bool = False
@@ -117,7 +124,7 @@ class MoeMlp(nn.Module):
         else:
             k = self.experts_per_token
             capacity = expert_capacity(tokens, self.num_experts, k, self.capacity_factor, self.min_capacity)
-            routing = (tokens_choose(probs, k, capacity) if self.router == "tokens_choose"
+            routing = (tokens_choose(probs, k, capacity, self.causal) if self.router == "tokens_choose"
                        else experts_choose(probs, capacity))
             y = self._dispatched(groups, routing)
             picks = routing.picks

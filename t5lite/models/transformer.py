@@ -50,11 +50,11 @@ def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool
                      int8="attention" in config.int8_dense, name=name, **dtypes(config))
 
 
-def _mlp(config: ModelConfig, deterministic: bool, moe: bool):
+def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
     if moe:
         return MoeMlp(
             num_experts=config.num_experts, d_ff=config.d_ff, activation=config.mlp_activation,
-            experts_per_token=config.experts_per_token, router=config.router,
+            experts_per_token=config.experts_per_token, router=config.router, causal=causal,
             capacity_factor=config.eval_capacity_factor if deterministic else config.train_capacity_factor,
             min_capacity=config.min_expert_capacity, dropless=config.moe_dropless, group_size=config.moe_group_size,
             jitter=config.router_jitter, deterministic=deterministic, name="moe", **dtypes(config),
@@ -78,7 +78,7 @@ class EncoderLayer(nn.Module):
         cfg, det = self.config, self.deterministic
         attention = _attention(cfg, "attention", det, decode=False)
         x = residual(cfg, x, lambda h: attention(h, h, spec, rope), "pre_attention_norm", det)
-        x = residual(cfg, x, _mlp(cfg, det, self.moe), "pre_mlp_norm", det)
+        x = residual(cfg, x, _mlp(cfg, det, self.moe, causal=False), "pre_mlp_norm", det)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
@@ -99,7 +99,7 @@ class DecoderLayer(nn.Module):
         if cfg.is_encoder_decoder:
             cross_attention = _attention(cfg, "cross_attention", det, self.decode, cross=True)
             x = residual(cfg, x, lambda h: cross_attention(h, encoded, cross_spec), "pre_cross_attention_norm", det)
-        x = residual(cfg, x, _mlp(cfg, det, self.moe), "pre_mlp_norm", det)
+        x = residual(cfg, x, _mlp(cfg, det, self.moe, causal=True), "pre_mlp_norm", det)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 

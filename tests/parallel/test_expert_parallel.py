@@ -23,6 +23,12 @@ def test_expert_parallel_training_matches_one_device(kind, mesh):
         assert moe[name].addressable_shards[0].data.shape[1] == 8 // EXPERT_MESHES[mesh].expert
 
 
+def test_dispatched_tokens_split_experts_over_expert_and_groups_over_data_and_fsdp():
+    partitioner = Partitioner.create(MOE_CONFIGS["switch"], MeshShape(data=2, fsdp=2, expert=2))
+    spec = partitioner.sharding(("expert", "expert_batch", None, "embed")).spec
+    assert spec == P("expert", ("data", "fsdp"), None, None)
+
+
 def test_experts_must_divide_over_the_expert_axis():
     config = MOE_CONFIGS["switch"].replace(num_experts=6)
     with pytest.raises(ValueError, match=r"expert axis \(expert=4\) must divide ModelConfig.num_experts=6.*"
