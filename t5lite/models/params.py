@@ -35,12 +35,17 @@ def abstract_params(config: ModelConfig):
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
 
+def mlp_param_count(config: ModelConfig) -> int:
+    """One MLP's (or one expert's) parameters."""
+    return (3 if is_gated(config.mlp_activation) else 2) * config.d_model * config.d_ff
+
+
 def param_count(config: ModelConfig) -> int:
     """Total parameters, computed from the config alone (no initialisation)."""
     d, heads, kv_heads, hd = config.d_model, config.num_heads, config.kv_heads, config.head_dim
     norm = d * (2 if config.norm == "layer" else 1)
     attention = d * heads * hd + 2 * d * kv_heads * hd + heads * hd * d
-    mlp = (3 if is_gated(config.mlp_activation) else 2) * d * config.d_ff
+    mlp = mlp_param_count(config)
     per_stack = {"relative": heads * config.relative_num_buckets, "learned": config.max_length * d}.get(
         config.position_encoding, 0)
     final_norm = norm if config.residual == "pre" else 0
@@ -53,12 +58,14 @@ def param_count(config: ModelConfig) -> int:
         decoder_layer += attention + norm
     total += config.num_decoder_layers * decoder_layer + per_stack + final_norm
     # Each MoE layer holds num_experts MLPs and a router instead of one MLP.
-    moe_layers = config.num_moe_layers("encoder") + config.num_moe_layers("decoder")
-    return total + moe_layers * ((config.num_experts - 1) * mlp + d * config.num_experts)
+    return total + _moe_layers(config) * ((config.num_experts - 1) * mlp + d * config.num_experts)
 
 
 def active_param_count(config: ModelConfig) -> int:
     """Parameters one token passes through: MoE layers count `experts_per_token` experts, not all."""
-    mlp = (3 if is_gated(config.mlp_activation) else 2) * config.d_model * config.d_ff
-    idle = (config.num_experts - config.experts_per_token) * mlp if config.num_experts else 0
-    return param_count(config) - (config.num_moe_layers("encoder") + config.num_moe_layers("decoder")) * idle
+    idle = (config.num_experts - config.experts_per_token) * mlp_param_count(config) if config.num_experts else 0
+    return param_count(config) - _moe_layers(config) * idle
+
+
+def _moe_layers(config: ModelConfig) -> int:
+    return config.num_moe_layers("encoder") + config.num_moe_layers("decoder")

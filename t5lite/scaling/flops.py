@@ -21,8 +21,7 @@ Conventions worth knowing:
 from __future__ import annotations
 
 from t5lite.config import ModelConfig
-from t5lite.layers.mlp import is_gated
-from t5lite.models.params import param_count
+from t5lite.models.params import mlp_param_count, param_count
 
 # Advertised dense bf16 peak per chip / GPU (H100 and H200: SXM parts).
 PEAK_BF16_FLOPS = {
@@ -73,7 +72,7 @@ def forward_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_
     d, heads, kv_heads, hd = config.d_model, config.num_heads, config.kv_heads, config.head_dim
     query_out = 2 * 2 * d * heads * hd  # per query token: query and output projections
     key_value = 2 * 2 * d * kv_heads * hd  # per key token: key and value projections
-    mlp = 2 * (3 if is_gated(config.mlp_activation) else 2) * d * config.d_ff
+    mlp = 2 * mlp_param_count(config)
 
     def attention(q_len: int, k_len: int, causal: bool) -> int:
         scores_and_values = 4 * q_len * k_len * heads * hd
