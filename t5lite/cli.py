@@ -62,14 +62,15 @@ def compile_step(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """Validation perplexity and the task's metrics for a trained run; writes eval_<step>.json."""
+    """Validation perplexity and the task's metrics for a trained run; writes eval_<step>[_int8_<families>].json."""
     import json
 
     from t5lite import inference
 
-    run = inference.load_run(args.model_dir, args.step)
+    run = inference.load_run(args.model_dir, args.step, args.int8_weights)
     results = inference.evaluate_run(run, num_batches=args.batches, max_examples=args.max_examples)
-    out = pathlib.Path(args.model_dir) / f"eval_{run.step}.json"
+    int8 = "_int8_" + "_".join(args.int8_weights) if args.int8_weights else ""
+    out = pathlib.Path(args.model_dir) / f"eval_{run.step}{int8}.json"
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"Wrote {out}")
@@ -86,7 +87,7 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError("No prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
     options = decoding.DecodingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams)
-    run = inference.load_run(args.model_dir, args.step)
+    run = inference.load_run(args.model_dir, args.step, args.int8_weights)
     for prompt, output in zip(prompts, inference.generate_texts(run, prompts, options, seed=args.seed)):
         print(f"> {prompt}\n{output}\n")
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
     p.add_argument("--batches", type=int, default=20, help="validation batches for perplexity")
     p.add_argument("--max_examples", type=int, default=64, help="examples per task decoded for its metrics")
+    _int8_weights_argument(p)
     p.set_defaults(run=evaluate)
     p = commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__)
     p.add_argument("--model_dir", required=True)
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--num_beams", type=int, default=None, help="beam search with this many beams")
     p.add_argument("--seed", type=int, default=0)
+    _int8_weights_argument(p)
     p.set_defaults(run=generate)
     p = commands.add_parser("vocab", help="Trains (or finds in the cache) a SentencePiece vocabulary.")
     from t5lite.data import add_vocab_arguments, vocab_command
@@ -140,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _gin_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gin_file", action="append", default=[], help="a gin file; may repeat")
     parser.set_defaults(gin_bindings=[])
+
+
+def _int8_weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--int8_weights", type=lambda text: [f for f in text.split(",") if f], default=[],
+                        help="comma-separated dense families (attention,mlp) to run with int8 weights")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

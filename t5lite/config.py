@@ -75,6 +75,10 @@ class ModelConfig:
     # Dense families whose matmuls run in int8 (straight-through gradients): "attention" (q, k, v,
     # out projections), "mlp". Query-key products and the output logits stay in `dtype`.
     int8_dense: tuple[str, ...] = ()
+    # Dense families whose kernels are stored in int8 with a float32 scale per output feature
+    # (weight-only, for inference: half the weight bytes of bf16; activations and the matmul stay
+    # in `dtype`). A float model becomes one with `t5lite.quantization.quantize_weights`.
+    int8_weights: tuple[str, ...] = ()
     # Switch-MoE (0 experts: dense). The MLP of every k-th layer (layers k-1, 2k-1, ...) of a stack
     # is a mixture of experts, k = encoder_moe_every / decoder_moe_every (0: no experts in that stack).
     num_experts: int = 0
@@ -112,12 +116,12 @@ class ModelConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        if not isinstance(self.int8_dense, (tuple, list)) or len(set(self.int8_dense)) != len(self.int8_dense):
-            raise ValueError(f"int8_dense={self.int8_dense!r} must be a tuple of distinct families from: "
-                             f"{', '.join(INT8_DENSE_FAMILIES)} (e.g. ('attention', 'mlp')).")
-        for family in self.int8_dense:
-            _check_choice("int8_dense", family, INT8_DENSE_FAMILIES)
-        object.__setattr__(self, "int8_dense", tuple(self.int8_dense))  # JSON and gin give lists
+        for name in ("int8_dense", "int8_weights"):
+            _check_families(self, name)
+        both = set(self.int8_dense) & set(self.int8_weights)
+        if both:
+            raise ValueError(f"{sorted(both)} are in both int8_dense (int8 matmuls for training) and int8_weights "
+                             f"(stored int8 weights for inference); pick one per family.")
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_decoder_layers",
                      "relative_num_buckets", "relative_max_distance", "max_length"):
             _check_positive(name, getattr(self, name))
@@ -218,6 +222,16 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}; was this written by a newer t5lite?")
         return cls(**fields)
+
+
+def _check_families(config: ModelConfig, name: str) -> None:
+    families = getattr(config, name)
+    if not isinstance(families, (tuple, list)) or len(set(families)) != len(families):
+        raise ValueError(f"{name}={families!r} must be a tuple of distinct families from: "
+                         f"{', '.join(INT8_DENSE_FAMILIES)} (e.g. ('attention', 'mlp')).")
+    for family in families:
+        _check_choice(name, family, INT8_DENSE_FAMILIES)
+    object.__setattr__(config, name, tuple(families))  # JSON and gin give lists
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -20,6 +20,7 @@ from t5lite import config as config_lib
 from t5lite import data as t5data
 from t5lite import decoding
 from t5lite.models import build
+from t5lite.quantization import quantize_weights
 from t5lite.train import loop
 from t5lite.train.step import eval_step
 
@@ -41,7 +42,9 @@ class Run:
         return seqio.get_mixture_or_task(self.task).output_features["targets"].vocabulary
 
 
-def load_run(model_dir: str | pathlib.Path, step: int | None = None) -> Run:
+def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weights: Sequence[str] = ()) -> Run:
+    """The run's checkpoint (latest, or `step`); `int8_weights` families ("attention", "mlp") are
+    quantised to int8 weights on load (`t5lite.quantization.quantize_weights`)."""
     model_dir = pathlib.Path(model_dir)
     gin_file = model_dir / "config.gin"
     if not gin_file.is_file():
@@ -50,6 +53,8 @@ def load_run(model_dir: str | pathlib.Path, step: int | None = None) -> Run:
 
     config_lib.parse_gin([str(gin_file)])
     config, params, step = loop.restore_params(model_dir, step)
+    if int8_weights:
+        config, params = quantize_weights(config, params, int8_weights)
     query = lambda name, default=None: _query(f"train.{name}", default)
     kind = query("model_kind") or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     return Run(model=build(config), params=params, step=step, task=query("mixture_or_task_name"), kind=kind,

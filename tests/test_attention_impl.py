@@ -159,9 +159,8 @@ def test_int8_dense_forward_close_to_float_and_gradients_flow():
 
 def test_auto_picks_xla_on_cpu_and_while_attention_dropout_is_on():
     assert jax.default_backend() == "cpu"
-    assert resolve_impl("auto", attention_dropout=False, decode=False) == "xla"
-    assert resolve_impl("auto", attention_dropout=True, decode=False) == "xla"
-    assert resolve_impl("pallas", attention_dropout=False, decode=True) == "xla"  # cached decoding
+    assert resolve_impl("auto", attention_dropout=False) == "xla"
+    assert resolve_impl("auto", attention_dropout=True) == "xla"
 
 
 def shapes(config, features, enable_dropout=False):

@@ -92,10 +92,14 @@ def sequence_log_probs(log_probs, tokens, eos_id=None):
     return np.where(up_to_eos(tokens, eos_id), chosen, 0.0).sum(axis=1)
 
 
-@pytest.mark.parametrize("config, prefix_lm", [(DECODER, False), (DECODER, True), (ENCODER_DECODER, False)])
+@pytest.mark.parametrize("config, prefix_lm", [
+    (DECODER, False), (DECODER, True), (ENCODER_DECODER, False),
+    # The flash kernel (interpreted) over the cache: causal by positions, the unwritten cache skipped.
+    (DECODER.replace(attention_impl="pallas"), False), (DECODER.replace(attention_impl="pallas"), True),
+    (ENCODER_DECODER.replace(attention_impl="pallas"), False)])
 def test_greedy_equals_argmax_of_full_forward(config, prefix_lm):
     out = run(config, GREEDY, prefix_lm)
-    log_probs = full_forward_log_probs(config, np.asarray(out.tokens), prefix_lm)
+    log_probs = full_forward_log_probs(config.replace(attention_impl="xla"), np.asarray(out.tokens), prefix_lm)
     np.testing.assert_array_equal(out.tokens, log_probs.argmax(-1))
     np.testing.assert_allclose(out.scores, log_probs.max(-1).sum(-1), rtol=1e-5)
 

@@ -187,9 +187,9 @@ def test_moe_flops_count_the_router_and_the_active_experts():
 
 def test_switch_trains_on_cpu_with_every_expert_used(tmp_path):
     bindings = ["ModelConfig.dtype='float32'", "ModelConfig.dropout_rate=0.0", "train.batch_size=8",
-                "train.num_steps=40", "train.log_every=1", "train.progress=False", "train.checkpoint_every=40",
+                "train.num_steps=20", "train.log_every=1", "train.progress=False", "train.checkpoint_every=20",
                 "train.task_feature_lengths={'inputs': 64, 'targets': 16}",
-                "learning_rate_schedule.warmup_steps=10"]
+                "learning_rate_schedule.warmup_steps=5"]
     args = ["train", "--gin_file=runs/switch_tiny_span_corruption.gin", f"--model_dir={tmp_path}"]
     assert cli.main(args + [f"--gin.{b}" for b in bindings]) == 0
     rows = read_metrics(pathlib.Path(tmp_path) / "train_metrics.jsonl")

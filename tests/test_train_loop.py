@@ -159,3 +159,10 @@ def test_synthetic_copy_reaches_high_exact_match(tmp_path):
     assert cli.main(args + [f"--gin.{b.replace(' = ', '=', 1)}" for b in bindings]) == 0
     results = inference.evaluate_run(inference.load_run(tmp_path), num_batches=1, max_examples=48)
     assert results["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= 80.0, results
+    # Weight-only int8 (attention and MLP) keeps the model within a stated margin of its float self.
+    assert cli.main(["eval", f"--model_dir={tmp_path}", "--int8_weights=attention,mlp", "--batches=1",
+                     "--max_examples=48"]) == 0
+    int8 = json.loads((tmp_path / "eval_450_int8_attention_mlp.json").read_text())
+    assert int8["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= \
+        results["metrics"]["t5lite_synthetic_copy"]["exact_match"] - 5.0, (int8, results)
+    assert abs(int8["validation"]["loss"] - results["validation"]["loss"]) < 0.02, (int8, results)

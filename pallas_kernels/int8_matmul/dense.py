@@ -53,6 +53,10 @@ def quantize_weight(w, *, group_size=None):
 
 
 def weight_only_dense(x, w_int8, w_scale):
-    """x [..., K] @ dequantised weight, in x's dtype (float32 accumulation)."""
+    """x [..., K] @ dequantised weight, in x's dtype (float32 accumulation). Per-column scales
+    ([1, N]) multiply the output instead of the weight: the same product, one multiply per output."""
+    if w_scale.shape[0] == 1:
+        y = jnp.dot(x, w_int8.astype(x.dtype), preferred_element_type=jnp.float32) * w_scale[0]
+        return y.astype(x.dtype)
     w = dequantize(w_int8, w_scale, axis=0).astype(x.dtype)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -105,12 +105,14 @@ class Attention(nn.Module):
     decode: bool = False
     is_cross_attention: bool = False
     int8: bool = False
+    int8_weights: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, spec: AttentionSpec, rope=None, cache_position=None):
-        dense = functools.partial(DenseGeneral, int8=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(DenseGeneral, int8=self.int8, int8_weights=self.int8_weights,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
         # Without runtime scaling, T5 folds 1/sqrt(head_dim) into the query initialisation.
         query_scale = 1.0 if self.scale_by_head_dim else self.head_dim ** -0.5
         query = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), kernel_scale=query_scale,

@@ -23,16 +23,13 @@ from t5lite.layers import positions as pos
 from t5lite.layers.masks import attention_mask, cross_attention_mask
 
 
-def resolve_impl(choice: str, attention_dropout: bool, decode: bool) -> str:
+def resolve_impl(choice: str, attention_dropout: bool) -> str:
     """The implementation ("xla", "pallas" or "cudnn") a stack uses for `ModelConfig.attention_impl`.
 
-    Cached decoding attends a few new rows over the cache, where a flash kernel has nothing to tile:
-    it always uses "xla". "auto" picks the Pallas kernel on TPU and GPU (also when compiling ahead of
-    time for one, see `pallas_kernels.backend.compiling_for`), and XLA on the CPU (where
-    Pallas only interprets) or while attention dropout is on (no fused kernel has it).
+    "auto" picks the Pallas kernel on TPU and GPU (also when compiling ahead of time for one, see
+    `pallas_kernels.backend.compiling_for`), and XLA on the CPU (where Pallas only interprets) or
+    while attention dropout is on (no fused kernel has it).
     """
-    if decode:
-        return "xla"
     platform = kernel_backend.platform()
     if choice == "auto":
         return "pallas" if platform in ("tpu", "gpu") and not attention_dropout else "xla"
@@ -85,14 +82,18 @@ def self_attention_spec(impl: str, *, positions, valid=None, segments=None, caus
                         relpos_table=None, relpos_bidirectional=True, relpos_max_distance=128,
                         alibi_slopes=None) -> AttentionSpec:
     """Tokens attending to each other; the mask rules are those of `attention_mask` (`region` is the
-    prefix-LM bidirectional region). `key_positions` and `key_region` differ from the query side only
-    while decoding from a cache, which is always "xla"."""
+    prefix-LM bidirectional region). `key_positions` [1 or B, cache length] and `key_region` differ
+    from the query side only while decoding from a cache: queries are the newest tokens, keys the
+    whole cache, of which the causal rule hides the unwritten part (the kernel skips its tiles).
+    There the kernel needs no `key_region`: the cache holds one region, the current chunk's, and its
+    `prefix_length` (the region's end) already shows those keys to every query of the chunk."""
     if impl == "pallas":
-        assert key_positions is None and key_region is None, "cached decoding attends with xla"
         ids, prefix = example_ids(valid, segments), None
         if region is not None:
             positions, prefix = prefix_lm(positions, region, segments, attention_sinks)
-        return AttentionSpec(impl, q_positions=positions, kv_positions=positions, q_segments=ids, kv_segments=ids,
+        key_positions = positions if key_positions is None else jnp.broadcast_to(
+            key_positions, (positions.shape[0], key_positions.shape[1]))
+        return AttentionSpec(impl, q_positions=positions, kv_positions=key_positions, q_segments=ids, kv_segments=ids,
                              prefix_length=prefix, relpos_table=relpos_table, alibi_slopes=alibi_slopes,
                              causal=causal, window=sliding_window, sinks=attention_sinks,
                              relpos_bidirectional=relpos_bidirectional, relpos_max_distance=relpos_max_distance)

@@ -32,13 +32,15 @@ class Mlp(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
     int8: bool = False
+    int8_weights: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         fn, gated = ACTIVATIONS[self.activation]
-        dense = functools.partial(DenseGeneral, int8=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(DenseGeneral, int8=self.int8, int8_weights=self.int8_weights,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
         if gated:
             h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi_0")(x)) * dense((self.d_ff,), ("embed", "mlp"), name="wi_1")(x)
         else:

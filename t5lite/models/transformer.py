@@ -47,7 +47,8 @@ def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool
     return Attention(num_heads=config.num_heads, num_kv_heads=config.kv_heads, head_dim=config.head_dim,
                      scale_by_head_dim=config.scale_attention_by_head_dim, dropout_rate=config.dropout_rate,
                      deterministic=deterministic, decode=decode, is_cross_attention=cross,
-                     int8="attention" in config.int8_dense, name=name, **dtypes(config))
+                     int8="attention" in config.int8_dense, int8_weights="attention" in config.int8_weights,
+                     name=name, **dtypes(config))
 
 
 def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
@@ -60,12 +61,13 @@ def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
             jitter=config.router_jitter, deterministic=deterministic, name="moe", **dtypes(config),
             dropout_rate=config.dropout_rate if config.expert_dropout_rate is None else config.expert_dropout_rate)
     return Mlp(d_ff=config.d_ff, activation=config.mlp_activation, dropout_rate=config.dropout_rate,
-               deterministic=deterministic, int8="mlp" in config.int8_dense, name="mlp", **dtypes(config))
+               deterministic=deterministic, int8="mlp" in config.int8_dense,
+               int8_weights="mlp" in config.int8_weights, name="mlp", **dtypes(config))
 
 
-def attention_impl(config: ModelConfig, deterministic: bool, decode: bool = False) -> str:
+def attention_impl(config: ModelConfig, deterministic: bool) -> str:
     """The stack's attention implementation; attention dropout is on only when dropout is enabled."""
-    return resolve_impl(config.attention_impl, not deterministic and config.dropout_rate > 0.0, decode)
+    return resolve_impl(config.attention_impl, not deterministic and config.dropout_rate > 0.0)
 
 
 class EncoderLayer(nn.Module):
@@ -214,8 +216,7 @@ class DecoderStack(nn.Module):
     """Causal (or prefix-LM) decoder stack ending in vocabulary logits.
 
     In decode mode the first call sizes the cache from its inputs' length; each later call
-    consumes the next tokens, continuing from the position kept in the cache. Decode mode
-    attends with XLA whatever `attention_impl` says (see `resolve_impl`).
+    consumes the next tokens, continuing from the position kept in the cache.
     """
 
     config: ModelConfig
@@ -231,7 +232,7 @@ class DecoderStack(nn.Module):
             key_positions = self.get_variable("cache", "key_positions")
             start = index.value
             index.value = start + tokens.shape[1]
-            positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
             query_region, key_region = _cached_prefix_regions(causal_attention, start, key_positions.shape[1])
             query_valid = None
         else:
@@ -244,7 +245,7 @@ class DecoderStack(nn.Module):
             query_valid = target_tokens > 0 if target_tokens is not None else (
                 None if segment_ids is None else segment_ids > 0)
         segments = None if stepping else segment_ids
-        impl = attention_impl(cfg, deterministic, decode)
+        impl = attention_impl(cfg, deterministic)
         added, bias_args, rope = PositionEncoder(cfg, bidirectional=False, name="positions")(positions)
         spec = self_attention_spec(impl, positions=positions, valid=query_valid, segments=segments, causal=True,
                                    region=query_region, sliding_window=cfg.sliding_window,

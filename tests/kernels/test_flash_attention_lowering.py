@@ -23,6 +23,12 @@ CONFIGS = {
         lambda x: dict(window=64, sinks=4, bias=jnp.zeros((1, H, 200, 384)) + x[None, :, :1, None],
                        kv_positions=jnp.arange(384) + 3),
     ),
+    # A cached decoding step: one new query over a 40-slot cache, later slots hidden by causality.
+    "decode_step_gqa_relpos_bf16": (
+        1, 40, 2, jnp.bfloat16,
+        lambda x: dict(causal=True, q_positions=jnp.full((B, 1), 17), kv_positions=jnp.arange(40),
+                       relpos_bias=(x, False, 128)),
+    ),
 }
 
 

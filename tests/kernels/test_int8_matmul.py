@@ -116,9 +116,12 @@ def test_int8_dense_forward_and_straight_through_gradients():
     assert np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref) < 2e-2  # int8 rounding of both operands
     for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5)
-    wq, ws = quantize_weight(w, group_size=16)
-    y_wo = weight_only_dense(x, wq, ws)
-    assert np.linalg.norm(y_wo - y_ref) / np.linalg.norm(y_ref) < 1e-2
+    for group_size in (16, None):  # per K group (dequantises the weight), per column (scales the output)
+        wq, ws = quantize_weight(w, group_size=group_size)
+        y_wo = weight_only_dense(x, wq, ws)
+        exact = np.asarray(x, np.float64) @ np.asarray(dequantize(wq, ws, axis=0), np.float64)
+        np.testing.assert_allclose(np.asarray(y_wo), exact, rtol=1e-5, atol=1e-5)
+        assert np.linalg.norm(y_wo - y_ref) / np.linalg.norm(y_ref) < 1e-2
 
 
 def test_int8_trained_mlp_reaches_float_loss():
