@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",
     "tqdm>=4.66",
     "numpy>=2.0,<3",
+    "scipy>=1.11",  # GPTQ's triangular inverse
     "matplotlib>=3.8",
 ]
 

@@ -29,13 +29,13 @@ def compiling_for(target):
         _target_platform.reset(token)
 
 
-def resolve(backend):
-    """A concrete backend name; "auto" follows `platform()` (CPU -> "interpret")."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+def resolve(backend, allowed=BACKENDS, cpu="interpret"):
+    """A concrete backend name from `allowed`; "auto" follows `platform()` (TPU, GPU, else `cpu`)."""
+    if backend not in allowed:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(allowed)}")
     if backend != "auto":
         return backend
-    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform(), "interpret")
+    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform(), cpu)
 
 
 def is_gpu(backend):

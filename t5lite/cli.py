@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import sys
@@ -92,6 +93,33 @@ def generate(args: argparse.Namespace) -> None:
         print(f"> {prompt}\n{output}\n")
 
 
+def quantize(args: argparse.Namespace) -> None:
+    """Quantises a trained run for inference into --output, which `t5lite eval` and `t5lite generate`
+    take as --model_dir. int8: round to nearest; llm_int8: int8 weights, outlier features in float at
+    run time; gptq, awq: calibrated weight-only; smoothquant: W8A8 with outliers moved into weights."""
+    from t5lite import inference
+    from t5lite.models import abstract_params, build
+    from t5lite.quantization.calibration import calibrate
+    from t5lite.quantization.weights import CALIBRATED, quantize_weights, quantized_config
+
+    output = pathlib.Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"--output {output} is not empty; quantize writes into a new or empty directory.")
+    run = inference.load_run(args.checkpoint, args.step)
+    recipe = dict(method=args.method, bits=args.bits, group_size=args.group_size, families=args.families)
+    abstract_params(quantized_config(run.model.config, **recipe))  # refuses a bad recipe before calibrating
+    stats = None
+    if args.method in CALIBRATED:
+        print(f"Calibrating on {args.calibration_batches} batches of {run.task} ...")
+        stats = calibrate(run.model.config, run.params, inference.calibration_batches(run, args.calibration_batches),
+                          args.families)
+    config, params = quantize_weights(run.model.config, run.params, stats=stats, **recipe,
+                                      smoothquant_alpha=args.smoothquant_alpha, percentile=args.percentile)
+    run = dataclasses.replace(run, model=build(config), params=params)
+    inference.save_quantized(run, args.checkpoint, output, recipe)
+    print(f"Wrote the {args.method} ({args.bits}-bit) model of {args.checkpoint} (step {run.step}) to {output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t5lite", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _int8_weights_argument(p)
     p.set_defaults(run=generate)
+    p = commands.add_parser("quantize", help=quantize.__doc__, description=quantize.__doc__)
+    p.add_argument("--checkpoint", required=True, help="a training run's --model_dir")
+    p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
+    p.add_argument("--method", required=True, choices=["int8", "llm_int8", "gptq", "awq", "smoothquant"])
+    p.add_argument("--bits", type=int, default=8, choices=[8, 4])
+    p.add_argument("--group_size", type=int, default=None, help="a scale per this many inputs (default: per output)")
+    p.add_argument("--families", type=_families, default=["attention", "mlp"], help="comma-separated: attention,mlp")
+    p.add_argument("--calibration_batches", type=int, default=8, help="training batches for gptq, awq, smoothquant")
+    p.add_argument("--percentile", type=float, default=None,
+                   help="smoothquant: each input's range is this percentile of |x| (e.g. 99.9) instead of its abs-max")
+    p.add_argument("--smoothquant_alpha", type=float, default=0.5, help="share of the activation range moved")
+    p.add_argument("--output", required=True, help="a new or empty directory")
+    p.set_defaults(run=quantize)
     p = commands.add_parser("vocab", help="Trains (or finds in the cache) a SentencePiece vocabulary.")
     from t5lite.data import add_vocab_arguments, vocab_command
     add_vocab_arguments(p)
@@ -145,8 +186,12 @@ def _gin_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(gin_bindings=[])
 
 
+def _families(text: str) -> list[str]:
+    return [family for family in text.split(",") if family]
+
+
 def _int8_weights_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--int8_weights", type=lambda text: [f for f in text.split(",") if f], default=[],
+    parser.add_argument("--int8_weights", type=_families, default=[],
                         help="comma-separated dense families (attention,mlp) to run with int8 weights")
 
 

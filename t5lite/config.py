@@ -26,6 +26,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 INT8_DENSE_FAMILIES = ("attention", "mlp")
+ACTIVATION_QUANTS = ("none", "int8", "llm_int8")
 ROUTERS = ("tokens_choose", "experts_choose")
 
 
@@ -75,10 +76,18 @@ class ModelConfig:
     # Dense families whose matmuls run in int8 (straight-through gradients): "attention" (q, k, v,
     # out projections), "mlp". Query-key products and the output logits stay in `dtype`.
     int8_dense: tuple[str, ...] = ()
-    # Dense families whose kernels are stored in int8 with a float32 scale per output feature
-    # (weight-only, for inference: half the weight bytes of bf16; activations and the matmul stay
-    # in `dtype`). A float model becomes one with `t5lite.quantization.quantize_weights`.
+    # Inference: dense families whose kernels are stored quantised (int8 bytes), made from a float
+    # model by `t5lite.quantization.weights` (`t5lite quantize`). By default int8 with a float32
+    # scale per output feature, weight-only (activations and the matmul stay in `dtype`).
     int8_weights: tuple[str, ...] = ()
+    weight_bits: int = 8  # or 4, two values per byte
+    weight_group_size: int | None = None  # a scale per this many inputs; None: per output feature
+    weight_zero_points: bool = False  # asymmetric ranges
+    input_scaling: bool = False  # a per-input-channel divisor of the inputs (AWQ, SmoothQuant)
+    # "none" (weight-only), "int8" (per-token int8 activations: W8A8), "llm_int8" (int8 except
+    # input features holding a value of magnitude >= llm_int8_threshold, which stay in `dtype`).
+    activation_quant: str = "none"
+    llm_int8_threshold: float = 6.0
     # Switch-MoE (0 experts: dense). The MLP of every k-th layer (layers k-1, 2k-1, ...) of a stack
     # is a mixture of experts, k = encoder_moe_every / decoder_moe_every (0: no experts in that stack).
     num_experts: int = 0
@@ -122,6 +131,7 @@ class ModelConfig:
         if both:
             raise ValueError(f"{sorted(both)} are in both int8_dense (int8 matmuls for training) and int8_weights "
                              f"(stored int8 weights for inference); pick one per family.")
+        _check_weight_quant(self)
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_decoder_layers",
                      "relative_num_buckets", "relative_max_distance", "max_length"):
             _check_positive(name, getattr(self, name))
@@ -232,6 +242,20 @@ def _check_families(config: ModelConfig, name: str) -> None:
     for family in families:
         _check_choice(name, family, INT8_DENSE_FAMILIES)
     object.__setattr__(config, name, tuple(families))  # JSON and gin give lists
+
+
+def _check_weight_quant(config: ModelConfig) -> None:
+    _check_choice("activation_quant", config.activation_quant, ACTIVATION_QUANTS)
+    if config.weight_bits not in (8, 4):
+        raise ValueError(f"weight_bits={config.weight_bits!r}: only 8 and 4 are supported.")
+    group = config.weight_group_size
+    if group is not None and (not isinstance(group, int) or group < 1):
+        raise ValueError(f"weight_group_size={group!r} must be a positive int, or None for a scale per output.")
+    simple = config.weight_bits == 8 and group is None and not config.weight_zero_points
+    if config.activation_quant != "none" and not simple:
+        raise ValueError(f"activation_quant={config.activation_quant!r} runs int8 x int8 matmuls, which need 8-bit "
+                         f"symmetric weights with a scale per output: set weight_bits=8, weight_group_size=None, "
+                         f"weight_zero_points=False, or activation_quant='none'.")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -8,7 +8,9 @@ and feature lengths, and `t5lite_config.json` its model, so `t5lite eval` and
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import shutil
 from typing import Sequence
 
 import gin
@@ -20,8 +22,10 @@ from t5lite import config as config_lib
 from t5lite import data as t5data
 from t5lite import decoding
 from t5lite.models import build
-from t5lite.quantization import quantize_weights
-from t5lite.train import loop
+from t5lite.quantization.weights import quantize_weights
+
+QUANTIZATION_FILE = "quantization.json"
+from t5lite.train import checkpoint, loop
 from t5lite.train.step import eval_step
 
 
@@ -43,22 +47,44 @@ class Run:
 
 
 def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weights: Sequence[str] = ()) -> Run:
-    """The run's checkpoint (latest, or `step`); `int8_weights` families ("attention", "mlp") are
-    quantised to int8 weights on load (`t5lite.quantization.quantize_weights`)."""
+    """A training run's checkpoint (latest, or `step`), or a quantised run written by `save_quantized`;
+    `int8_weights` families ("attention", "mlp") are quantised to int8 weights on load."""
     model_dir = pathlib.Path(model_dir)
     gin_file = model_dir / "config.gin"
     if not gin_file.is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.gin; is it the --model_dir of a `t5lite train` run?")
+        raise FileNotFoundError(f"{model_dir} has no config.gin; is it the --model_dir of a `t5lite train` run "
+                                f"or the --output of `t5lite quantize`?")
     import t5lite.train.loop  # noqa: F401  (the configurables config.gin binds)
 
     config_lib.parse_gin([str(gin_file)])
-    config, params, step = loop.restore_params(model_dir, step)
+    if checkpoint.is_checkpoint(model_dir):
+        config, params = checkpoint.load_params(model_dir)
+        step = json.loads((model_dir / QUANTIZATION_FILE).read_text())["step"]
+    else:
+        config, params, step = loop.restore_params(model_dir, step)
     if int8_weights:
         config, params = quantize_weights(config, params, int8_weights)
     query = lambda name, default=None: _query(f"train.{name}", default)
     kind = query("model_kind") or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     return Run(model=build(config), params=params, step=step, task=query("mixture_or_task_name"), kind=kind,
                task_feature_lengths=dict(query("task_feature_lengths")), batch_size=query("batch_size"))
+
+
+def calibration_batches(run: Run, num_batches: int):
+    """The first `num_batches` training batches of the run's task, unshuffled."""
+    stream = loop.data_stream(run.task, run.kind, run.task_feature_lengths, run.batch_size, split="train",
+                              pack=True, seed=0, shuffle=False, repeat=False)
+    return [batch for batch, _ in zip(stream, range(num_batches))]
+
+
+def save_quantized(run: Run, source_dir: str | pathlib.Path, output: str | pathlib.Path, recipe: dict) -> None:
+    """Writes a quantised run that `load_run` reads: the model's checkpoint, the source run's
+    config.gin (task, lengths) and `quantization.json` (the recipe, the source and its step)."""
+    output = pathlib.Path(output)
+    checkpoint.save_params(output, run.model.config, run.params)
+    shutil.copy(pathlib.Path(source_dir) / "config.gin", output / "config.gin")
+    provenance = {**recipe, "source": str(pathlib.Path(source_dir).absolute()), "step": run.step}
+    (output / QUANTIZATION_FILE).write_text(json.dumps(provenance, indent=2))
 
 
 def _query(name: str, default=None):
@@ -97,14 +123,18 @@ def _until_eos(ids: list[int]) -> list[int]:
     return ids[:ids.index(1)] if 1 in ids else ids
 
 
+def validation_metrics(run: Run, num_batches: int = 20) -> dict[str, float]:
+    """Loss, perplexity and token accuracy over the first `num_batches` validation batches."""
+    eval_fn = jax.jit(lambda params, batch: eval_step(params, batch, config=run.model.config))
+    return loop.evaluate(run.params, run.model.config, run.task, run.kind, run.task_feature_lengths, run.batch_size,
+                         num_batches, True, eval_fn)
+
+
 def evaluate_run(run: Run, num_batches: int = 20, max_examples: int = 64,
                  options: decoding.DecodingOptions | None = None) -> dict:
     """Validation perplexity and token accuracy, plus the task's seqio metrics (exact match, ...)
     on greedy decodes of up to `max_examples` validation examples per task."""
-    eval_fn = jax.jit(lambda params, batch: eval_step(params, batch, config=run.model.config))
-    results = {"step": run.step, "validation": loop.evaluate(run.params, run.model.config, run.task, run.kind,
-                                                             run.task_feature_lengths, run.batch_size, num_batches,
-                                                             True, eval_fn)}
+    results = {"step": run.step, "validation": validation_metrics(run, num_batches)}
     options = options or decoding.DecodingOptions(max_new_tokens=run.task_feature_lengths["targets"])
     if run.kind == "encoder_decoder":
         results["metrics"] = t5data.evaluate_predictions(

@@ -113,6 +113,25 @@ def test_bad_input_fails_clearly_and_keeps_checkpoints(trained_dir, bindings, me
     assert _fingerprint(trained_dir / "checkpoints") == before
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--method=smoothquant", "--bits=4"], "activation_quant='int8' runs int8 x int8 matmuls"),
+    (["--method=int8", "--families=attention,embedding"], "int8_weights='embedding' is not supported"),
+    (["--method=gptq", "--group_size=48"], "group_size=48 does not divide the 64 inputs"),
+])
+def test_bad_quantize_input_fails_clearly_and_writes_nothing(trained_dir, tmp_path, args, message, capsys):
+    output = tmp_path / "quantized"
+    assert cli.main(["quantize", f"--checkpoint={trained_dir}", f"--output={output}", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_quantize_refuses_a_non_empty_output(trained_dir, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert cli.main(["quantize", f"--checkpoint={trained_dir}", f"--output={tmp_path}", "--method=int8"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("bindings, message", [
     (["ModelConfig.position_encoding = 'learned'", "ModelConfig.max_length = 32"], "learned position table"),
     (["ModelConfig.vocab_size = 1000"], "Set ModelConfig.vocab_size = 4224"),
@@ -149,7 +168,7 @@ def test_named_step_restore_and_json_metrics(trained_dir):
     assert any((trained_dir / "tensorboard" / "train").iterdir())
 
 
-def test_synthetic_copy_reaches_high_exact_match(tmp_path):
+def test_synthetic_copy_reaches_high_exact_match_also_quantised(tmp_path):
     from t5lite import inference
 
     bindings = ["train.mixture_or_task_name = 't5lite_synthetic_copy'", "train.num_steps = 450",
@@ -166,3 +185,13 @@ def test_synthetic_copy_reaches_high_exact_match(tmp_path):
     assert int8["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= \
         results["metrics"]["t5lite_synthetic_copy"]["exact_match"] - 5.0, (int8, results)
     assert abs(int8["validation"]["loss"] - results["validation"]["loss"]) < 0.02, (int8, results)
+    # `t5lite quantize` (GPTQ, 4 bits, calibrated on training batches) writes a run eval takes.
+    quantized = tmp_path / "gptq4"
+    quantize = ["quantize", f"--checkpoint={tmp_path}", "--method=gptq", "--bits=4", "--group_size=32",
+                "--calibration_batches=2"]
+    assert cli.main(quantize + [f"--output={quantized}"]) == 0
+    assert cli.main(["eval", f"--model_dir={quantized}", "--batches=1", "--max_examples=48"]) == 0
+    gptq = json.loads((quantized / "eval_450.json").read_text())
+    assert gptq["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= \
+        results["metrics"]["t5lite_synthetic_copy"]["exact_match"] - 5.0, (gptq, results)
+    assert abs(gptq["validation"]["loss"] - results["validation"]["loss"]) < 0.05, (gptq, results)

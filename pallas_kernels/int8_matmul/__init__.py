@@ -2,8 +2,8 @@
 
 from pallas_kernels.int8_matmul.api import int8_matmul
 from pallas_kernels.int8_matmul.dense import int8_dense, quantize_weight, weight_only_dense
-from pallas_kernels.int8_matmul.quant import dequantize, quantize, quantize_over
+from pallas_kernels.int8_matmul.quant import dequantize, quantize
 from pallas_kernels.int8_matmul.reference import int8_matmul_reference
 
 __all__ = ["int8_matmul", "int8_matmul_reference", "int8_dense", "weight_only_dense", "quantize_weight",
-           "quantize", "quantize_over", "dequantize"]
+           "quantize", "dequantize"]

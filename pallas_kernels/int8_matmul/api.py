@@ -3,7 +3,9 @@
 import jax.numpy as jnp
 
 from pallas_kernels import backend as backends
-from pallas_kernels.int8_matmul import block, gpu, tpu
+from pallas_kernels.int8_matmul import block, gpu, tpu, xla
+
+BACKENDS = backends.BACKENDS + ("xla",)
 
 # Default (block_m, block_n, block_k) per kernel family.
 DEFAULT_BLOCKS = {"tpu": (256, 256, 512), "gpu": (64, 64, 64)}
@@ -17,9 +19,10 @@ def int8_matmul(a, b, a_scale, b_scale, out_dtype=jnp.bfloat16, *, a_zero_point=
       a_scale: scalar (per tensor), [M] or [M, 1] (per row), or [M, G] (per row and K group);
       b_scale: scalar, [N] or [1, N] (per column), or [G, N]; G groups of K // G consecutive K.
       a_zero_point: scalar, [M] or [M, 1]; b_zero_point: scalar, [N] or [1, N] (integers).
-    backend: "auto", "tpu", "gpu", "interpret" (TPU kernel interpreted), "gpu_interpret".
+    backend: "auto", "tpu", "gpu", "interpret" (TPU kernel interpreted), "gpu_interpret", or "xla" (the
+    same product in plain XLA ops: what "auto" picks on a CPU, where Pallas only interprets).
     """
-    name = backends.resolve(backend)
+    name = backends.resolve(backend, BACKENDS, cpu="xla")
     family = "gpu" if backends.is_gpu(name) else "tpu"
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"int8_matmul needs a [M, K] and b [K, N]; got {a.shape} and {b.shape}")
@@ -32,6 +35,8 @@ def int8_matmul(a, b, a_scale, b_scale, out_dtype=jnp.bfloat16, *, a_zero_point=
     a_zero = _zero(a_zero_point, (M, 1), "a_zero_point") if zero_points else None
     b_zero = _zero(b_zero_point, (1, N), "b_zero_point") if zero_points else None
 
+    if name == "xla":
+        return xla.matmul(a, b, a_scale, b_scale, a_zero, b_zero, out_dtype)
     bm, bn, bk = _blocks(family, name, M, N, K, groups, block_m, block_n, block_k)
     cfg = block.Config(block_m=bm, block_n=bn, block_k=bk, k=K, groups=groups, zero_points=zero_points)
     Mp, Np, Kp = _round_up(M, bm), _round_up(N, bn), _round_up(K, bk)

@@ -37,14 +37,6 @@ def quantize(x, *, axis, group_size=None):
     return _round(x / expanded), scale
 
 
-def quantize_over(x, axes):
-    """int8 values and float32 scales of an array of any rank, abs-max over `axes` (kept as size-1
-    dims so the scales broadcast): e.g. a dense kernel's input axes, for one scale per output feature."""
-    x = jnp.asarray(x, jnp.float32)
-    scale = _absmax_scale(jnp.max(jnp.abs(x), axis=tuple(axes), keepdims=True))
-    return _round(x / scale), scale
-
-
 def dequantize(q, scale, *, axis):
     """Inverse of `quantize` (up to rounding), float32."""
     q = jnp.asarray(q, jnp.float32)

@@ -20,6 +20,7 @@ from flax import traverse_util
 
 from t5lite.config import ModelConfig
 from t5lite.models import abstract_params, build
+from t5lite.models.params import stack_layers, unstack_layers
 
 # T5's feed_forward_proj <-> our mlp_activation.
 _T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu",
@@ -230,47 +231,6 @@ def _unscanned_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
 
 
-def _scanned_path(config: ModelConfig, stack: str, index: int, leaf: str) -> tuple[str, int]:
-    """Where layer `index` of a stack lives when scanned: (path, position on the stacked axis).
-    Stacks with experts every k-th layer scan blocks of k layers (`layers/layer_{j}`)."""
-    every = config.moe_every(stack)
-    if every:
-        return f"{stack}/layers/layer_{index % every}/{leaf}", index // every
-    return f"{stack}/layers/{leaf}", index
-
-
-def _stack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
-    """layers_{i}/x -> layers/x stacked on a leading axis, as nn.scan stores them."""
-    out, stacked = {}, {}
-    for key, value in flat.items():
-        stack, sep, rest = key.partition("/layers_")
-        if not sep:
-            out[key] = value
-            continue
-        index, _, leaf = rest.partition("/")
-        path, position = _scanned_path(config, stack, int(index), leaf)
-        stacked.setdefault(path, {})[position] = value
-    for key, by_index in stacked.items():
-        out[key] = np.stack([by_index[i] for i in range(len(by_index))])
-    return out
-
-
-def _unstack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in flat.items():
-        stack, sep, leaf = key.partition("/layers/")
-        if not sep:
-            out[key] = value
-            continue
-        every = config.moe_every(stack)
-        block = 0
-        if every:
-            block_name, _, leaf = leaf.partition("/")
-            block = int(block_name.removeprefix("layer_"))
-        out.update({f"{stack}/layers_{i * (every or 1) + block}/{leaf}": layer for i, layer in enumerate(value)})
-    return out
-
-
 def params_from_state_dict(state_dict: dict[str, np.ndarray], config: ModelConfig):
     """t5lite params from a Hugging Face state dict (numpy arrays), checking every tensor is used."""
     shapes = _unscanned_shapes(config)
@@ -297,14 +257,14 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], config: ModelConfi
         raise ValueError(f"Hugging Face weights {sorted(unused)[:8]} have no place in t5lite's {config.architecture} "
                          f"model; the config does not describe this checkpoint.")
     if config.scan_layers:
-        flat = _stack_layers(flat, config)
+        flat = stack_layers(flat, config)
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
 def state_dict_from_params(params, config: ModelConfig) -> dict[str, np.ndarray]:
     flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
     if config.scan_layers:
-        flat = _unstack_layers(flat, config)
+        flat = unstack_layers(flat, config)
     out = {}
     for hf_key, path, kind, *expert in _rules(config):
         value = flat[path][expert[0]] if expert else flat[path]

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.flash_attention import flash_attention
 from t5lite.layers.attention_spec import AttentionSpec
-from t5lite.layers.dense import DenseGeneral
+from t5lite.layers.dense import DenseGeneral, WeightQuant
 from t5lite.layers.positions import apply_rope
 
 NEG_INF = -1e10
@@ -105,13 +105,13 @@ class Attention(nn.Module):
     decode: bool = False
     is_cross_attention: bool = False
     int8: bool = False
-    int8_weights: bool = False
+    weight_quant: WeightQuant | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, spec: AttentionSpec, rope=None, cache_position=None):
-        dense = functools.partial(DenseGeneral, int8=self.int8, int8_weights=self.int8_weights,
+        dense = functools.partial(DenseGeneral, int8=self.int8, weight_quant=self.weight_quant,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
         # Without runtime scaling, T5 folds 1/sqrt(head_dim) into the query initialisation.
         query_scale = 1.0 if self.scale_by_head_dim else self.head_dim ** -0.5

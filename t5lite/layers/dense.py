@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -9,7 +10,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.int8_matmul import int8_dense, quantize_over, weight_only_dense
+from pallas_kernels.int8_matmul import int8_dense, weight_only_dense
+from t5lite.quantization.core import Scheme, dequantize, fit, pack_int4, quantize, unpack_int4
+from t5lite.quantization.llm_int8 import llm_int8_matmul
+from t5lite.quantization.smoothquant import smoothquant_matmul
 
 
 def fan_in_init(scale: float = 1.0, in_axes: int = 1):
@@ -18,15 +22,31 @@ def fan_in_init(scale: float = 1.0, in_axes: int = 1):
         scale, "fan_in", "truncated_normal", in_axis=tuple(range(in_axes)), out_axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightQuant:
+    """How a quantised dense layer stores and runs its kernel (built by `t5lite.quantization`).
+
+    The kernel is stored as `scheme` says (int8 bytes; 4-bit values two per byte along the last
+    input axis), with `kernel_scale` [groups, *features] and, without symmetry, `kernel_zero`.
+    `input_scaling` divides inputs by a per-input-channel `input_scale` first (AWQ, SmoothQuant).
+    `activations`: "none" (weight-only: the matmul runs in `dtype`), "int8" (per-token int8
+    activations, an int8 x int8 matmul: W8A8) or "llm_int8" (int8, except input features holding
+    a value of magnitude >= `threshold`, which run in `dtype`)."""
+
+    scheme: Scheme = Scheme()
+    input_scaling: bool = False
+    activations: str = "none"
+    threshold: float = 6.0
+
+
 class DenseGeneral(nn.Module):
     """Contracts the last `in_axes` axes of the input with a kernel of shape in + `features`.
 
     `kernel_axes` names every kernel axis (inputs first), e.g. ("embed", "heads", "kv").
     With `int8`, the forward quantises inputs (per row) and kernel (per output column) to int8 on
     the fly; gradients are the straight-through estimate, computed in `dtype`.
-    With `int8_weights`, the kernel is stored in int8 with `kernel_scale` (size 1 over the input
-    axes, one float32 scale per output feature) and the forward is `weight_only_dense`.
-    Initialised as the quantised float init.
+    With `weight_quant`, the kernel is stored quantised (see `WeightQuant`); initialised as the
+    quantised float init.
     """
 
     features: Sequence[int]
@@ -34,7 +54,7 @@ class DenseGeneral(nn.Module):
     in_axes: int = 1
     kernel_scale: float = 1.0
     int8: bool = False
-    int8_weights: bool = False
+    weight_quant: WeightQuant | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -47,23 +67,55 @@ class DenseGeneral(nn.Module):
         x = x.astype(self.dtype)
         # The int8 paths take the kernel as a [K, N] matrix and x as [..., K].
         flat = (math.prod(inputs), math.prod(features))
-        to_features = lambda y: y.reshape(*batch, *features)  # noqa: E731
-        if self.int8_weights:
-            kernel, scale = self._int8_kernel(shape)
-            return to_features(weight_only_dense(x.reshape(*batch, flat[0]), kernel.reshape(flat),
-                                               scale.reshape(1, flat[1])))
+        if self.weight_quant is not None:
+            return self._quantized(x.reshape(*batch, flat[0]), inputs).reshape(*batch, *features)
         init = nn.with_logical_partitioning(fan_in_init(self.kernel_scale, self.in_axes), tuple(self.kernel_axes))
         kernel = self.param("kernel", init, shape, self.param_dtype)
         if self.int8:
-            return to_features(int8_dense(x.reshape(*batch, flat[0]), kernel.reshape(flat), backward_dtype=self.dtype))
+            y = int8_dense(x.reshape(*batch, flat[0]), kernel.reshape(flat), backward_dtype=self.dtype)
+            return y.reshape(*batch, *features)
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
         return lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
 
-    def _int8_kernel(self, shape):
-        quantized = scale = None
-        if self.is_initializing():
-            init = fan_in_init(self.kernel_scale, self.in_axes)(self.make_rng("params"), shape, jnp.float32)
-            quantized, scale = quantize_over(init, range(self.in_axes))
-        scale_axes = (None,) * self.in_axes + tuple(self.kernel_axes[self.in_axes:])
-        kernel = self.param("kernel", nn.with_logical_partitioning(lambda _: quantized, tuple(self.kernel_axes)))
-        return kernel, self.param("kernel_scale", nn.with_logical_partitioning(lambda _: scale, scale_axes))
+    def _quantized(self, x, inputs):
+        """x [..., K] times the stored kernel, as `weight_quant` says."""
+        quant, features = self.weight_quant, tuple(self.features)
+        scheme, (k, n) = quant.scheme, (math.prod(inputs), math.prod(features))
+        initial = {}  # the stored parameters of one quantised float init, drawn with the kernel's key
+
+        def param(name, axes):
+            def init(key):
+                if not initial:
+                    initial.update(self._quantized_init(key, inputs + features))
+                return initial[name]
+            return self.param(name, nn.with_logical_partitioning(init, axes))
+
+        group_axes = (None,) + tuple(self.kernel_axes[self.in_axes:])
+        q = param("kernel", tuple(self.kernel_axes)).reshape(-1, n)
+        q = unpack_int4(q) if scheme.bits == 4 else q
+        scale = param("kernel_scale", group_axes).reshape(-1, n)
+        zero = None if scheme.symmetric else param("kernel_zero", group_axes).reshape(-1, n)
+        input_scale = param("input_scale", tuple(self.kernel_axes[:self.in_axes])).reshape(k) \
+            if quant.input_scaling else None
+        if quant.activations == "int8":
+            return smoothquant_matmul(x, q, scale, jnp.ones(k) if input_scale is None else input_scale)
+        if input_scale is not None:
+            x = x / input_scale.astype(x.dtype)
+        if quant.activations == "llm_int8":
+            return llm_int8_matmul(x, q, scale, threshold=quant.threshold)
+        if zero is None:
+            return weight_only_dense(x, q, scale)
+        w = dequantize(q, scale, zero).astype(x.dtype)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def _quantized_init(self, key, shape):
+        """The stored parameters of the quantised float init (all but the kernel in float32)."""
+        scheme, k = self.weight_quant.scheme, math.prod(shape[:self.in_axes])
+        w = fan_in_init(self.kernel_scale, self.in_axes)(key, shape, jnp.float32).reshape(k, -1)
+        scale, zero = fit(w, scheme)
+        q = quantize(w, scale, zero, scheme)
+        packed = pack_int4(q) if scheme.bits == 4 else q
+        stored_in = shape[:self.in_axes - 1] + (shape[self.in_axes - 1] // (8 // scheme.bits),)
+        features = shape[self.in_axes:]
+        return {"kernel": packed.reshape(stored_in + features), "kernel_scale": scale.reshape(-1, *features),
+                "kernel_zero": zero.reshape(-1, *features), "input_scale": jnp.ones(shape[:self.in_axes])}

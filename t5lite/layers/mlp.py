@@ -7,7 +7,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from t5lite.layers.dense import DenseGeneral
+from t5lite.layers.dense import DenseGeneral, WeightQuant
 
 # name -> (activation, gated). "gelu" is the exact erf form; T5 v1.1's "gated-gelu"
 # (Hugging Face's gelu_new) is the tanh approximation, hence geglu uses it.
@@ -32,14 +32,14 @@ class Mlp(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
     int8: bool = False
-    int8_weights: bool = False
+    weight_quant: WeightQuant | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         fn, gated = ACTIVATIONS[self.activation]
-        dense = functools.partial(DenseGeneral, int8=self.int8, int8_weights=self.int8_weights,
+        dense = functools.partial(DenseGeneral, int8=self.int8, weight_quant=self.weight_quant,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
         if gated:
             h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi_0")(x)) * dense((self.d_ff,), ("embed", "mlp"), name="wi_1")(x)

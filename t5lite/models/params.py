@@ -6,6 +6,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5lite.config import ModelConfig
 from t5lite.layers.mlp import is_gated
@@ -69,3 +70,46 @@ def active_param_count(config: ModelConfig) -> int:
 
 def _moe_layers(config: ModelConfig) -> int:
     return config.num_moe_layers("encoder") + config.num_moe_layers("decoder")
+
+
+def _scanned_path(config: ModelConfig, stack: str, index: int, leaf: str) -> tuple[str, int]:
+    """Where layer `index` of a stack lives when scanned: (path, position on the stacked axis).
+    Stacks with experts every k-th layer scan blocks of k layers (`layers/layer_{j}`)."""
+    every = config.moe_every(stack)
+    if every:
+        return f"{stack}/layers/layer_{index % every}/{leaf}", index // every
+    return f"{stack}/layers/{leaf}", index
+
+
+def stack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """layers_{i}/x -> layers/x stacked on a leading axis, as nn.scan stores them. `flat` maps
+    "/"-joined paths to arrays (flax.traverse_util.flatten_dict(params, sep="/"))."""
+    out, stacked = {}, {}
+    for key, value in flat.items():
+        stack, sep, rest = key.partition("/layers_")
+        if not sep:
+            out[key] = value
+            continue
+        index, _, leaf = rest.partition("/")
+        path, position = _scanned_path(config, stack, int(index), leaf)
+        stacked.setdefault(path, {})[position] = value
+    for key, by_index in stacked.items():
+        out[key] = np.stack([by_index[i] for i in range(len(by_index))])
+    return out
+
+
+def unstack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """Inverse of `stack_layers`: the parameters of `config.replace(scan_layers=False)`."""
+    out = {}
+    for key, value in flat.items():
+        stack, sep, leaf = key.partition("/layers/")
+        if not sep:
+            out[key] = value
+            continue
+        every = config.moe_every(stack)
+        block = 0
+        if every:
+            block_name, _, leaf = leaf.partition("/")
+            block = int(block_name.removeprefix("layer_"))
+        out.update({f"{stack}/layers_{i * (every or 1) + block}/{leaf}": layer for i, layer in enumerate(value)})
+    return out

@@ -17,11 +17,12 @@ from t5lite.config import ModelConfig
 from t5lite.layers import positions as pos
 from t5lite.layers.attention import Attention
 from t5lite.layers.attention_spec import cross_attention_spec, resolve_impl, self_attention_spec
-from t5lite.layers.dense import DenseGeneral
+from t5lite.layers.dense import DenseGeneral, WeightQuant
 from t5lite.layers.embedding import Embed
 from t5lite.layers.mlp import Mlp
 from t5lite.layers.moe import MoeMlp
 from t5lite.layers.norm import NORMS
+from t5lite.quantization.core import Scheme
 
 REMAT_POLICIES = {
     "full": None,
@@ -43,11 +44,19 @@ def residual(config: ModelConfig, x, sublayer, norm_name: str, deterministic: bo
     return norm(x + dropout(sublayer(x), deterministic=deterministic))
 
 
+def weight_quant(config: ModelConfig, family: str) -> WeightQuant | None:
+    """How `family`'s dense kernels are stored and run when quantised (`config.int8_weights`)."""
+    if family not in config.int8_weights:
+        return None
+    scheme = Scheme(config.weight_bits, not config.weight_zero_points, config.weight_group_size)
+    return WeightQuant(scheme, config.input_scaling, config.activation_quant, config.llm_int8_threshold)
+
+
 def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool, cross: bool = False):
     return Attention(num_heads=config.num_heads, num_kv_heads=config.kv_heads, head_dim=config.head_dim,
                      scale_by_head_dim=config.scale_attention_by_head_dim, dropout_rate=config.dropout_rate,
                      deterministic=deterministic, decode=decode, is_cross_attention=cross,
-                     int8="attention" in config.int8_dense, int8_weights="attention" in config.int8_weights,
+                     int8="attention" in config.int8_dense, weight_quant=weight_quant(config, "attention"),
                      name=name, **dtypes(config))
 
 
@@ -62,7 +71,7 @@ def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
             dropout_rate=config.dropout_rate if config.expert_dropout_rate is None else config.expert_dropout_rate)
     return Mlp(d_ff=config.d_ff, activation=config.mlp_activation, dropout_rate=config.dropout_rate,
                deterministic=deterministic, int8="mlp" in config.int8_dense,
-               int8_weights="mlp" in config.int8_weights, name="mlp", **dtypes(config))
+               weight_quant=weight_quant(config, "mlp"), name="mlp", **dtypes(config))
 
 
 def attention_impl(config: ModelConfig, deterministic: bool) -> str:

@@ -1,6 +1,7 @@
-"""Quantised models for inference: the uniform quantiser, post-training methods and model conversion."""
+"""Quantised models for inference.
 
-from t5lite.quantization.core import Scheme, dequantize, fit, pack_int4, quantize, unpack_int4
-from t5lite.quantization.weights import quantize_weights
-
-__all__ = ["Scheme", "dequantize", "fit", "pack_int4", "quantize", "quantize_weights", "unpack_int4"]
+`core`: the uniform quantiser. `gptq`, `awq`, `smoothquant`, `llm_int8`: the methods, on one
+weight matrix. `calibration`: activation statistics of a model on a seqio task. `weights`: a
+float model's parameters to a quantised model's. The layers use `core` and the run-time
+matmuls, so this package imports nothing here (importing `weights` would import the models).
+"""

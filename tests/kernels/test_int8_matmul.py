@@ -25,7 +25,7 @@ SCALINGS = {
     "group_zero_points": (RNG.rand(M, G).astype(np.float32), RNG.rand(G, N).astype(np.float32),
                           RNG.randint(-9, 9, M), -4),
 }
-BACKENDS = ["interpret", "gpu_interpret"]
+BACKENDS = ["interpret", "gpu_interpret", "xla"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
