@@ -98,25 +98,26 @@ def quantize(args: argparse.Namespace) -> None:
     take as --model_dir. int8: round to nearest; llm_int8: int8 weights, outlier features in float at
     run time; gptq, awq: calibrated weight-only; smoothquant: W8A8 with outliers moved into weights."""
     from t5lite import inference
-    from t5lite.models import abstract_params, build
+    from t5lite.models import build
     from t5lite.quantization.calibration import calibrate
     from t5lite.quantization.weights import CALIBRATED, quantize_weights, quantized_config
 
     output = pathlib.Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"--output {output} is not empty; quantize writes into a new or empty directory.")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"--output {output} is not an empty directory; quantize writes into a new or empty one.")
     run = inference.load_run(args.checkpoint, args.step)
-    recipe = dict(method=args.method, bits=args.bits, group_size=args.group_size, families=args.families)
-    abstract_params(quantized_config(run.model.config, **recipe))  # refuses a bad recipe before calibrating
+    recipe = dict(method=args.method, bits=args.bits, group_size=args.group_size, families=args.families,
+                  zero_points=args.zero_points, percentile=args.percentile)
+    quantized_config(run.model.config, **recipe)  # refuses a bad recipe before calibrating
     stats = None
     if args.method in CALIBRATED:
         print(f"Calibrating on {args.calibration_batches} batches of {run.task} ...")
         stats = calibrate(run.model.config, run.params, inference.calibration_batches(run, args.calibration_batches),
                           args.families)
-    config, params = quantize_weights(run.model.config, run.params, stats=stats, **recipe,
-                                      smoothquant_alpha=args.smoothquant_alpha, percentile=args.percentile)
+    config, params = quantize_weights(run.model.config, run.params, stats=stats,
+                                      smoothquant_alpha=args.smoothquant_alpha, **recipe)
     run = dataclasses.replace(run, model=build(config), params=params)
-    inference.save_quantized(run, args.checkpoint, output, recipe)
+    inference.save_quantized(run, args.checkpoint, output, {**recipe, "smoothquant_alpha": args.smoothquant_alpha})
     print(f"Wrote the {args.method} ({args.bits}-bit) model of {args.checkpoint} (step {run.step}) to {output}")
 
 
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=["int8", "llm_int8", "gptq", "awq", "smoothquant"])
     p.add_argument("--bits", type=int, default=8, choices=[8, 4])
     p.add_argument("--group_size", type=int, default=None, help="a scale per this many inputs (default: per output)")
+    p.add_argument("--zero_points", action="store_true", help="asymmetric ranges (weight-only methods)")
     p.add_argument("--families", type=_families, default=["attention", "mlp"], help="comma-separated: attention,mlp")
     p.add_argument("--calibration_batches", type=int, default=8, help="training batches for gptq, awq, smoothquant")
     p.add_argument("--percentile", type=float, default=None,

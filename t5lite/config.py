@@ -251,6 +251,16 @@ def _check_weight_quant(config: ModelConfig) -> None:
     group = config.weight_group_size
     if group is not None and (not isinstance(group, int) or group < 1):
         raise ValueError(f"weight_group_size={group!r} must be a positive int, or None for a scale per output.")
+    # Each quantised family's kernels: (inputs K, last input axis), e.g. `out` takes [heads, head_dim].
+    kernels = {"attention": [(config.d_model, config.d_model), (config.num_heads * config.head_dim, config.head_dim)],
+               "mlp": [(config.d_model, config.d_model), (config.d_ff, config.d_ff)]}
+    shapes = [shape for family in config.int8_weights for shape in kernels[family]]
+    if group is not None and any(k % group for k, _ in shapes):
+        raise ValueError(f"weight_group_size={group} must divide the inputs of every quantised kernel "
+                         f"({sorted({k for k, _ in shapes})}); pick a common divisor, or None for a scale per output.")
+    if config.weight_bits == 4 and any(last % 2 for _, last in shapes):
+        raise ValueError(f"4-bit weights pack two values per byte along each kernel's last input axis "
+                         f"({sorted({last for _, last in shapes})}), which must be even; use weight_bits=8.")
     simple = config.weight_bits == 8 and group is None and not config.weight_zero_points
     if config.activation_quant != "none" and not simple:
         raise ValueError(f"activation_quant={config.activation_quant!r} runs int8 x int8 matmuls, which need 8-bit "

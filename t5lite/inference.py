@@ -58,8 +58,11 @@ def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weight
 
     config_lib.parse_gin([str(gin_file)])
     if checkpoint.is_checkpoint(model_dir):
+        saved_step = json.loads((model_dir / QUANTIZATION_FILE).read_text())["step"]
+        if step not in (None, saved_step):
+            raise ValueError(f"{model_dir} holds step {saved_step} only; drop --step or quantize step {step}.")
         config, params = checkpoint.load_params(model_dir)
-        step = json.loads((model_dir / QUANTIZATION_FILE).read_text())["step"]
+        step = saved_step
     else:
         config, params, step = loop.restore_params(model_dir, step)
     if int8_weights:

@@ -138,9 +138,11 @@ class Partitioner:
         if config.moe_dropless and experts > 1:
             raise ValueError("ModelConfig.moe_dropless=True sorts tokens by expert on each device and does not split "
                              "experts over devices; set MeshShape.expert=1 or use capacity-based routing.")
-        if config.int8_dense and mesh.size > 1 and kernel_backend.platform() in ("tpu", "gpu"):
-            raise ValueError(f"ModelConfig.int8_dense={config.int8_dense} runs Pallas matmul kernels that are not "
-                             f"sharded yet; train it on one device, or drop int8_dense to use this mesh.")
+        int8_kernels = config.int8_dense or (config.int8_weights and config.activation_quant != "none")
+        if int8_kernels and mesh.size > 1 and kernel_backend.platform() in ("tpu", "gpu"):
+            raise ValueError(f"ModelConfig.int8_dense={config.int8_dense} / activation_quant="
+                             f"{config.activation_quant!r} run Pallas int8 matmul kernels that are not sharded yet; "
+                             f"use one device, or weight-only int8 / no int8_dense on this mesh.")
         return cls(mesh, axis_rules(config, mesh))
 
     @contextlib.contextmanager

@@ -69,7 +69,9 @@ def logits_and_grads(config, features, weights):
         return jnp.sum(logits * probe * weights[..., None]), logits
 
     traced = jax.jit(jax.value_and_grad(loss, has_aux=True)).trace(params)
-    assert ("pallas_call" in str(traced.jaxpr)) == (config.attention_impl == "pallas" or bool(config.int8_dense))
+    jaxpr = str(traced.jaxpr)
+    assert ("pallas_call" in jaxpr) == (config.attention_impl == "pallas")
+    assert ("preferred_element_type=int32" in jaxpr) == bool(config.int8_dense)  # int8 products (XLA on a CPU)
     (_, logits), grads = traced.lower().compile(FAST_COMPILE)(params)
     return logits, grads
 

@@ -116,7 +116,9 @@ def test_bad_input_fails_clearly_and_keeps_checkpoints(trained_dir, bindings, me
 @pytest.mark.parametrize("args, message", [
     (["--method=smoothquant", "--bits=4"], "activation_quant='int8' runs int8 x int8 matmuls"),
     (["--method=int8", "--families=attention,embedding"], "int8_weights='embedding' is not supported"),
-    (["--method=gptq", "--group_size=48"], "group_size=48 does not divide the 64 inputs"),
+    (["--method=gptq", "--group_size=48"], "weight_group_size=48 must divide the inputs of every quantised kernel"),
+    (["--method=int8", "--families="], "Name at least one family"),
+    (["--method=gptq", "--percentile=99"], "only sets SmoothQuant's input ranges"),
 ])
 def test_bad_quantize_input_fails_clearly_and_writes_nothing(trained_dir, tmp_path, args, message, capsys):
     output = tmp_path / "quantized"
@@ -128,7 +130,7 @@ def test_bad_quantize_input_fails_clearly_and_writes_nothing(trained_dir, tmp_pa
 def test_quantize_refuses_a_non_empty_output(trained_dir, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert cli.main(["quantize", f"--checkpoint={trained_dir}", f"--output={tmp_path}", "--method=int8"]) == 2
-    assert "is not empty" in capsys.readouterr().err
+    assert "is not an empty directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
@@ -178,13 +180,6 @@ def test_synthetic_copy_reaches_high_exact_match_also_quantised(tmp_path):
     assert cli.main(args + [f"--gin.{b.replace(' = ', '=', 1)}" for b in bindings]) == 0
     results = inference.evaluate_run(inference.load_run(tmp_path), num_batches=1, max_examples=48)
     assert results["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= 80.0, results
-    # Weight-only int8 (attention and MLP) keeps the model within a stated margin of its float self.
-    assert cli.main(["eval", f"--model_dir={tmp_path}", "--int8_weights=attention,mlp", "--batches=1",
-                     "--max_examples=48"]) == 0
-    int8 = json.loads((tmp_path / "eval_450_int8_attention_mlp.json").read_text())
-    assert int8["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= \
-        results["metrics"]["t5lite_synthetic_copy"]["exact_match"] - 5.0, (int8, results)
-    assert abs(int8["validation"]["loss"] - results["validation"]["loss"]) < 0.02, (int8, results)
     # `t5lite quantize` (GPTQ, 4 bits, calibrated on training batches) writes a run eval takes.
     quantized = tmp_path / "gptq4"
     quantize = ["quantize", f"--checkpoint={tmp_path}", "--method=gptq", "--bits=4", "--group_size=32",
@@ -195,3 +190,5 @@ def test_synthetic_copy_reaches_high_exact_match_also_quantised(tmp_path):
     assert gptq["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= \
         results["metrics"]["t5lite_synthetic_copy"]["exact_match"] - 5.0, (gptq, results)
     assert abs(gptq["validation"]["loss"] - results["validation"]["loss"]) < 0.05, (gptq, results)
+    assert cli.main(["eval", f"--model_dir={quantized}", "--step=10"]) == 2  # it holds step 450 only
+    assert cli.main(["eval", f"--model_dir={quantized}", "--int8_weights=mlp"]) == 2  # already quantised

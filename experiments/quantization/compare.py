@@ -72,8 +72,10 @@ def main() -> None:
     print(f"Calibrating on {args.calibration_batches} training batches of {run.task} ...", flush=True)
     calibration = inference.calibration_batches(run, args.calibration_batches)
     stats = calibrate(run.model.config, run.params, calibration)
-    field = "encoder_input_tokens" if run.kind == "encoder_decoder" else "decoder_input_tokens"
-    inputs = np.asarray(calibration[0][field])
+    if run.kind == "encoder_decoder":
+        inputs = np.asarray(calibration[0]["encoder_input_tokens"])
+    else:  # prompts: the first 16 target tokens of each row
+        inputs = np.asarray(calibration[0]["decoder_target_tokens"])[:, :16]
     rows = []
     for name, recipe in RECIPES.items():
         quantized = run

@@ -74,9 +74,12 @@ def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
                weight_quant=weight_quant(config, "mlp"), name="mlp", **dtypes(config))
 
 
-def attention_impl(config: ModelConfig, deterministic: bool) -> str:
-    """The stack's attention implementation; attention dropout is on only when dropout is enabled."""
-    return resolve_impl(config.attention_impl, not deterministic and config.dropout_rate > 0.0)
+def attention_impl(config: ModelConfig, deterministic: bool, decode: bool = False) -> str:
+    """The stack's attention implementation; attention dropout is on only when dropout is enabled.
+    Cached decoding uses XLA instead of cuDNN (a few queries over a masked cache is not a shape it is
+    tested on)."""
+    impl = resolve_impl(config.attention_impl, not deterministic and config.dropout_rate > 0.0)
+    return "xla" if decode and impl == "cudnn" else impl
 
 
 class EncoderLayer(nn.Module):
@@ -254,7 +257,7 @@ class DecoderStack(nn.Module):
             query_valid = target_tokens > 0 if target_tokens is not None else (
                 None if segment_ids is None else segment_ids > 0)
         segments = None if stepping else segment_ids
-        impl = attention_impl(cfg, deterministic)
+        impl = attention_impl(cfg, deterministic, decode)
         added, bias_args, rope = PositionEncoder(cfg, bidirectional=False, name="positions")(positions)
         spec = self_attention_spec(impl, positions=positions, valid=query_valid, segments=segments, causal=True,
                                    region=query_region, sliding_window=cfg.sliding_window,

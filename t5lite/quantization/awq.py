@@ -37,7 +37,9 @@ def awq(w, x, scheme: Scheme, grid=20):
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _awq(w, x, scheme, grid):
-    magnitude = jnp.maximum(jnp.mean(jnp.abs(x), axis=0), jnp.finfo(jnp.float32).tiny)
+    # Inputs (nearly) never active in calibration would get s ~ 0, zeroing their rows: floor them.
+    magnitude = jnp.mean(jnp.abs(x), axis=0)
+    magnitude = jnp.maximum(magnitude, jnp.maximum(1e-4 * jnp.max(magnitude), jnp.finfo(jnp.float32).tiny))
     target = jnp.dot(x, w, precision=_HIGHEST)
 
     def input_scale(alpha):

@@ -10,7 +10,7 @@ Padding tokens are inputs too, as they are at inference; they are few in packed 
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -56,12 +56,15 @@ def unrolled(config: ModelConfig, params):
     return config.replace(scan_layers=False), traverse_util.unflatten_dict(flat, sep="/")
 
 
-def calibrate(config: ModelConfig, params, batches: Iterable[dict], families=("attention", "mlp"),
+def calibrate(config: ModelConfig, params, batches: Sequence[dict], families=("attention", "mlp"),
               max_samples: int = 512) -> dict[str, LayerStats]:
     """Statistics of the inputs of each dense layer of `families`, keyed by the "/"-joined module
-    path of the unrolled model (e.g. "decoder/layers_0/mlp/wi_0")."""
+    path of the unrolled model (e.g. "decoder/layers_0/mlp/wi_0"). The samples are up to
+    `max_samples` tokens spread evenly over each batch and shared out between the batches."""
     config, params = unrolled(config, params)
+    config = config.replace(remat_policy="none")  # inputs recorded inside jax.checkpoint would escape it
     model = build(config)
+    per_batch = -(-max_samples // max(1, len(batches)))
 
     def layer_inputs(params, batch):
         recorded = {}
@@ -72,7 +75,9 @@ def calibrate(config: ModelConfig, params, batches: Iterable[dict], families=("a
                     family_of(module.path) in families:
                 x = args[0]
                 x = x.reshape(-1, math.prod(x.shape[x.ndim - module.in_axes:])).astype(jnp.float32)
-                recorded["/".join(module.path)] = (jnp.max(jnp.abs(x), axis=0), x.T @ x, x[:max_samples])
+                gram = jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
+                spread = x[::max(1, x.shape[0] // per_batch)][:per_batch]
+                recorded["/".join(module.path)] = (jnp.max(jnp.abs(x), axis=0), gram, spread)
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(record):
@@ -88,8 +93,8 @@ def calibrate(config: ModelConfig, params, batches: Iterable[dict], families=("a
                 continue
             old = totals[path]
             totals[path] = LayerStats(np.maximum(old.absmax, absmax), old.gram + gram,
-                                      np.concatenate([old.samples, samples])[:max_samples])
+                                      np.concatenate([old.samples, samples]))
     if not totals:
-        raise ValueError(f"No dense layer of {tuple(families)} ran on the calibration batches; is the batch "
-                         f"iterator empty?")
+        raise ValueError(f"No dense layer of {tuple(families)} ran on the calibration batches; is the list of "
+                         f"batches empty?")
     return totals

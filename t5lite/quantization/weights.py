@@ -30,14 +30,20 @@ COMPANIONS = ("kernel_scale", "kernel_zero", "input_scale")  # of a quantised ke
 
 
 def quantized_config(config: ModelConfig, method: str = "int8", bits: int = 8, group_size: int | None = None,
-                     families=INT8_DENSE_FAMILIES, zero_points: bool = False) -> ModelConfig:
-    """The config of `config`'s model quantised by `method`."""
+                     families=INT8_DENSE_FAMILIES, zero_points: bool = False,
+                     percentile: float | None = None) -> ModelConfig:
+    """The config of `config`'s model quantised by `method`; refuses a recipe that cannot be made."""
+    if percentile is not None and method != "smoothquant":
+        raise ValueError(f"percentile={percentile} only sets SmoothQuant's input ranges; method={method!r} does not "
+                         f"use it.")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported. Allowed values: {', '.join(METHODS)}.")
     if config.int8_weights:
         raise ValueError(f"This model is already quantised (int8_weights={config.int8_weights}); quantise the "
                          f"float checkpoint instead.")
     families = tuple(families)
+    if not families:
+        raise ValueError("Name at least one family to quantise: attention, mlp.")
     return config.replace(
         int8_weights=families, int8_dense=tuple(f for f in config.int8_dense if f not in families),
         weight_bits=bits, weight_group_size=group_size, weight_zero_points=zero_points,
@@ -51,7 +57,7 @@ def quantize_weights(config: ModelConfig, params, families=INT8_DENSE_FAMILIES, 
                      percentile: float | None = None):
     """(config, params) of the quantised model. `stats` (from `calibration.calibrate`) are needed by
     gptq, awq and smoothquant; SmoothQuant takes each input's abs-max, or its `percentile`."""
-    target_config = quantized_config(config, method, bits, group_size, families, zero_points)
+    target_config = quantized_config(config, method, bits, group_size, families, zero_points, percentile)
     if method in CALIBRATED and stats is None:
         raise ValueError(f"method={method!r} needs calibration statistics (calibration.calibrate).")
     scheme = Scheme(bits, not zero_points, group_size)
