@@ -20,11 +20,3 @@ def t5lite_cache(tmp_path_factory):
         patch.setenv("T5LITE_CACHE", str(root))
         yield root
 
-
-# Files of minute-long end-to-end tests: they start first, so that under pytest-xdist the short
-# tests fill the end of the run instead of one long test running alone on one core.
-LONG_FILES = ("test_train_loop.py", "test_multiprocess.py", "test_runner.py", "test_expert_parallel.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: order within each part kept

@@ -183,12 +183,12 @@ def test_synthetic_copy_reaches_high_exact_match_also_quantised(tmp_path):
     # `t5lite quantize` (GPTQ, 4 bits, calibrated on training batches) writes a run eval takes.
     quantized = tmp_path / "gptq4"
     quantize = ["quantize", f"--checkpoint={tmp_path}", "--method=gptq", "--bits=4", "--group_size=32",
-                "--calibration_batches=2"]
+                "--calibration_batches=1"]
     assert cli.main(quantize + [f"--output={quantized}"]) == 0
-    assert cli.main(["eval", f"--model_dir={quantized}", "--batches=1", "--max_examples=48"]) == 0
+    assert cli.main(["eval", f"--model_dir={quantized}", "--batches=1", "--max_examples=24"]) == 0
     gptq = json.loads((quantized / "eval_450.json").read_text())
     assert gptq["metrics"]["t5lite_synthetic_copy"]["exact_match"] >= \
-        results["metrics"]["t5lite_synthetic_copy"]["exact_match"] - 5.0, (gptq, results)
+        results["metrics"]["t5lite_synthetic_copy"]["exact_match"] - 10.0, (gptq, results)  # over 24, not 48
     assert abs(gptq["validation"]["loss"] - results["validation"]["loss"]) < 0.05, (gptq, results)
     assert cli.main(["eval", f"--model_dir={quantized}", "--step=10"]) == 2  # it holds step 450 only
     assert cli.main(["eval", f"--model_dir={quantized}", "--int8_weights=mlp"]) == 2  # already quantised
