@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -rs -n 2 --durations=15 tests
 
 demo: $(VENV)/.installed  # a fresh run each time: demo_run/ is the demo's own output
 	rm -rf demo_run

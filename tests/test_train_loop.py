@@ -93,10 +93,6 @@ def _fingerprint(directory: pathlib.Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-# Tests of the trained run share one xdist worker (`make test` runs --dist loadgroup): trained once.
-ON_TRAINED_RUN = pytest.mark.xdist_group("trained_dir")
-
-
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("trained")
@@ -104,7 +100,6 @@ def trained_dir(tmp_path_factory):
     return model_dir
 
 
-@ON_TRAINED_RUN
 @pytest.mark.parametrize("bindings, message", [
     (["ModelConfig.num_decoder_layers = 3"], "holds a run of a different model"),
     (["train.mixture_or_task_name = 'no_such_task'"], "no_such_task"),
@@ -118,7 +113,6 @@ def test_bad_input_fails_clearly_and_keeps_checkpoints(trained_dir, bindings, me
     assert _fingerprint(trained_dir / "checkpoints") == before
 
 
-@ON_TRAINED_RUN
 @pytest.mark.parametrize("args, message", [
     (["--method=smoothquant", "--bits=4"], "activation_quant='int8' runs int8 x int8 matmuls"),
     (["--method=int8", "--families=attention,embedding"], "int8_weights='embedding' is not supported"),
@@ -133,7 +127,6 @@ def test_bad_quantize_input_fails_clearly_and_writes_nothing(trained_dir, tmp_pa
     assert not output.exists()
 
 
-@ON_TRAINED_RUN
 def test_quantize_refuses_a_non_empty_output(trained_dir, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert cli.main(["quantize", f"--checkpoint={trained_dir}", f"--output={tmp_path}", "--method=int8"]) == 2
@@ -168,7 +161,6 @@ def test_empty_dataset(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@ON_TRAINED_RUN
 def test_named_step_restore_and_json_metrics(trained_dir):
     from t5lite.train.loop import restore_params
 

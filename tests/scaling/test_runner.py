@@ -27,10 +27,6 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-# Tests of the sweep share one xdist worker (`make test` runs --dist loadgroup): it runs once.
-ON_SWEEP = pytest.mark.xdist_group("sweep")
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """A planned and fully run tiny sweep (module-wide: training is the slow part)."""
@@ -69,7 +65,6 @@ def test_plan_gin_files_parse_back_to_the_planned_configs(tmp_path):
     assert not list(tmp_path.glob("*C2.40e10*"))
 
 
-@ON_SWEEP
 def test_sweep_runs_end_to_end(sweep):
     sweep_dir, points, log = sweep
     rows = results.read_results(sweep_dir / "results.csv")
@@ -85,7 +80,6 @@ def test_sweep_runs_end_to_end(sweep):
         assert runner.is_finished(sweep_dir, point)
 
 
-@ON_SWEEP
 def test_rerun_skips_finished_points(sweep):
     sweep_dir, points, _ = sweep
     watched = [f for p in points for f in (sweep_dir / p.name).rglob("*") if f.is_file()]
@@ -96,7 +90,6 @@ def test_rerun_skips_finished_points(sweep):
     assert {f: f.stat().st_mtime_ns for f in watched} == stamps
 
 
-@ON_SWEEP
 def test_interrupted_point_resumes_from_its_checkpoint(sweep, tmp_path):
     sweep_dir, points, _ = sweep
     point = points[0]
