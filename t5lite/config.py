@@ -28,6 +28,8 @@ ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 INT8_DENSE_FAMILIES = ("attention", "mlp")
 ACTIVATION_QUANTS = ("none", "int8", "llm_int8")
 ROUTERS = ("tokens_choose", "experts_choose")
+# Projections LoRA adapters can sit on: attention's query/key/value/out, the MLP's input(s) and output.
+LORA_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,14 @@ class ModelConfig:
     # input features holding a value of magnitude >= llm_int8_threshold, which stay in `dtype`).
     activation_quant: str = "none"
     llm_int8_threshold: float = 6.0
+    # LoRA (Hu et al. 2021): adapters W + s·A·B of rank `lora_rank` (0: none) on `lora_targets`, B zero at
+    # initialisation; s = lora_alpha / rank, or lora_alpha / sqrt(rank) with rslora (Kalajdzievska 2023).
+    # `lora_dropout` drops the adapter's inputs while training. On an int8_weights base this is QLoRA-style.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("query", "value")
+    lora_dropout: float = 0.0
+    rslora: bool = False
     # Switch-MoE (0 experts: dense). The MLP of every k-th layer (layers k-1, 2k-1, ...) of a stack
     # is a mixture of experts, k = encoder_moe_every / decoder_moe_every (0: no experts in that stack).
     num_experts: int = 0
@@ -132,6 +142,7 @@ class ModelConfig:
             raise ValueError(f"{sorted(both)} are in both int8_dense (int8 matmuls for training) and int8_weights "
                              f"(stored int8 weights for inference); pick one per family.")
         _check_weight_quant(self)
+        _check_adapters(self)
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_decoder_layers",
                      "relative_num_buckets", "relative_max_distance", "max_length"):
             _check_positive(name, getattr(self, name))
@@ -266,6 +277,27 @@ def _check_weight_quant(config: ModelConfig) -> None:
         raise ValueError(f"activation_quant={config.activation_quant!r} runs int8 x int8 matmuls, which need 8-bit "
                          f"symmetric weights with a scale per output: set weight_bits=8, weight_group_size=None, "
                          f"weight_zero_points=False, or activation_quant='none'.")
+
+
+def _check_adapters(config: ModelConfig) -> None:
+    if not isinstance(config.lora_rank, int) or config.lora_rank < 0:
+        raise ValueError(f"lora_rank={config.lora_rank!r} must be 0 (no adapters) or a positive integer.")
+    targets = config.lora_targets
+    if not isinstance(targets, (tuple, list)) or not targets or len(set(targets)) != len(targets):
+        raise ValueError(f"lora_targets={targets!r} must be a non-empty tuple of distinct projections from: "
+                         f"{', '.join(LORA_TARGETS)}.")
+    for target in targets:
+        _check_choice("lora_targets", target, LORA_TARGETS)
+    object.__setattr__(config, "lora_targets", tuple(targets))  # JSON and gin give lists
+    if not config.lora_rank:
+        return
+    if not config.lora_alpha > 0:
+        raise ValueError(f"lora_alpha={config.lora_alpha} must be > 0.")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout={config.lora_dropout} must be in [0, 1).")
+    if config.num_experts and {"mlp_in", "mlp_out"} & set(targets):
+        raise ValueError("LoRA on the MLPs of a mixture of experts is not supported; adapt attention projections "
+                         "only (lora_targets without mlp_in, mlp_out).")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -64,7 +64,7 @@ def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weight
         config, params = checkpoint.load_params(model_dir)
         step = saved_step
     else:
-        config, params, step = loop.restore_params(model_dir, step)
+        config, params, step = checkpoint.restore_params(model_dir, step)
     if int8_weights:
         config, params = quantize_weights(config, params, int8_weights)
     query = lambda name, default=None: _query(f"train.{name}", default)

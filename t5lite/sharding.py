@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from pallas_kernels import backend as kernel_backend
 from t5lite.config import ModelConfig, divisors
 from t5lite.models import init_params
+from t5lite.models.params import split_params
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -172,13 +173,13 @@ class Partitioner:
         return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
                             is_leaf=lambda x: isinstance(x, P))
 
-    def state(self, abstract_state, param_shardings):
+    def state(self, abstract_state, param_shardings, trainable: str | None = None):
         """Shardings of a train state: parameters as given, optimizer statistics like the
         parameter they belong to (factored statistics keep the spec of the axes they keep),
-        counters replicated."""
-        params_def = jax.tree.structure(abstract_state.params)
-        abstract_params = jax.tree.leaves(abstract_state.params)
-        shardings = jax.tree.leaves(param_shardings)
+        counters replicated. The optimizer state covers the `trainable` parameters."""
+        params, shardings = (split_params(tree, trainable)[0] for tree in (abstract_state.params, param_shardings))
+        params_def = jax.tree.structure(params)
+        abstract_params, shardings = jax.tree.leaves(params), jax.tree.leaves(shardings)
 
         def place(subtree):
             if jax.tree.structure(subtree) != params_def:
@@ -187,7 +188,8 @@ class Partitioner:
                       in zip(jax.tree.leaves(subtree), abstract_params, shardings)]
             return jax.tree.unflatten(params_def, leaves)
 
-        return jax.tree.map(place, abstract_state, is_leaf=lambda x: jax.tree.structure(x) == params_def)
+        placed = jax.tree.map(place, abstract_state.opt_state, is_leaf=lambda x: jax.tree.structure(x) == params_def)
+        return abstract_state.replace(step=self.replicated, params=param_shardings, opt_state=placed)
 
     def check_batch(self, batch_size: int, num_microbatches: int = 1) -> None:
         shards = self.batch_shards

@@ -96,7 +96,8 @@ def _fingerprint(directory: pathlib.Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("trained")
-    assert train(model_dir, SPAN, "train.num_steps = 10") == 0
+    # T5's warmup (a learning rate of 0.1, not TINY's 0.3): the pretrained model fine-tuning starts from.
+    assert train(model_dir, SPAN, "train.num_steps = 10", "learning_rate_schedule.warmup_steps = 100") == 0
     return model_dir
 
 
@@ -161,8 +162,44 @@ def test_empty_dataset(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_finetuning_beats_the_pretrained_model_and_lora_freezes_it(trained_dir, tmp_path, capsys):
+    """Fine-tuning on the instruction task from the span-corruption run lifts the task's exact match;
+    LoRA from the same run trains only its adapters; a different model is refused before writing."""
+    import dataclasses
+
+    from flax import traverse_util
+
+    from t5lite import inference
+    from t5lite.train.checkpoint import restore_params
+
+    def evaluate(run):
+        return inference.evaluate_run(run, num_batches=1, max_examples=48)["metrics"]["t5lite_instructions"]
+
+    lengths = {"inputs": 48, "targets": 16}
+    pretrained = dataclasses.replace(inference.load_run(trained_dir), task="t5lite_instructions",
+                                     task_feature_lengths=lengths)
+    start = [f"train.init_from = '{trained_dir}'", "train.eval_every = None", "train.checkpoint_every = 1000"]
+    full = ["runs/finetune_instructions.gin", f"train.task_feature_lengths = {lengths}"]
+    assert train(tmp_path / "full", full, *start, "train.num_steps = 60", "train.batch_size = 16") == 0
+    assert evaluate(inference.load_run(tmp_path / "full"))["exact_match"] >= evaluate(pretrained)["exact_match"] + 5
+
+    lora = ["runs/lora_instructions.gin", f"train.task_feature_lengths = {lengths}"]
+    assert train(tmp_path / "lora", lora, *start, "train.num_steps = 20") == 0
+    curve = losses(tmp_path / "lora")
+    assert np.mean(curve[-3:]) < np.mean(curve[:3]) - 0.5, curve
+    base = traverse_util.flatten_dict(restore_params(trained_dir)[1], sep="/")
+    tuned = traverse_util.flatten_dict(restore_params(tmp_path / "lora")[1], sep="/")
+    assert {p for p in tuned if "lora_" not in p} == set(base)
+    for path, value in base.items():
+        np.testing.assert_array_equal(tuned[path], value, err_msg=path)
+
+    assert train(tmp_path / "other", full, *start, "ModelConfig.d_ff = 64") == 2
+    assert "holds a different model (d_ff: 128 there, 64 here)" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 def test_named_step_restore_and_json_metrics(trained_dir):
-    from t5lite.train.loop import restore_params
+    from t5lite.train.checkpoint import restore_params
 
     config, params, step = restore_params(trained_dir)
     assert step == 10 and config.d_model == 64

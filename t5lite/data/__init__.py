@@ -6,6 +6,7 @@ Importing this package registers the built-in seqio tasks (see `tasks.py` for th
 from t5lite.data.cache import ENV_VAR as CACHE_ENV_VAR
 from t5lite.data.corpus import corpus_path
 from t5lite.data.evaluation import evaluate_predictions
+from t5lite.data.instructions import register_instruction_task
 from t5lite.data.metrics import exact_match
 from t5lite.data.objectives import OBJECTIVES
 from t5lite.data.pipeline import MODEL_KINDS, DataStream
@@ -19,7 +20,8 @@ from t5lite.data.vocab_cli import add_vocab_arguments, vocab_command
 __all__ = [
     "CACHE_ENV_VAR", "DEFAULT_EXTRA_IDS", "DEFAULT_VOCAB_SIZE", "MODEL_KINDS", "OBJECTIVES", "DataStream",
     "add_vocab_arguments", "build_vocabulary", "check_registered", "check_vocabulary_fits", "corpus_path",
-    "default_vocabulary", "evaluate_predictions", "exact_match", "get_vocabulary", "register_mixture",
+    "default_vocabulary", "evaluate_predictions", "exact_match", "get_vocabulary", "register_instruction_task",
+    "register_mixture",
     "register_text_file_task", "register_tfds_task", "registered_names", "targets_length_for",
     "vocab_command", "vocabulary_size_for_model",
 ]

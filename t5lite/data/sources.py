@@ -1,4 +1,5 @@
-"""A seqio DataSource of {"text"} examples read from .txt or .jsonl files.
+"""seqio DataSources of our own: {"text"} examples read from .txt or .jsonl files, and small
+in-memory datasets of string records made by a function (synthetic tasks, instructions).
 
 Without validation files, a fixed share of the lines becomes the validation split, chosen by a
 hash of each line's text: the split is the same on every machine and every run, and does not
@@ -91,6 +92,29 @@ class TextFilesSource(seqio.DataSource):
         text = tf.py_function(parse, [line], tf.string)
         text.set_shape([])
         return text
+
+
+class RecordsSource(seqio.DataSource):
+    """The records (dicts of strings, all with the same keys) `records(split)` returns; the Task
+    shuffles them."""
+
+    def __init__(self, records: Callable[[str], Sequence[dict[str, str]]], splits: Sequence[str] = ("train", "validation")):
+        self._records = records
+        super().__init__(splits=tuple(splits))
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return False
+
+    def list_shards(self, split: str) -> list[str]:
+        return [split]
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                    shard_info: seqio.ShardInfo | None = None, *, sequence_length=None, use_cached=False,
+                    num_epochs=1) -> tf.data.Dataset:
+        records = self._records(split)
+        dataset = tf.data.Dataset.from_tensor_slices({key: [r[key] for r in records] for key in records[0]})
+        return dataset.shard(shard_info.num_shards, shard_info.index) if shard_info else dataset
 
 
 def _not_blank(line: tf.Tensor) -> tf.Tensor:

@@ -8,6 +8,7 @@ Built in (registered when `t5lite.data` is imported):
   ..._bytes                       the same three with the byte-level vocabulary
   t5lite_synthetic_copy / _reverse / _sort   digit sequences, exact-match metric
   t5lite_synthetic                mixture of the three synthetic tasks
+  t5lite_instructions             built-in instruction tuning (SFT) data, exact-match metric
 
 Your own data through gin: each registration function returns the task's name, so a gin
 evaluated reference registers it when the trainer reads its argument, e.g.
@@ -23,12 +24,13 @@ Registering a name again replaces the task, so a config may be parsed twice.
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Sequence
 
 import gin
 import seqio
 
-from t5lite.data import corpus, metrics, objectives, sources, synthetic
+from t5lite.data import corpus, instructions, metrics, objectives, sources, synthetic
 from t5lite.data.vocab import get_vocabulary
 
 
@@ -108,7 +110,7 @@ def _register_synthetic_task(operation: str) -> str:
     vocab = get_vocabulary(None)
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
-        name, source=synthetic.SyntheticSource(operation),
+        name, source=sources.RecordsSource(functools.partial(synthetic.examples, operation)),
         output_features={key: seqio.Feature(vocab, add_eos=True) for key in ("inputs", "targets")},
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
         metric_fns=[metrics.exact_match])
@@ -123,6 +125,7 @@ def _register_builtin() -> None:
     seqio.MixtureRegistry.remove("t5lite_synthetic")
     seqio.MixtureRegistry.add("t5lite_synthetic", [_register_synthetic_task(op) for op in synthetic.OPERATIONS],
                               default_rate=1.0)
+    instructions.register_instruction_task("t5lite_instructions")
 
 
 _register_builtin()

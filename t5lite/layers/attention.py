@@ -8,7 +8,6 @@ the projected queries and keys.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.flash_attention import flash_attention
 from t5lite.layers.attention_spec import AttentionSpec
-from t5lite.layers.dense import DenseGeneral, WeightQuant
+from t5lite.layers.dense import DenseGeneral, Lora, WeightQuant
 from t5lite.layers.positions import apply_rope
 
 NEG_INF = -1e10
@@ -106,13 +105,17 @@ class Attention(nn.Module):
     is_cross_attention: bool = False
     int8: bool = False
     weight_quant: WeightQuant | None = None
+    lora: Lora | None = None
+    adapted: tuple[str, ...] = ()  # the projections ("query", "key", "value", "out") that get `lora`
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, spec: AttentionSpec, rope=None, cache_position=None):
-        dense = functools.partial(DenseGeneral, int8=self.int8, weight_quant=self.weight_quant,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        def dense(*args, name, **kwargs):
+            return DenseGeneral(*args, int8=self.int8, weight_quant=self.weight_quant, dtype=self.dtype,
+                                param_dtype=self.param_dtype, lora=self.lora if name in self.adapted else None,
+                                name=name, **kwargs)
         # Without runtime scaling, T5 folds 1/sqrt(head_dim) into the query initialisation.
         query_scale = 1.0 if self.scale_by_head_dim else self.head_dim ** -0.5
         query = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), kernel_scale=query_scale,

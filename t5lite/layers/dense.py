@@ -39,6 +39,17 @@ class WeightQuant:
     threshold: float = 6.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """A low-rank adapter beside a kernel W: y = x·W + scale·dropout(x)·A·B, with A [*inputs, rank]
+    drawn like a kernel and B [rank, *features] zero, so an adapted model starts as its base."""
+
+    rank: int
+    scale: float
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+
+
 class DenseGeneral(nn.Module):
     """Contracts the last `in_axes` axes of the input with a kernel of shape in + `features`.
 
@@ -46,7 +57,7 @@ class DenseGeneral(nn.Module):
     With `int8`, the forward quantises inputs (per row) and kernel (per output column) to int8 on
     the fly; gradients are the straight-through estimate, computed in `dtype`.
     With `weight_quant`, the kernel is stored quantised (see `WeightQuant`); initialised as the
-    quantised float init.
+    quantised float init. With `lora`, a low-rank adapter adds to whichever of these computes x·W.
     """
 
     features: Sequence[int]
@@ -55,16 +66,20 @@ class DenseGeneral(nn.Module):
     kernel_scale: float = 1.0
     int8: bool = False
     weight_quant: WeightQuant | None = None
+    lora: Lora | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
+        y = self._base(x.astype(self.dtype))
+        return y if self.lora is None else y + self._adapter(x.astype(self.dtype))
+
+    def _base(self, x):
         features = tuple(self.features)
         batch, inputs = x.shape[:x.ndim - self.in_axes], x.shape[x.ndim - self.in_axes:]
         shape = inputs + features
         assert len(shape) == len(self.kernel_axes), (shape, self.kernel_axes)
-        x = x.astype(self.dtype)
         # The int8 paths take the kernel as a [K, N] matrix and x as [..., K].
         flat = (math.prod(inputs), math.prod(features))
         if self.weight_quant is not None:
@@ -76,6 +91,18 @@ class DenseGeneral(nn.Module):
             return y.reshape(*batch, *features)
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
         return lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
+
+    def _adapter(self, x):
+        lora, inputs = self.lora, x.shape[x.ndim - self.in_axes:]
+        in_names, out_names = tuple(self.kernel_axes[:self.in_axes]), tuple(self.kernel_axes[self.in_axes:])
+        a = self.param("lora_a", nn.with_logical_partitioning(fan_in_init(1.0, self.in_axes), in_names + (None,)),
+                       inputs + (lora.rank,), self.param_dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_names),
+                       (lora.rank, *self.features), self.param_dtype)
+        x = nn.Dropout(lora.dropout_rate)(x, deterministic=lora.deterministic)
+        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+        h = lax.dot_general(x, a.astype(self.dtype), (contract, ((), ())))
+        return lora.scale * lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
 
     def _quantized(self, x, inputs):
         """x [..., K] times the stored kernel, as `weight_quant` says."""

@@ -7,7 +7,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from t5lite.layers.dense import DenseGeneral, WeightQuant
+from t5lite.layers.dense import DenseGeneral, Lora, WeightQuant
 
 # name -> (activation, gated). "gelu" is the exact erf form; T5 v1.1's "gated-gelu"
 # (Hugging Face's gelu_new) is the tanh approximation, hence geglu uses it.
@@ -33,14 +33,21 @@ class Mlp(nn.Module):
     deterministic: bool = True
     int8: bool = False
     weight_quant: WeightQuant | None = None
+    lora: Lora | None = None
+    adapted: tuple[str, ...] = ()  # "mlp_in" (wi, or wi_0 and wi_1) and/or "mlp_out" (wo) get `lora`
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         fn, gated = ACTIVATIONS[self.activation]
-        dense = functools.partial(DenseGeneral, int8=self.int8, weight_quant=self.weight_quant,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def dense(*args, name):
+            role = "mlp_out" if name == "wo" else "mlp_in"
+            return DenseGeneral(*args, int8=self.int8, weight_quant=self.weight_quant, dtype=self.dtype,
+                                param_dtype=self.param_dtype, lora=self.lora if role in self.adapted else None,
+                                name=name)
+
         if gated:
             h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi_0")(x)) * dense((self.d_ff,), ("embed", "mlp"), name="wi_1")(x)
         else:

@@ -1,9 +1,12 @@
-"""Building a model from its config, initialising it, and counting parameters (all, and active per
-token for mixtures of experts) without initialising."""
+"""Building a model from its config, initialising it, counting parameters (all, and active per
+token for mixtures of experts) without initialising, and splitting them into trainable and frozen."""
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +62,22 @@ def param_count(config: ModelConfig) -> int:
         decoder_layer += attention + norm
     total += config.num_decoder_layers * decoder_layer + per_stack + final_norm
     # Each MoE layer holds num_experts MLPs and a router instead of one MLP.
-    return total + _moe_layers(config) * ((config.num_experts - 1) * mlp + d * config.num_experts)
+    total += _moe_layers(config) * ((config.num_experts - 1) * mlp + d * config.num_experts)
+    return total + adapter_param_count(config)
+
+
+def adapter_param_count(config: ModelConfig) -> int:
+    """LoRA parameters: rank · (inputs + outputs) per adapted matrix."""
+    d, q, kv, ff = config.d_model, config.num_heads * config.head_dim, config.kv_heads * config.head_dim, config.d_ff
+    matrices = {"query": [(d, q)], "key": [(d, kv)], "value": [(d, kv)], "out": [(q, d)],
+                "mlp_in": [(d, ff)] * (2 if is_gated(config.mlp_activation) else 1), "mlp_out": [(ff, d)]}
+    attention_layers = config.num_decoder_layers * (2 if config.is_encoder_decoder else 1)
+    if config.is_encoder_decoder:
+        attention_layers += config.num_encoder_layers
+    mlp_layers = config.num_decoder_layers + (config.num_encoder_layers if config.is_encoder_decoder else 0)
+    per_layer = {target: sum(i + o for i, o in shapes) for target, shapes in matrices.items()}
+    return config.lora_rank * sum(per_layer[t] * (mlp_layers if t.startswith("mlp") else attention_layers)
+                                  for t in config.lora_targets)
 
 
 def active_param_count(config: ModelConfig) -> int:
@@ -113,3 +131,43 @@ def unstack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str
             block = int(block_name.removeprefix("layer_"))
         out.update({f"{stack}/layers_{i * (every or 1) + block}/{leaf}": layer for i, layer in enumerate(value)})
     return out
+
+
+# Parameter paths ("/"-joined) of LoRA adapters: what an adapted model trains unless told otherwise.
+ADAPTERS = r"/lora_[ab]$"
+
+
+def trainable_pattern(config: ModelConfig, pattern: str | None) -> str | None:
+    """The regex of trainable parameter paths: `pattern`, else the adapters of an adapted model, else
+    None (everything trains)."""
+    if pattern is None and config.lora_rank:
+        return ADAPTERS
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"train.trainable={pattern!r} is not a regular expression: {error}.") from error
+        paths = traverse_util.flatten_dict(abstract_params(config), sep="/")
+        if not any(re.search(pattern, path) for path in paths):
+            raise ValueError(f"train.trainable={pattern!r} matches no parameter; paths look like "
+                             f"{', '.join(sorted(paths)[:4])}, ...")
+    return pattern
+
+
+def split_params(params, pattern: str | None):
+    """(trainable, frozen) subtrees: the leaves whose "/"-joined path matches `pattern` (all when None),
+    and the rest. `merge_params` puts them back together."""
+    if pattern is None:
+        return params, {}
+    flat = traverse_util.flatten_dict(params, sep="/")
+    chosen = {path: leaf for path, leaf in flat.items() if re.search(pattern, path)}
+    rest = {path: leaf for path, leaf in flat.items() if path not in chosen}
+    return traverse_util.unflatten_dict(chosen, sep="/"), traverse_util.unflatten_dict(rest, sep="/")
+
+
+def merge_params(trainable, frozen):
+    if not frozen:
+        return trainable
+    flat = traverse_util.flatten_dict(frozen, sep="/")
+    flat.update(traverse_util.flatten_dict(trainable, sep="/"))
+    return traverse_util.unflatten_dict(flat, sep="/")

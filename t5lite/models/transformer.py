@@ -17,7 +17,7 @@ from t5lite.config import ModelConfig
 from t5lite.layers import positions as pos
 from t5lite.layers.attention import Attention
 from t5lite.layers.attention_spec import cross_attention_spec, resolve_impl, self_attention_spec
-from t5lite.layers.dense import DenseGeneral, WeightQuant
+from t5lite.layers.dense import DenseGeneral, Lora, WeightQuant
 from t5lite.layers.embedding import Embed
 from t5lite.layers.mlp import Mlp
 from t5lite.layers.moe import MoeMlp
@@ -52,12 +52,20 @@ def weight_quant(config: ModelConfig, family: str) -> WeightQuant | None:
     return WeightQuant(scheme, config.input_scaling, config.activation_quant, config.llm_int8_threshold)
 
 
+def lora(config: ModelConfig, deterministic: bool) -> Lora | None:
+    """The adapter every adapted projection gets (`config.lora_rank` > 0)."""
+    if not config.lora_rank:
+        return None
+    scale = config.lora_alpha / (config.lora_rank ** 0.5 if config.rslora else config.lora_rank)
+    return Lora(config.lora_rank, scale, config.lora_dropout, deterministic)
+
+
 def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool, cross: bool = False):
     return Attention(num_heads=config.num_heads, num_kv_heads=config.kv_heads, head_dim=config.head_dim,
                      scale_by_head_dim=config.scale_attention_by_head_dim, dropout_rate=config.dropout_rate,
                      deterministic=deterministic, decode=decode, is_cross_attention=cross,
                      int8="attention" in config.int8_dense, weight_quant=weight_quant(config, "attention"),
-                     name=name, **dtypes(config))
+                     lora=lora(config, deterministic), adapted=config.lora_targets, name=name, **dtypes(config))
 
 
 def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
@@ -71,7 +79,8 @@ def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
             dropout_rate=config.dropout_rate if config.expert_dropout_rate is None else config.expert_dropout_rate)
     return Mlp(d_ff=config.d_ff, activation=config.mlp_activation, dropout_rate=config.dropout_rate,
                deterministic=deterministic, int8="mlp" in config.int8_dense,
-               weight_quant=weight_quant(config, "mlp"), name="mlp", **dtypes(config))
+               weight_quant=weight_quant(config, "mlp"), lora=lora(config, deterministic),
+               adapted=config.lora_targets, name="mlp", **dtypes(config))
 
 
 def attention_impl(config: ModelConfig, deterministic: bool, decode: bool = False) -> str:

@@ -26,6 +26,8 @@ from t5lite.scaling import flops
 from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
 from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
+from t5lite.models.params import trainable_pattern
+from t5lite.train.pretrained import pretrained_params
 from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded_train_step
 
 MODEL_KINDS = ("encoder_decoder", "decoder", "prefix_lm")
@@ -125,20 +127,25 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
           mesh_shape: MeshShape = MeshShape(), pack: bool = True, seed: int = 0, num_microbatches: int = 1,
           z_loss: float = 1e-4, label_smoothing: float = 0.0, log_every: int = 50, checkpoint_every: int = 500,
           keep_checkpoints: int | None = 3, eval_every: int | None = None, eval_batches: int = 10,
-          peak_flops_per_device: float | None = None, progress: bool = True) -> dict[str, float]:
+          peak_flops_per_device: float | None = None, progress: bool = True, init_from: str | None = None,
+          trainable: str | None = None) -> dict[str, float]:
     """Trains (or resumes) a model in `model_dir`; returns the last logged training metrics.
 
     `learning_rate` is a schedule (e.g. @learning_rate_schedule()) and `optimizer` a factory taking it
     (e.g. @optimizer, without parentheses). `mesh_shape` (e.g. @MeshShape()) spreads the step over all
     devices of all processes; batch_size is the global batch.
+    Fine-tuning: a new run starts from `init_from` (a t5lite checkpoint or another run's directory)
+    and trains the parameters whose "/"-joined paths match the regex `trainable` (default: all, or
+    the LoRA adapters of a model with `ModelConfig.lora_rank`).
     """
     model_dir = pathlib.Path(model_dir).absolute()
     config = model_config
     kind = model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     check_run(config, kind, task_feature_lengths, batch_size, num_microbatches)
+    trainable = trainable_pattern(config, trainable)
     step = TrainStep.create(config, mesh_shape, optimizer(learning_rate=learning_rate), learning_rate, seed=seed,
                             batch_size=batch_size, num_microbatches=num_microbatches, z_loss=z_loss,
-                            label_smoothing=label_smoothing)
+                            label_smoothing=label_smoothing, trainable=trainable)
     check_model_dir(model_dir, config)
     checkpoints_exist = (model_dir / "checkpoints").is_dir()
     checkpoints = ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints) if checkpoints_exist else None
@@ -146,6 +153,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     start_position = 0
     if resume_step is not None:
         state, start_position = checkpoints.restore(step.abstract_state, resume_step)
+    pretrained = pretrained_params(config, init_from) if init_from and resume_step is None else None
     data_shard = step.partitioner.data_shard(batch_size)
     stream = data_stream(mixture_or_task_name, kind, task_feature_lengths, batch_size, split="train", pack=pack,
                          seed=seed, data_shard=data_shard, start_position=start_position)
@@ -162,7 +170,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     partitioner = step.partitioner
     with partitioner.context():
         if resume_step is None:
-            state = init_state(config, step.tx, jax.random.PRNGKey(seed), step.state_shardings)
+            state = init_state(config, step.tx, jax.random.PRNGKey(seed), step.state_shardings, trainable, pretrained)
         start = int(state.step)
         eval_fn = sharded_eval_step(partitioner, step.state_shardings.params, config)
         dropout_rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), partitioner.replicated)
@@ -242,27 +250,13 @@ class TrainStep:
     @classmethod
     def create(cls, config: ModelConfig, mesh_shape: MeshShape, tx: optax.GradientTransformation,
                schedule: Callable, *, seed: int, batch_size: int, num_microbatches: int, z_loss: float,
-               label_smoothing: float, devices=None) -> "TrainStep":
+               label_smoothing: float, trainable: str | None = None, devices=None) -> "TrainStep":
         partitioner = Partitioner.create(config, mesh_shape, devices)
         partitioner.check_batch(batch_size, num_microbatches)
-        abstract = jax.eval_shape(functools.partial(init_state, config, tx), jax.random.PRNGKey(seed))
-        state_shardings = partitioner.state(abstract, partitioner.params(config))
+        abstract = jax.eval_shape(functools.partial(init_state, config, tx, trainable=trainable),
+                                  jax.random.PRNGKey(seed))
+        state_shardings = partitioner.state(abstract, partitioner.params(config), trainable)
         fn = sharded_train_step(partitioner, state_shardings, config=config, tx=tx, schedule=schedule,
-                                num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing)
+                                num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
+                                trainable=trainable)
         return cls(partitioner, tx, abstract_with_shardings(abstract, state_shardings), state_shardings, fn)
-
-
-def restore_params(model_dir: str | pathlib.Path, step: int | None = None):
-    """(config, params, step) from a training run's latest (or given) checkpoint, for eval and generation."""
-    model_dir = pathlib.Path(model_dir).absolute()
-    config_file = model_dir / ckpt.CONFIG_FILE
-    if not config_file.is_file() or not (model_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{model_dir} holds no training run (no {ckpt.CONFIG_FILE} and checkpoints/); "
-                                f"train one with `t5lite train --model_dir={model_dir} ...` first.")
-    config = ModelConfig.from_json(config_file.read_text())
-    checkpoints = ckpt.TrainCheckpoints(model_dir, 1, None)
-    try:
-        params, step = checkpoints.restore_params(step)
-    finally:
-        checkpoints.close()
-    return config, params, step

@@ -1,4 +1,5 @@
-"""Token-level cross entropy with z-loss and label smoothing, computed in float32."""
+"""Losses, computed in float32: token-level cross entropy (with z-loss and label smoothing), and the
+post-training losses on top of it: distillation, DPO and a pairwise reward-model loss."""
 
 from __future__ import annotations
 
@@ -30,3 +31,36 @@ def cross_entropy(logits, targets, weights, z_loss: float = 1e-4, label_smoothin
     weights = weights.astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return jnp.sum((loss + z) * weights), jnp.sum(z * weights), jnp.sum(correct * weights)
+
+
+def sequence_log_probs(logits, targets, weights):
+    """log p(targets) of each row: the sum over its weighted tokens. [B, T, V], [B, T] -> [B]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token * weights.astype(jnp.float32), axis=-1)
+
+
+def distillation(student_logits, teacher_logits, targets, weights, temperature: float = 1.0, alpha: float = 0.5):
+    """Knowledge distillation (Hinton et al. 2015), summed over weighted tokens:
+    alpha·T²·KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha)·CE(student, targets).
+    T² keeps the soft term's gradients on the scale of the hard term's as T grows.
+    Returns (loss_sum, kl_sum)."""
+    weights = weights.astype(jnp.float32)
+    teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, axis=-1)
+    student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+    kl_sum = jnp.sum(kl * weights)
+    ce_sum = -jnp.sum(sequence_log_probs(student_logits, targets, weights))
+    return alpha * temperature ** 2 * kl_sum + (1.0 - alpha) * ce_sum, kl_sum
+
+
+def dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float = 0.1):
+    """Direct preference optimisation (Rafailov et al. 2023) from sequence log-probabilities [B]:
+    -log σ(β·((π_c - ref_c) - (π_r - ref_r))). Returns (per-pair losses, implicit reward margins β·(...))."""
+    margin = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+    return jax.nn.softplus(-margin), margin
+
+
+def pairwise_reward(reward_chosen, reward_rejected):
+    """A reward model's Bradley-Terry loss per pair: -log σ(r_chosen - r_rejected)."""
+    return jax.nn.softplus(reward_rejected - reward_chosen)

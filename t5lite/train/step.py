@@ -3,6 +3,8 @@
 One step is one function: forward, loss, backward (accumulated over microbatches with
 `lax.scan` when asked), optimizer update and metrics, all on device. The caller jits
 it with the state donated, so parameters and optimizer state are updated in place.
+With a `trainable` pattern (fine-tuning adapters, say) only the matching parameters are
+differentiated and have optimizer state; the others are constants of the step.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from t5lite.config import ModelConfig
 from t5lite.layers.moe import moe_summary
 from t5lite.models import build, dummy_inputs
+from t5lite.models.params import merge_params, split_params
 from t5lite.sharding import BATCH_LOGICAL, Partitioner
 from t5lite.train.losses import cross_entropy
 
@@ -35,13 +39,19 @@ class TrainState:
     opt_state: Any
 
 
-def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, shardings=None) -> TrainState:
+def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, shardings=None,
+               trainable: str | None = None, pretrained: dict[str, jax.Array] | None = None) -> TrainState:
     """A fresh state; with `shardings` (a TrainState of NamedShardings, from `Partitioner.state`)
-    every array is created where it lives. The values do not depend on the sharding."""
-    def init(key):
+    every array is created where it lives. The values do not depend on the sharding. `pretrained`
+    ("/"-joined paths to arrays) replaces those parameters of the initialisation; the optimizer
+    state covers the `trainable` ones."""
+    def init(key, pretrained):
         params = nn.unbox(build(config).init(key, **dummy_inputs(config), enable_dropout=False)["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    return jax.jit(init, out_shardings=shardings)(rng)
+        if pretrained:
+            params = merge_params(traverse_util.unflatten_dict(pretrained, sep="/"), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(split_params(params, trainable)[0]))
+    return jax.jit(init, out_shardings=shardings)(rng, pretrained or {})
 
 
 def model_features(config: ModelConfig, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -77,32 +87,35 @@ def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout):
 
 
 def train_step(state: TrainState, batch, base_rng, *, config: ModelConfig, tx: optax.GradientTransformation,
-               schedule: Callable, num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0):
+               schedule: Callable, num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
+               trainable: str | None = None):
     """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch
-    (plus MoE auxiliary losses), whatever the number of microbatches. The `loss` metric is the
-    cross entropy (with z-loss); MoE models also log `moe_*` metrics, experts' shares one by one."""
+    (plus MoE auxiliary losses), whatever the number of microbatches, with respect to the parameters
+    whose paths match `trainable` (all when None). The `loss` metric is the cross entropy (with
+    z-loss); MoE models also log `moe_*` metrics, experts' shares one by one."""
     rng = jax.random.fold_in(base_rng, state.step)
-    grad_fn = jax.value_and_grad(_sums, argnums=1, has_aux=True)
+    params, frozen = split_params(state.params, trainable)
+    grad_fn = jax.value_and_grad(lambda p, *a: _sums(config, merge_params(p, frozen), *a), has_aux=True)
     args = (z_loss, label_smoothing, True)
     if num_microbatches == 1:
-        (_, aux), grads = grad_fn(config, state.params, batch, rng, *args)
+        (_, aux), grads = grad_fn(params, batch, rng, *args)
     else:
         # Microbatch m holds rows m, m + M, m + 2M, ...: every device keeps its own rows of each.
         micro = jax.tree.map(lambda x: x.reshape(-1, num_microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, inputs):
             index, microbatch = inputs
-            (_, aux), grads = grad_fn(config, state.params, microbatch, jax.random.fold_in(rng, index), *args)
+            (_, aux), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index), *args)
             return jax.tree.map(jnp.add, carry, (aux, grads)), None
 
-        shapes = jax.eval_shape(lambda p, b: grad_fn(config, p, b, rng, *args), state.params,
+        shapes = jax.eval_shape(lambda p, b: grad_fn(p, b, rng, *args), params,
                                 jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
         (aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
     denominator = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    new_state = TrainState(step=state.step + 1, params=merge_params(optax.apply_updates(params, updates), frozen),
                            opt_state=opt_state)
     metrics = {"loss": aux["loss"] / denominator, "z_loss": aux["z_loss"] / denominator,
                "accuracy": aux["correct"] / denominator, "grad_norm": optax.tree.norm(grads),

@@ -15,9 +15,9 @@ def test_examples_are_deterministic_and_splits_disjoint():
     for operation in synthetic.OPERATIONS:
         train, validation = synthetic.examples(operation, "train"), synthetic.examples(operation, "validation")
         assert len(train) == 20_000 and len(validation) == 500
-        assert not {i for i, _ in train} & {i for i, _ in validation}
-        assert all(solve(inputs) == targets for inputs, targets in validation)
-    assert synthetic.examples("sort", "validation")[0] == ("sort: 2 9 6", "2 6 9")  # fixed across machines
+        assert not {r["inputs"] for r in train} & {r["inputs"] for r in validation}
+        assert all(solve(r["inputs"]) == r["targets"] for r in validation)
+    assert synthetic.examples("sort", "validation")[0] == {"inputs": "sort: 2 9 6", "targets": "2 6 9"}  # fixed
 
 
 def test_exact_match_metric():

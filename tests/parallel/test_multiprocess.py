@@ -14,7 +14,8 @@ from t5lite import config as t5config
 from t5lite.data import DataStream
 from t5lite.sharding import MeshShape
 from t5lite.train import aot
-from t5lite.train.loop import TrainStep, restore_params
+from t5lite.train.checkpoint import restore_params
+from t5lite.train.loop import TrainStep
 from t5lite.train.metrics import read_metrics
 from t5lite.train.step import init_state
 

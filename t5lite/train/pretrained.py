@@ -1,0 +1,51 @@
+"""Where a fine-tuning run starts: a pretrained model's parameters, checked against the run's model.
+
+`train.init_from` names a t5lite checkpoint (`t5lite convert` writes one from a Hugging Face
+model) or a training run's directory (its latest checkpoint). The run's model may add LoRA
+adapters (initialised fresh), and may store its dense kernels quantised: a float base is then
+rounded to the run's layout (int8, or int4 in groups), QLoRA-style.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+from flax import traverse_util
+
+from t5lite.config import ModelConfig
+from t5lite.models import abstract_params
+from t5lite.models.params import ADAPTERS, stack_layers, unstack_layers
+from t5lite.quantization.weights import quantize_weights
+from t5lite.train import checkpoint
+
+# Fields a fine-tuning run may set differently from its pretrained model.
+FINETUNE_FIELDS = ("dtype", "dropout_rate", "remat_policy", "scan_layers", "attention_impl", "int8_dense",
+                   "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora", "expert_dropout_rate")
+
+
+def pretrained_params(config: ModelConfig, path: str) -> dict[str, np.ndarray]:
+    """The parameters of `config`'s model found at `path` ("/"-joined paths to host arrays); only
+    adapters may be missing. Raises ValueError naming what differs."""
+    source_config, params = checkpoint.load_pretrained(path)
+    if config.int8_weights and not source_config.int8_weights:
+        source_config, params = quantize_weights(
+            source_config, params, families=config.int8_weights, bits=config.weight_bits,
+            group_size=config.weight_group_size, zero_points=config.weight_zero_points)
+    differing = [f.name for f in dataclasses.fields(ModelConfig)
+                 if f.name not in FINETUNE_FIELDS and getattr(source_config, f.name) != getattr(config, f.name)]
+    if differing:
+        details = ", ".join(f"{name}: {getattr(source_config, name)!r} there, {getattr(config, name)!r} here"
+                            for name in differing)
+        raise ValueError(f"train.init_from={path} holds a different model ({details}). Fine-tune with the "
+                         f"pretrained model's ModelConfig; only {', '.join(FINETUNE_FIELDS)} and the "
+                         f"quantisation of its weights may change.")
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if source_config.scan_layers != config.scan_layers:
+        flat = stack_layers(flat, config) if config.scan_layers else unstack_layers(flat, source_config)
+    expected = traverse_util.flatten_dict(abstract_params(config), sep="/")
+    missing = [p for p in expected if p not in flat and not re.search(ADAPTERS, p)]
+    if missing:
+        raise ValueError(f"train.init_from={path} lacks parameters of this model: {', '.join(missing[:5])}.")
+    return {p: np.asarray(flat[p], leaf.dtype) for p, leaf in expected.items() if p in flat}

@@ -1,0 +1,225 @@
+"""Fine-tuning: LoRA adapters (also on an int8 base), trainable subsets in the train step, adapters
+saved alone, SFT loss masks, and the distillation / DPO / reward-model losses."""
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+from scipy.special import log_softmax
+
+from t5lite import data
+from t5lite.config import ModelConfig
+from t5lite.models import build, init_params, param_count
+from t5lite.models.lora import merge_lora
+from t5lite.models.params import ADAPTERS, split_params
+from t5lite.train import checkpoint, losses, optimizers
+from t5lite.train.step import eval_step, init_state, train_step
+
+ALL = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+BASE = ModelConfig(architecture="encoder_decoder", vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                   num_encoder_layers=1, num_decoder_layers=2, mlp_activation="geglu", dtype="float32",
+                   tie_embeddings=False)
+ADAPTED = BASE.replace(lora_rank=4, lora_targets=ALL)
+
+
+def batch(size=4, seed=0):
+    rs = np.random.RandomState(seed)
+    targets = rs.randint(1, 64, (size, 6))
+    return {"encoder_input_tokens": jnp.asarray(rs.randint(1, 64, (size, 7))),
+            "decoder_input_tokens": jnp.asarray(np.concatenate([np.zeros((size, 1), int), targets[:, :-1]], 1)),
+            "decoder_target_tokens": jnp.asarray(targets)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def logits(config, params, data_batch):
+    features = {k: v for k, v in data_batch.items() if k != "decoder_target_tokens"}
+    return build(config).apply({"params": params}, **features, enable_dropout=False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def loss_sum(config, params, data_batch):
+    return eval_step(params, data_batch, config=config)["loss_sum"]
+
+
+def flat(params):
+    return traverse_util.flatten_dict(params, sep="/")
+
+
+def base_of(params):
+    return traverse_util.unflatten_dict({p: x for p, x in flat(params).items() if "lora_" not in p}, sep="/")
+
+
+@pytest.fixture(scope="module")
+def adapted_params():
+    return init_params(ADAPTED, jax.random.PRNGKey(0))
+
+
+def test_lora_starts_as_its_base_and_counts_r_times_in_plus_out(adapted_params):
+    np.testing.assert_array_equal(logits(ADAPTED, adapted_params, batch()),
+                                  logits(BASE, base_of(adapted_params), batch()))
+    pairs = {p.removesuffix("/lora_a"): p for p in flat(adapted_params) if p.endswith("/lora_a")}
+    assert len(pairs) == 3 * 4 + 2 * 3  # q, k, v, o of 3 attentions; wi_0, wi_1, wo of 2 MLPs (scanned)
+    params = flat(adapted_params)
+    for module in pairs:
+        kernel, a, b = params[f"{module}/kernel"], params[f"{module}/lora_a"], params[f"{module}/lora_b"]
+        assert not b.any()
+        layers = kernel.shape[0] if module.split("/")[1] == "layers" else 1
+        k = math.prod(a.shape[:-1]) // layers
+        assert a.size + b.size == layers * 4 * (k + kernel.size // layers // k)
+    trainable, _ = split_params(adapted_params, ADAPTERS)
+    counted = sum(x.size for x in jax.tree.leaves(trainable))
+    assert counted == param_count(ADAPTED) - param_count(BASE)
+    assert counted == sum(x.size for p, x in params.items() if "lora_" in p)
+
+
+def adapter_step(config, tx, **kwargs):
+    schedule = optimizers.learning_rate_schedule("constant", 1e-2)
+    return jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=schedule, trainable=ADAPTERS,
+                                     **kwargs))
+
+
+@pytest.mark.parametrize("int8_weights", [(), ("attention", "mlp")], ids=["float_base", "int8_base"])
+def test_lora_trains_adapters_only_and_merges(int8_weights, tmp_path):
+    config = ADAPTED.replace(int8_weights=int8_weights, rslora=bool(int8_weights))
+    tx = optimizers.optimizer("adamw", 1e-2)
+    state = init_state(config, tx, jax.random.PRNGKey(0), trainable=ADAPTERS)
+    # The optimizer state holds the adapters' moments, nothing of the base.
+    adam = state.opt_state[0]
+    assert jax.tree.structure(adam.mu) == jax.tree.structure(split_params(state.params, ADAPTERS)[0])
+    step = adapter_step(config, tx)
+    before = loss_sum(config, state.params, batch())
+    trained = state
+    for i in range(8):
+        trained, metrics = step(trained, batch(seed=i % 2), jax.random.PRNGKey(1))
+    assert loss_sum(config, trained.params, batch()) < before
+    for path, value in flat(trained.params).items():
+        changed = not np.array_equal(value, flat(state.params)[path])
+        assert changed == ("lora_b" in path or "lora_a" in path), path  # base bit-identical; a and b move
+    if int8_weights:
+        assert flat(trained.params)["encoder/layers/attention/query/kernel"].dtype == jnp.int8
+        with pytest.raises(ValueError, match="adapters merge into float kernels only"):
+            merge_lora(config, trained.params)
+        return
+    merged_config, merged = merge_lora(config, trained.params)
+    assert merged_config.lora_rank == 0 and not any("lora_" in p for p in flat(merged))
+    np.testing.assert_allclose(logits(merged_config, merged, batch()), logits(config, trained.params, batch()),
+                               atol=1e-5, rtol=0)
+    # Adapters alone on disk, and the base + them computes the same logits.
+    checkpoint.save_adapters(tmp_path / "adapters", config, trained.params)
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = flat(checkpointer.restore(tmp_path / "adapters" / checkpoint.ADAPTERS_DIR))
+    assert sorted(saved) == sorted(p for p in flat(trained.params) if "lora_" in p)
+    loaded_config, loaded = checkpoint.load_adapters(tmp_path / "adapters", base_of(trained.params))
+    assert loaded_config == config
+    np.testing.assert_array_equal(logits(config, loaded, batch()), logits(config, trained.params, batch()))
+    with pytest.raises(ValueError, match="do not fit the adapters' model"):
+        checkpoint.load_adapters(tmp_path / "adapters", base_of(init_params(BASE.replace(d_ff=32),
+                                                                             jax.random.PRNGKey(0))))
+
+
+def test_lora_dropout_and_bad_configs():
+    config = ADAPTED.replace(lora_dropout=0.5, lora_targets=("query",))
+    params = init_params(config, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x + 0.1, params)  # nonzero B, so the adapter path shows
+    features = {k: v for k, v in batch().items() if k != "decoder_target_tokens"}
+    a, b = (build(config).apply({"params": params}, **features, enable_dropout=True, rngs={"dropout": key})
+            for key in jax.random.split(jax.random.PRNGKey(0)))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(logits(config, params, batch()), logits(config, params, batch()))
+    for changes, message in [(dict(lora_targets=("queries",)), "lora_targets"), (dict(lora_rank=-1), "lora_rank"),
+                             (dict(lora_dropout=1.0), "lora_dropout"),
+                             (dict(num_experts=2, encoder_moe_every=1, decoder_moe_every=1), "mixture of experts")]:
+        with pytest.raises(ValueError, match=message):
+            ADAPTED.replace(**changes)
+
+
+def test_sft_loss_falls_on_response_tokens_only(tmp_path):
+    """Two prompts of the same length with one response: the same loss mask and target tokens; the
+    loss itself differs, because the instruction conditions the response."""
+    records = [{"instruction": "Is 12 even or odd?", "response": "even"},
+               {"instruction": "Is 13 even or odd?", "response": "even"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data.register_instruction_task("t5lite_test_sft", str(path), str(path))
+    config = BASE.replace(architecture="decoder", vocab_size=4224)
+    lengths = {"inputs": 24, "targets": 6}
+    stream = data.DataStream("t5lite_test_sft", split="validation", task_feature_lengths=lengths, batch_size=2,
+                             model_kind="prefix_lm", pack=False, shuffle=False)
+    rows = next(stream)
+    weights, targets, inputs = rows["decoder_loss_weights"], rows["decoder_target_tokens"], rows["decoder_input_tokens"]
+    np.testing.assert_array_equal(weights[0], weights[1])
+    np.testing.assert_array_equal(targets[0] * weights[0], targets[1] * weights[1])
+    assert not np.array_equal(inputs[0], inputs[1])
+    response = stream.vocabulary.encode("even") + [1]  # and EOS
+    assert targets[0][weights[0] > 0].tolist() == response
+    prompt_end = int(np.argmax(weights[0]))
+    assert prompt_end > 8 and rows["decoder_causal_attention"][0][:prompt_end].all()
+    params = init_params(config, jax.random.PRNGKey(0))
+    per_row = [float(loss_sum(config, params, {k: v[i:i + 1] for k, v in rows.items()})) for i in range(2)]
+    assert per_row[0] != per_row[1]
+    # A prompt longer than its feature length keeps its end: the template's response marker.
+    long = {"instruction": "word " * 40, "response": "even"}
+    path.write_text(json.dumps(long) + "\n")
+    data.register_instruction_task("t5lite_test_sft", str(path), str(path))
+    row = next(data.DataStream("t5lite_test_sft", split="validation", task_feature_lengths=lengths,
+                               batch_size=1, model_kind="encoder_decoder", pack=False, shuffle=False))
+    assert stream.vocabulary.decode(row["encoder_input_tokens"][0].tolist()).endswith("### Response:")
+    with pytest.raises(ValueError, match="needs the keys 'instruction' and 'response'"):
+        path.write_text(json.dumps({"prompt": "x"}) + "\n")
+        data.register_instruction_task("t5lite_test_sft", str(path))
+
+
+def test_builtin_instructions_are_fixed_and_disjoint():
+    from t5lite.data import instructions
+
+    train, validation = instructions.builtin_examples("train"), instructions.builtin_examples("validation")
+    assert len(train) == 5000 and len(validation) == 200
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in validation}
+    sums = [r for r in validation if " plus " in r["instruction"]]
+    assert sums and all(int(r["response"]) == sum(map(int, r["instruction"][8:-1].split(" plus "))) for r in sums)
+
+
+def test_distillation_loss():
+    rs = np.random.RandomState(0)
+    teacher, student = rs.randn(2, 5, 11).astype(np.float32), rs.randn(2, 5, 11).astype(np.float32)
+    targets, weights = rs.randint(0, 11, (2, 5)), (rs.rand(2, 5) > 0.3).astype(np.float32)
+    temperature, alpha = 2.0, 0.7
+    loss, kl = losses.distillation(teacher, teacher, targets, weights, temperature, alpha=1.0)
+    assert abs(float(loss)) < 1e-5 and abs(float(kl)) < 1e-5  # a student equal to its teacher
+    # Against float64: alpha·T²·KL + (1 - alpha)·CE.
+    p = np.exp(log_softmax(teacher.astype(np.float64) / temperature, -1))
+    q = log_softmax(student.astype(np.float64) / temperature, -1)
+    kl64 = np.sum(p * (np.log(p) - q), -1)
+    ce64 = -np.take_along_axis(log_softmax(student.astype(np.float64), -1), targets[..., None], -1)[..., 0]
+    expected = np.sum((alpha * temperature ** 2 * kl64 + (1 - alpha) * ce64) * weights)
+    loss, _ = losses.distillation(student, teacher, targets, weights, temperature, alpha)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # The soft term's gradient pulls the student's logits towards the teacher's.
+    grad = jax.grad(lambda s: losses.distillation(s, teacher, targets, weights, temperature, 1.0)[0])(student)
+    moved = np.sign(np.asarray(grad))[weights > 0]
+    want = np.sign(np.exp(q) - p)[weights > 0]  # d T²·KL / d student logits = T·(q - p)
+    np.testing.assert_array_equal(moved, want)
+    step = student - 0.1 * np.asarray(grad)
+    assert float(losses.distillation(step, teacher, targets, weights, temperature, 1.0)[1]) < np.sum(kl64 * weights)
+
+
+def test_dpo_and_reward_losses():
+    rs = np.random.RandomState(0)
+    policy = jnp.asarray(rs.randn(2, 8))
+    loss, margin = losses.dpo(policy[0], policy[1], policy[0], policy[1], beta=0.1)
+    np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # the policy equals its reference
+    np.testing.assert_allclose(margin, 0.0)
+    chosen, rejected, ref_c, ref_r = (jnp.asarray(rs.randn(8)) for _ in range(4))
+    loss, margin = losses.dpo(chosen, rejected, ref_c, ref_r, beta=0.5)
+    expected = np.log1p(np.exp(-0.5 * ((chosen - ref_c) - (rejected - ref_r))))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    grad = jax.grad(lambda c: losses.dpo(c, rejected, ref_c, ref_r, 0.5)[0].sum())(chosen)
+    assert (np.asarray(grad) < 0).all()  # raising the chosen log-probability lowers the loss
+    np.testing.assert_allclose(losses.pairwise_reward(jnp.asarray([2.0, 0.0]), jnp.asarray([0.0, 0.0])),
+                               [np.log1p(np.exp(-2.0)), np.log(2.0)], rtol=1e-6)
