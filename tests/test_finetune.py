@@ -128,8 +128,9 @@ def test_lora_dropout_and_bad_configs():
     params = init_params(config, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: x + 0.1, params)  # nonzero B, so the adapter path shows
     features = {k: v for k, v in batch().items() if k != "decoder_target_tokens"}
-    a, b = (build(config).apply({"params": params}, **features, enable_dropout=True, rngs={"dropout": key})
-            for key in jax.random.split(jax.random.PRNGKey(0)))
+    dropped = jax.jit(lambda key: build(config).apply({"params": params}, **features, enable_dropout=True,
+                                                      rngs={"dropout": key}))
+    a, b = (dropped(key) for key in jax.random.split(jax.random.PRNGKey(0)))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(logits(config, params, batch()), logits(config, params, batch()))
     for changes, message in [(dict(lora_targets=("queries",)), "lora_targets"), (dict(lora_rank=-1), "lora_rank"),
@@ -209,6 +210,18 @@ def test_distillation_loss():
     assert float(losses.distillation(step, teacher, targets, weights, temperature, 1.0)[1]) < np.sum(kl64 * weights)
 
 
+def test_distillation_temperature_schedule_and_bad_settings():
+    from t5lite.train.distillation import Distillation
+
+    schedule = Distillation("teacher_dir", temperature=4.0, final_temperature=1.0).schedule(30)
+    np.testing.assert_allclose([schedule(0), schedule(15), schedule(30), schedule(40)], [4.0, 2.5, 1.0, 1.0])
+    assert float(Distillation("teacher_dir", temperature=2.0).schedule(30)(29)) == 2.0
+    with pytest.raises(ValueError, match="alpha"):
+        Distillation("teacher_dir", alpha=1.5)
+    with pytest.raises(ValueError, match="final_temperature"):
+        Distillation("teacher_dir", final_temperature=0.0)
+
+
 def test_dpo_and_reward_losses():
     rs = np.random.RandomState(0)
     policy = jnp.asarray(rs.randn(2, 8))
@@ -223,3 +236,25 @@ def test_dpo_and_reward_losses():
     assert (np.asarray(grad) < 0).all()  # raising the chosen log-probability lowers the loss
     np.testing.assert_allclose(losses.pairwise_reward(jnp.asarray([2.0, 0.0]), jnp.asarray([0.0, 0.0])),
                                [np.log1p(np.exp(-2.0)), np.log(2.0)], rtol=1e-6)
+
+
+def test_dpo_training_on_toy_pairs_widens_the_margin():
+    from t5lite.data import get_vocabulary
+    from t5lite.train.preference import dpo_step, pair_batch, toy_pairs
+
+    pairs = toy_pairs("validation")[:8]
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    config = BASE.replace(vocab_size=4224)
+    batch = pair_batch(pairs, get_vocabulary(None), config, prompt_length=24, response_length=8)
+    tx = optimizers.optimizer("adamw", 3e-3)
+    state = init_state(config, tx, jax.random.PRNGKey(0))
+    reference = state.params
+    step = jax.jit(functools.partial(dpo_step, config=config, tx=tx, beta=0.1))
+    margins = []
+    for _ in range(6):
+        state, metrics = step(state, batch, reference)
+        margins.append(float(metrics["margin"]))
+        if len(margins) == 1:
+            np.testing.assert_allclose(metrics["loss"], np.log(2.0), rtol=1e-5)  # policy == reference
+    assert margins[0] == 0.0 and margins[-1] > 0.05, margins
+    assert float(metrics["pair_accuracy"]) > 0.5

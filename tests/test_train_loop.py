@@ -36,20 +36,26 @@ def losses(model_dir):
     return [row["loss"] for row in read_metrics(pathlib.Path(model_dir) / "train_metrics.jsonl")]
 
 
-@pytest.mark.parametrize("run", [SPAN, LM, PREFIX], ids=["span_corruption", "causal_lm", "prefix_lm"])
-def test_training_lowers_the_loss(run, tmp_path):
-    assert train(tmp_path, run, "train.num_steps = 40") == 0
-    curve = losses(tmp_path)
-    assert len(curve) == 40
+def check_learned(model_dir, steps):
+    curve = losses(model_dir)
+    assert len(curve) == steps
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 1.0, curve
-    assert (tmp_path / "checkpoints" / "40").is_dir() and (tmp_path / "config.gin").is_file()
-    row = read_metrics(tmp_path / "train_metrics.jsonl")[-1]
+    assert (model_dir / "checkpoints" / str(steps)).is_dir() and (model_dir / "config.gin").is_file()
+    row = read_metrics(model_dir / "train_metrics.jsonl")[-1]
     assert {"perplexity", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "tflops_per_device"} <= set(row)
 
 
+@pytest.mark.parametrize("run", [LM, PREFIX], ids=["causal_lm", "prefix_lm"])
+def test_training_lowers_the_loss(run, tmp_path):
+    assert train(tmp_path, run, "train.num_steps = 40") == 0
+    check_learned(tmp_path, 40)
+
+
 def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(tmp_path):
+    """Also span corruption's "training lowers the loss" (the uninterrupted run)."""
     steps = ["train.num_steps = 30"]
     assert train(tmp_path / "straight", SPAN, *steps) == 0
+    check_learned(tmp_path / "straight", 30)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "t5lite.cli", "train", f"--gin_file={SPAN[0]}", f"--model_dir={killed}"]
     command += [f"--gin.{b.replace(' = ', '=', 1)}" for b in TINY + SPAN[1:] + steps]
@@ -77,6 +83,9 @@ def test_flops_match_hand_counts():
     mlp = 2 * s * 3 * 64 * 256
     logits = 2 * s * 64 * 1000
     assert flops.training_flops_per_sequence(config, 0, s) == 3 * (2 * (projections + scores + mlp) + logits)
+    # A frozen base (LoRA) skips the weight gradients: forward and the activations' backward only.
+    assert flops.training_flops_per_sequence(config, 0, s, frozen_base=True) == 2 * (2 * (projections + scores + mlp)
+                                                                                    + logits)
 
     t5 = ModelConfig(architecture="encoder_decoder", vocab_size=500, d_model=32, num_heads=2, head_dim=8, d_ff=64,
                      num_encoder_layers=1, num_decoder_layers=1, mlp_activation="relu")
@@ -195,6 +204,19 @@ def test_finetuning_beats_the_pretrained_model_and_lora_freezes_it(trained_dir, 
 
     assert train(tmp_path / "other", full, *start, "ModelConfig.d_ff = 64") == 2
     assert "holds a different model (d_ff: 128 there, 64 here)" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_distillation_trains_a_student_on_its_teachers_soft_targets(trained_dir, tmp_path, capsys):
+    teacher = [f"Distillation.teacher = '{trained_dir}'", "train.distillation = @Distillation()",
+               "Distillation.alpha = 1.0", "Distillation.temperature = 1.0"]
+    assert train(tmp_path / "student", SPAN, *teacher, "ModelConfig.d_ff = 64", "train.num_steps = 20") == 0
+    rows = read_metrics(tmp_path / "student" / "train_metrics.jsonl")
+    assert all(row["temperature"] == 1.0 for row in rows)
+    kl = [row["distill_kl"] for row in rows]
+    assert np.mean(kl[-5:]) < 0.5 * np.mean(kl[:5]), kl  # the student moves towards its teacher
+    assert train(tmp_path / "other", SPAN, *teacher, "ModelConfig.vocab_size = 4352") == 2
+    assert "Teacher and student need one vocabulary" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
 

@@ -92,9 +92,11 @@ def forward_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_
     return total + config.num_decoder_layers * decoder_layer
 
 
-def training_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_length: int) -> int:
-    """Forward plus backward (3 × forward); what MFU divides by step time."""
-    return 3 * forward_flops_per_sequence(config, inputs_length, targets_length)
+def training_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_length: int,
+                                frozen_base: bool = False) -> int:
+    """Forward plus backward (3 × forward); what MFU divides by step time. With a frozen base (only
+    adapters or another small subset train) the backward skips the weight gradients: 2 × forward."""
+    return (2 if frozen_base else 3) * forward_flops_per_sequence(config, inputs_length, targets_length)
 
 
 def training_flops_per_token(config: ModelConfig, inputs_length: int, targets_length: int) -> float:

@@ -19,6 +19,7 @@ import jax
 
 from pallas_kernels.backend import compiling_for
 from t5lite.models import active_param_count, param_count
+from t5lite.models.params import trainable_pattern
 from t5lite.scaling import flops
 from t5lite.sharding import BATCH_LOGICAL
 from t5lite.train import loop
@@ -117,6 +118,7 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
     config, lengths, batch_size = args["model_config"], args["task_feature_lengths"], args["batch_size"]
     kind = args["model_kind"] or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     loop.check_run(config, kind, lengths, batch_size, args["num_microbatches"])
+    trainable = trainable_pattern(config, args["trainable"])
     devices = topology_devices(topology)
     chip = flops.chip_name(devices[0])
     if chip not in HBM_BYTES:
@@ -126,7 +128,8 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
         step = loop.TrainStep.create(config, args["mesh_shape"], args["optimizer"](learning_rate=args["learning_rate"]),
                                      args["learning_rate"], seed=args["seed"], batch_size=batch_size,
                                      num_microbatches=args["num_microbatches"], z_loss=args["z_loss"],
-                                     label_smoothing=args["label_smoothing"], devices=devices)
+                                     label_smoothing=args["label_smoothing"], devices=devices,
+                                     trainable=trainable)
         partitioner = step.partitioner
         stream = loop.data_stream(args["mixture_or_task_name"], kind, lengths, batch_size, split="train",
                                   pack=args["pack"], seed=args["seed"])
@@ -141,8 +144,8 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
     report = CompileReport(
         topology=topology, device_kind=devices[0].device_kind, mesh=dict(partitioner.mesh.shape),
         hbm_bytes=HBM_BYTES[chip], params=param_count(config), active_params=active_param_count(config),
-        model_flops=batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length)
-        / len(devices))
+        model_flops=batch_size * flops.training_flops_per_sequence(
+            config, encoder_length, decoder_length, frozen_base=trainable is not None) / len(devices))
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import gin
 import jax
@@ -27,6 +27,7 @@ from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
 from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
 from t5lite.models.params import trainable_pattern
+from t5lite.train.distillation import Distillation, Teacher, load_teacher
 from t5lite.train.pretrained import pretrained_params
 from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded_train_step
 
@@ -128,7 +129,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
           z_loss: float = 1e-4, label_smoothing: float = 0.0, log_every: int = 50, checkpoint_every: int = 500,
           keep_checkpoints: int | None = 3, eval_every: int | None = None, eval_batches: int = 10,
           peak_flops_per_device: float | None = None, progress: bool = True, init_from: str | None = None,
-          trainable: str | None = None) -> dict[str, float]:
+          trainable: str | None = None, distillation: Distillation | None = None) -> dict[str, float]:
     """Trains (or resumes) a model in `model_dir`; returns the last logged training metrics.
 
     `learning_rate` is a schedule (e.g. @learning_rate_schedule()) and `optimizer` a factory taking it
@@ -136,16 +137,18 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     devices of all processes; batch_size is the global batch.
     Fine-tuning: a new run starts from `init_from` (a t5lite checkpoint or another run's directory)
     and trains the parameters whose "/"-joined paths match the regex `trainable` (default: all, or
-    the LoRA adapters of a model with `ModelConfig.lora_rank`).
+    the LoRA adapters of a model with `ModelConfig.lora_rank`). `distillation` (@Distillation())
+    trains on a frozen teacher's soft targets.
     """
     model_dir = pathlib.Path(model_dir).absolute()
     config = model_config
     kind = model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     check_run(config, kind, task_feature_lengths, batch_size, num_microbatches)
     trainable = trainable_pattern(config, trainable)
+    teacher, teacher_params = load_teacher(distillation, config, num_steps) if distillation else (None, None)
     step = TrainStep.create(config, mesh_shape, optimizer(learning_rate=learning_rate), learning_rate, seed=seed,
                             batch_size=batch_size, num_microbatches=num_microbatches, z_loss=z_loss,
-                            label_smoothing=label_smoothing, trainable=trainable)
+                            label_smoothing=label_smoothing, trainable=trainable, teacher=teacher)
     check_model_dir(model_dir, config)
     checkpoints_exist = (model_dir / "checkpoints").is_dir()
     checkpoints = ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints) if checkpoints_exist else None
@@ -172,10 +175,15 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
         if resume_step is None:
             state = init_state(config, step.tx, jax.random.PRNGKey(seed), step.state_shardings, trainable, pretrained)
         start = int(state.step)
+        teacher_args = () if teacher is None else (jax.device_put(teacher_params, step.teacher_shardings),)
         eval_fn = sharded_eval_step(partitioner, step.state_shardings.params, config)
         dropout_rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), partitioner.replicated)
         encoder_length, decoder_length = model_lengths(kind, task_feature_lengths)
-        flops_per_step = batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length)
+        flops_per_step = batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length,
+                                                                        frozen_base=trainable is not None)
+        if teacher is not None:  # the teacher's forward pass is work the step does too
+            flops_per_step += batch_size * flops.forward_flops_per_sequence(teacher.config, encoder_length,
+                                                                            decoder_length)
         primary = jax.process_index() == 0
         writer = metrics_lib.MetricsWriter(model_dir) if primary else None
         eval_writer = metrics_lib.MetricsWriter(model_dir, "eval") if primary else None
@@ -188,7 +196,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
         batch = global_batch(first_batch)
         try:
             for step_index in range(start, num_steps):
-                state, step_metrics = step.fn(state, batch, dropout_rng)
+                state, step_metrics = step.fn(state, batch, dropout_rng, *teacher_args)
                 pending.append((step_index + 1, step_metrics))
                 if len(pending) > MAX_STEPS_AHEAD:  # the host runs ahead of the devices by at most this much
                     jax.block_until_ready(pending[-MAX_STEPS_AHEAD - 1][1])
@@ -246,17 +254,21 @@ class TrainStep:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
     fn: Callable
+    teacher_shardings: Any = None  # of a distillation teacher's parameters
 
     @classmethod
     def create(cls, config: ModelConfig, mesh_shape: MeshShape, tx: optax.GradientTransformation,
                schedule: Callable, *, seed: int, batch_size: int, num_microbatches: int, z_loss: float,
-               label_smoothing: float, trainable: str | None = None, devices=None) -> "TrainStep":
+               label_smoothing: float, trainable: str | None = None, teacher: Teacher | None = None,
+               devices=None) -> "TrainStep":
         partitioner = Partitioner.create(config, mesh_shape, devices)
         partitioner.check_batch(batch_size, num_microbatches)
         abstract = jax.eval_shape(functools.partial(init_state, config, tx, trainable=trainable),
                                   jax.random.PRNGKey(seed))
         state_shardings = partitioner.state(abstract, partitioner.params(config), trainable)
-        fn = sharded_train_step(partitioner, state_shardings, config=config, tx=tx, schedule=schedule,
-                                num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
-                                trainable=trainable)
-        return cls(partitioner, tx, abstract_with_shardings(abstract, state_shardings), state_shardings, fn)
+        teacher_shardings = None if teacher is None else partitioner.params(teacher.config)
+        fn = sharded_train_step(partitioner, state_shardings, teacher_shardings, config=config, tx=tx,
+                                schedule=schedule, num_microbatches=num_microbatches, z_loss=z_loss,
+                                label_smoothing=label_smoothing, trainable=trainable, teacher=teacher)
+        return cls(partitioner, tx, abstract_with_shardings(abstract, state_shardings), state_shardings, fn,
+                   teacher_shardings)

@@ -24,7 +24,8 @@ from t5lite.layers.moe import moe_summary
 from t5lite.models import build, dummy_inputs
 from t5lite.models.params import merge_params, split_params
 from t5lite.sharding import BATCH_LOGICAL, Partitioner
-from t5lite.train.losses import cross_entropy
+from t5lite.train.distillation import Teacher
+from t5lite.train.losses import cross_entropy, distillation
 
 ENCODER_DECODER_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                             "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
@@ -66,11 +67,12 @@ def loss_weights(batch):
     return batch["decoder_target_tokens"] > 0
 
 
-def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout):
+def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout, soft_targets=None):
     """(objective, sums) of one (micro)batch. Sums: loss, z-loss, correct tokens and weight; for MoE
     models each `moe_*` statistic (a mean over MoE layers) times the weight, so that dividing by the
     batch's weight averages it over microbatches. The objective, which is differentiated, is the loss
-    sum plus the weighted auxiliary losses."""
+    sum plus the weighted auxiliary losses; with `soft_targets` (teacher logits, temperature, alpha)
+    the distillation loss replaces the cross entropy in it."""
     logits, state = build(config).apply(
         {"params": params}, **model_features(config, batch), enable_dropout=enable_dropout,
         rngs={"dropout": rng} if enable_dropout else None, mutable=["moe"])
@@ -78,37 +80,55 @@ def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout):
     weight = jnp.sum(weights.astype(jnp.float32))
     loss, z, correct = cross_entropy(logits, batch["decoder_target_tokens"], weights, z_loss, label_smoothing)
     sums = {"loss": loss, "z_loss": z, "correct": correct, "weight": weight}
+    objective = loss
+    if soft_targets is not None:
+        teacher, temperature, alpha = soft_targets
+        soft, sums["distill_kl"] = distillation(logits, teacher, batch["decoder_target_tokens"], weights,
+                                                temperature, alpha)
+        objective = soft + z
     moe = moe_summary(state.get("moe", {}))
     if not moe:
-        return loss, sums
+        return objective, sums
     sums.update({f"moe_{name}": weight * value for name, value in moe.items()})
     auxiliary = config.load_balance_loss * moe["load_balance_loss"] + config.router_z_loss * moe["router_z_loss"]
-    return loss + weight * auxiliary, sums
+    return objective + weight * auxiliary, sums
 
 
-def train_step(state: TrainState, batch, base_rng, *, config: ModelConfig, tx: optax.GradientTransformation,
-               schedule: Callable, num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
-               trainable: str | None = None):
+def teacher_logits(teacher: Teacher, teacher_params, batch):
+    return jax.lax.stop_gradient(build(teacher.config).apply(
+        {"params": teacher_params}, **model_features(teacher.config, batch), enable_dropout=False))
+
+
+def train_step(state: TrainState, batch, base_rng, teacher_params=None, *, config: ModelConfig,
+               tx: optax.GradientTransformation, schedule: Callable, num_microbatches: int = 1, z_loss: float = 1e-4,
+               label_smoothing: float = 0.0, trainable: str | None = None, teacher: Teacher | None = None):
     """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch
     (plus MoE auxiliary losses), whatever the number of microbatches, with respect to the parameters
     whose paths match `trainable` (all when None). The `loss` metric is the cross entropy (with
-    z-loss); MoE models also log `moe_*` metrics, experts' shares one by one."""
+    z-loss); MoE models also log `moe_*` metrics, experts' shares one by one. With a `teacher`
+    (and its parameters) the loss is distillation's; `distill_kl` and `temperature` are logged."""
     rng = jax.random.fold_in(base_rng, state.step)
     params, frozen = split_params(state.params, trainable)
-    grad_fn = jax.value_and_grad(lambda p, *a: _sums(config, merge_params(p, frozen), *a), has_aux=True)
-    args = (z_loss, label_smoothing, True)
+
+    def objective(p, data, key):
+        soft = None
+        if teacher is not None:
+            soft = (teacher_logits(teacher, teacher_params, data), teacher.temperature(state.step), teacher.alpha)
+        return _sums(config, merge_params(p, frozen), data, key, z_loss, label_smoothing, True, soft)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if num_microbatches == 1:
-        (_, aux), grads = grad_fn(params, batch, rng, *args)
+        (_, aux), grads = grad_fn(params, batch, rng)
     else:
         # Microbatch m holds rows m, m + M, m + 2M, ...: every device keeps its own rows of each.
         micro = jax.tree.map(lambda x: x.reshape(-1, num_microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, inputs):
             index, microbatch = inputs
-            (_, aux), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index), *args)
+            (_, aux), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
             return jax.tree.map(jnp.add, carry, (aux, grads)), None
 
-        shapes = jax.eval_shape(lambda p, b: grad_fn(p, b, rng, *args), params,
+        shapes = jax.eval_shape(lambda p, b: grad_fn(p, b, rng), params,
                                 jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
         (aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
@@ -120,6 +140,8 @@ def train_step(state: TrainState, batch, base_rng, *, config: ModelConfig, tx: o
     metrics = {"loss": aux["loss"] / denominator, "z_loss": aux["z_loss"] / denominator,
                "accuracy": aux["correct"] / denominator, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "target_tokens": aux["weight"]}
+    if teacher is not None:
+        metrics.update(distill_kl=aux["distill_kl"] / denominator, temperature=teacher.temperature(state.step))
     for name in (name for name in aux if name.startswith("moe_")):
         value = aux[name] / denominator
         metrics.update({f"{name}_{e}": share for e, share in enumerate(value)} if value.ndim else {name: value})
@@ -132,12 +154,15 @@ def eval_step(params, batch, *, config: ModelConfig):
     return {"loss_sum": sums["loss"], "correct": sums["correct"], "weight": sums["weight"]}
 
 
-def sharded_train_step(partitioner: Partitioner, state_shardings, **step_kwargs):
+def sharded_train_step(partitioner: Partitioner, state_shardings, teacher_shardings=None, **step_kwargs):
     """`train_step` jitted with explicit shardings (pjit): the state where `state_shardings` puts it
-    (donated, so updated in place), the batch split over the batch axes, metrics replicated.
+    (donated, so updated in place), the batch split over the batch axes, metrics replicated; a
+    distillation teacher's parameters where `teacher_shardings` puts them.
     Trace and compile it inside `partitioner.context()`."""
+    teacher = () if teacher_shardings is None else (teacher_shardings,)
     return jax.jit(functools.partial(train_step, **step_kwargs),
-                   in_shardings=(state_shardings, partitioner.sharding(BATCH_LOGICAL), partitioner.replicated),
+                   in_shardings=(state_shardings, partitioner.sharding(BATCH_LOGICAL), partitioner.replicated,
+                                 *teacher),
                    out_shardings=(state_shardings, partitioner.replicated), donate_argnums=(0,))
 
 
