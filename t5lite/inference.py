@@ -67,10 +67,10 @@ def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weight
         config, params, step = checkpoint.restore_params(model_dir, step)
     if int8_weights:
         config, params = quantize_weights(config, params, int8_weights)
-    query = lambda name, default=None: _query(f"train.{name}", default)
-    kind = query("model_kind") or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
-    return Run(model=build(config), params=params, step=step, task=query("mixture_or_task_name"), kind=kind,
-               task_feature_lengths=dict(query("task_feature_lengths")), batch_size=query("batch_size"))
+    bindings = gin.get_bindings(loop.train)  # evaluates references: a task registered from gin registers here
+    kind = bindings.get("model_kind") or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
+    return Run(model=build(config), params=params, step=step, task=bindings["mixture_or_task_name"], kind=kind,
+               task_feature_lengths=dict(bindings["task_feature_lengths"]), batch_size=bindings["batch_size"])
 
 
 def calibration_batches(run: Run, num_batches: int):
@@ -88,13 +88,6 @@ def save_quantized(run: Run, source_dir: str | pathlib.Path, output: str | pathl
     shutil.copy(pathlib.Path(source_dir) / "config.gin", output / "config.gin")
     provenance = {**recipe, "source": str(pathlib.Path(source_dir).absolute()), "step": run.step}
     (output / QUANTIZATION_FILE).write_text(json.dumps(provenance, indent=2))
-
-
-def _query(name: str, default=None):
-    try:
-        return gin.query_parameter(name)
-    except ValueError:
-        return default
 
 
 def generate_texts(run: Run, texts: Sequence[str], options: decoding.DecodingOptions, seed: int = 0,
