@@ -230,6 +230,13 @@ class ModelConfig:
     def is_encoder_decoder(self) -> bool:
         return self.architecture == "encoder_decoder"
 
+    def differences(self, other: "ModelConfig", ignore: Sequence[str] = ()) -> str:
+        """The fields (but `ignore`) where `self` (there) and `other` (here) differ, for error messages;
+        empty when none."""
+        return ", ".join(f"{f.name}: {getattr(self, f.name)!r} there, {getattr(other, f.name)!r} here"
+                         for f in dataclasses.fields(self)
+                         if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name))
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 

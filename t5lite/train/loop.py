@@ -78,11 +78,8 @@ def check_model_dir(model_dir: pathlib.Path, config: ModelConfig) -> None:
     if not saved_file.is_file():
         return
     saved = ModelConfig.from_json(saved_file.read_text())
-    differing = [f.name for f in dataclasses.fields(ModelConfig)
-                 if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(config, f.name)]
-    if differing:
-        details = ", ".join(f"{name}: {getattr(saved, name)!r} there, {getattr(config, name)!r} now"
-                            for name in differing)
+    details = saved.differences(config, RESUMABLE_FIELDS)
+    if details:
         raise ValueError(f"{model_dir} holds a run of a different model ({details}). Use a new --model_dir, or the "
                          f"gin config that run used ({model_dir / 'config.gin'}).")
 

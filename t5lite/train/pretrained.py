@@ -8,7 +8,6 @@ rounded to the run's layout (int8, or int4 in groups), QLoRA-style.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import numpy as np
@@ -33,11 +32,8 @@ def pretrained_params(config: ModelConfig, path: str) -> dict[str, np.ndarray]:
         source_config, params = quantize_weights(
             source_config, params, families=config.int8_weights, bits=config.weight_bits,
             group_size=config.weight_group_size, zero_points=config.weight_zero_points)
-    differing = [f.name for f in dataclasses.fields(ModelConfig)
-                 if f.name not in FINETUNE_FIELDS and getattr(source_config, f.name) != getattr(config, f.name)]
-    if differing:
-        details = ", ".join(f"{name}: {getattr(source_config, name)!r} there, {getattr(config, name)!r} here"
-                            for name in differing)
+    details = source_config.differences(config, FINETUNE_FIELDS)
+    if details:
         raise ValueError(f"train.init_from={path} holds a different model ({details}). Fine-tune with the "
                          f"pretrained model's ModelConfig; only {', '.join(FINETUNE_FIELDS)} and the "
                          f"quantisation of its weights may change.")
