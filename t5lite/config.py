@@ -98,6 +98,13 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ("query", "value")
     lora_dropout: float = 0.0
     rslora: bool = False
+    # Cheaper parameter-efficient fine-tuning. BitFit (Ben Zaken et al. 2022) trains biases only: our
+    # projections have none, so `bitfit` adds zero-initialised ones to every attention and MLP projection.
+    # Prompt tuning (Lester et al. 2021) trains `prompt_length` vectors prepended to the encoder's
+    # input embeddings (encoder-decoders, unpacked inputs); fine-tuned from a checkpoint they start as
+    # the embeddings of sampled vocabulary tokens.
+    bitfit: bool = False
+    prompt_length: int = 0
     # Switch-MoE (0 experts: dense). The MLP of every k-th layer (layers k-1, 2k-1, ...) of a stack
     # is a mixture of experts, k = encoder_moe_every / decoder_moe_every (0: no experts in that stack).
     num_experts: int = 0
@@ -296,6 +303,12 @@ def _check_adapters(config: ModelConfig) -> None:
     for target in targets:
         _check_choice("lora_targets", target, LORA_TARGETS)
     object.__setattr__(config, "lora_targets", tuple(targets))  # JSON and gin give lists
+    if not isinstance(config.prompt_length, int) or config.prompt_length < 0:
+        raise ValueError(f"prompt_length={config.prompt_length!r} must be 0 (no prompt) or a positive integer.")
+    if config.prompt_length and not config.is_encoder_decoder:
+        raise ValueError(f"prompt_length={config.prompt_length}: prompt tuning prepends to the encoder's inputs, "
+                         f"and architecture={config.architecture!r} has no encoder. Use LoRA (lora_rank) or "
+                         f"BitFit (bitfit=True) on a decoder.")
     if not config.lora_rank:
         return
     if not config.lora_alpha > 0:

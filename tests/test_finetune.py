@@ -4,10 +4,12 @@ saved alone, SFT loss masks, and the distillation / DPO / reward-model losses.""
 import functools
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
@@ -17,8 +19,9 @@ from t5lite import data
 from t5lite.config import ModelConfig
 from t5lite.models import build, init_params, param_count
 from t5lite.models.lora import merge_lora
-from t5lite.models.params import ADAPTERS, split_params
+from t5lite.models.params import ADAPTERS, BIASES, PROMPT, PROMPT_PATH, split_params, trainable_pattern
 from t5lite.train import checkpoint, losses, optimizers
+from t5lite.train.pretrained import pretrained_params
 from t5lite.train.step import eval_step, init_state, train_step
 
 ALL = ("query", "key", "value", "out", "mlp_in", "mlp_out")
@@ -123,6 +126,55 @@ def test_lora_trains_adapters_only_and_merges(int8_weights, tmp_path):
                                                                              jax.random.PRNGKey(0))))
 
 
+@pytest.mark.parametrize("method", ["bitfit", "prompt"])
+def test_bitfit_and_prompt_tuning_train_what_they_add(method, tmp_path):
+    """BitFit's zero biases leave the base's outputs as they were; both train only what they add
+    (counted by param_count), and save and load it alone."""
+    config = BASE.replace(bitfit=True) if method == "bitfit" else BASE.replace(prompt_length=3)
+    pattern = trainable_pattern(config, None)
+    assert pattern == (BIASES if method == "bitfit" else PROMPT)
+    tx = optimizers.optimizer("adamw", 3e-2)
+    state = init_state(config, tx, jax.random.PRNGKey(0), trainable=pattern)
+    added = {p: x for p, x in flat(state.params).items() if re.search(pattern, p)}
+    base = traverse_util.unflatten_dict({p: x for p, x in flat(state.params).items() if p not in added}, sep="/")
+    assert sum(x.size for x in added.values()) == param_count(config) - param_count(BASE)
+    if method == "bitfit":  # biases of q, k, v, o in 5 attention layers, of wi_0, wi_1, wo in 3 MLPs (scanned)
+        assert len(added) == 3 * 4 + 2 * 3 and not any(x.any() for x in added.values())
+        assert sum(x.size for x in added.values()) == 5 * (4 * 32) + 3 * (2 * 64 + 32)
+        np.testing.assert_array_equal(logits(config, state.params, batch()), logits(BASE, base, batch()))
+    else:
+        assert sorted(added) == [PROMPT_PATH] and added[PROMPT_PATH].shape == (3, 32)
+        encoded = build(config).apply({"params": state.params}, batch()["encoder_input_tokens"],
+                                      enable_dropout=False, method="encode")
+        assert encoded.shape[1] == 3 + batch()["encoder_input_tokens"].shape[1]
+    assert jax.tree.structure(state.opt_state[0].mu) == jax.tree.structure(split_params(state.params, pattern)[0])
+    step = jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=lambda step: 3e-2, trainable=pattern))
+    before, trained = loss_sum(config, state.params, batch()), state
+    for _ in range(5):
+        trained, _ = step(trained, batch(), jax.random.PRNGKey(1))
+    assert loss_sum(config, trained.params, batch()) < before
+    for path, value in flat(trained.params).items():
+        assert (path in added) == (not np.array_equal(value, flat(state.params)[path])), path
+    checkpoint.save_adapters(tmp_path / "peft", config, trained.params)
+    _, loaded = checkpoint.load_adapters(tmp_path / "peft", base)
+    np.testing.assert_array_equal(logits(config, loaded, batch()), logits(config, trained.params, batch()))
+
+
+def test_prompt_tuning_starts_from_token_embeddings_and_refuses_what_it_cannot_do(tmp_path):
+    checkpoint.save_params(tmp_path / "base", BASE, init_params(BASE, jax.random.PRNGKey(0)))
+    table = flat(init_params(BASE, jax.random.PRNGKey(0)))["token_embedder/embedding"]
+    prompt = pretrained_params(BASE.replace(prompt_length=4), str(tmp_path / "base"))[PROMPT_PATH]
+    rows = [int(np.flatnonzero((table == row).all(1))[0]) for row in prompt]
+    assert len(set(rows)) == 4 and all(3 <= r < 64 for r in rows)
+    with pytest.raises(ValueError, match="has no encoder"):
+        BASE.replace(architecture="decoder", prompt_length=4)
+    with pytest.raises(ValueError, match="train.pack=False"):
+        packed = dict(batch(), encoder_segment_ids=jnp.ones((4, 7), jnp.int32))
+        init_state(BASE.replace(prompt_length=2), optax.sgd(0.1), jax.random.PRNGKey(0))
+        eval_step(init_params(BASE.replace(prompt_length=2), jax.random.PRNGKey(0)), packed,
+                  config=BASE.replace(prompt_length=2))
+
+
 def test_lora_dropout_and_bad_configs():
     config = ADAPTED.replace(lora_dropout=0.5, lora_targets=("query",))
     params = init_params(config, jax.random.PRNGKey(0))
@@ -220,6 +272,46 @@ def test_distillation_temperature_schedule_and_bad_settings():
         Distillation("teacher_dir", alpha=1.5)
     with pytest.raises(ValueError, match="final_temperature"):
         Distillation("teacher_dir", final_temperature=0.0)
+
+
+def test_hidden_state_distillation_in_the_step():
+    """The hidden-state term is zero against an identical teacher, positive against another, and a
+    step on it alone brings the mapped student layers towards the teacher's; bad maps are refused."""
+    from t5lite.train.distillation import Distillation, Teacher, hidden_layer_map
+
+    teacher_config = BASE.replace(num_decoder_layers=4)
+    # Default map: student decoder layers 0, 1 onto teacher layers 1, 3; encoder 0 onto 0.
+    assert hidden_layer_map(Distillation("t", hidden_weight=1.0), BASE, teacher_config) == (
+        ("decoder", 0, 1), ("decoder", 1, 3), ("encoder", 0, 0))
+    with pytest.raises(ValueError, match=r"teacher layer in 0..3"):
+        hidden_layer_map(Distillation("t", hidden_weight=1.0, layer_map={"decoder": [(0, 4)]}), BASE, teacher_config)
+    with pytest.raises(ValueError, match="d_model"):
+        hidden_layer_map(Distillation("t", hidden_weight=1.0), BASE, teacher_config.replace(d_model=48))
+    with pytest.raises(ValueError, match="hidden_weight > 0"):
+        Distillation("t", layer_map={"decoder": [(0, 0)]})
+
+    rs = np.random.RandomState(0)
+    student, teacher, valid = rs.randn(2, 5, 8), 3.0 * rs.randn(2, 5, 8), rs.rand(2, 5) > 0.3
+    cosine = np.sum(student * teacher, -1) / np.linalg.norm(student, axis=-1) / np.linalg.norm(teacher, axis=-1)
+    np.testing.assert_allclose(losses.hidden_distance(student, teacher, valid), np.mean((1 - cosine)[valid]),
+                               rtol=1e-5)
+    tx = optax.sgd(0.5)
+    state = init_state(BASE, tx, jax.random.PRNGKey(0))
+    teacher = Teacher(BASE, alpha=1.0, temperature=lambda step: 1.0, hidden_weight=1.0,
+                      layer_map=(("decoder", 1, 1), ("encoder", 0, 0)))
+    step = jax.jit(functools.partial(train_step, config=BASE, tx=tx, schedule=lambda step: 0.5, teacher=teacher))
+    _, metrics = step(state, batch(), jax.random.PRNGKey(1), state.params)
+    assert abs(float(metrics["distill_hidden"])) < 1e-5 and abs(float(metrics["distill_kl"])) < 1e-5
+    other = init_params(BASE, jax.random.PRNGKey(7))
+    hidden_only = Teacher(BASE, alpha=0.0, temperature=lambda step: 1.0, hidden_weight=1.0,
+                          layer_map=teacher.layer_map)
+    step = jax.jit(functools.partial(train_step, config=BASE, tx=tx, schedule=lambda step: 0.5, teacher=hidden_only,
+                                     z_loss=0.0))
+    distances = []
+    for _ in range(3):
+        state, metrics = step(state, batch(), jax.random.PRNGKey(1), other)
+        distances.append(float(metrics["distill_hidden"]))
+    assert distances[0] > 0.1 and distances[-1] < distances[0], distances
 
 
 def test_dpo_and_reward_losses():

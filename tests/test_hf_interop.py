@@ -13,6 +13,7 @@ from t5lite import cli
 from t5lite.interop import hf
 from t5lite.layers.moe import moe_summary
 from t5lite.models import get_config, param_count
+from t5lite.models.hidden import hidden_states
 
 
 def t5(feed_forward_proj="relu", tied=True, cls=transformers.T5ForConditionalGeneration, **changes):
@@ -85,6 +86,31 @@ def test_unscanned_import_matches_too(name):
     assert "layers_1" in params["decoder"]
     x, y = ids((2, 6), 3), ids((2, 4), 4)
     np.testing.assert_allclose(t5lite_logits(model, params, x, y), hf_logits(hf_model, x, y), atol=1e-4)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("name", ["t5_v1_1", "llama_gqa_untied"])
+def test_hidden_states_match_hugging_face(name, scan_layers):
+    """Each layer's sown output is Hugging Face's hidden state after that layer (HF's last one is
+    after the final norm, so it is left out)."""
+    hf_model = HF_MODELS[name]()
+    model, params = hf.from_torch(hf_model, scan_layers=scan_layers)
+    x, y = ids((2, 6), 5), ids((2, 4), 6)
+    features = dict(encoder_input_tokens=x, decoder_input_tokens=y) if model.config.is_encoder_decoder else \
+        dict(decoder_input_tokens=y)
+    _, state = model.apply({"params": params}, **features, enable_dropout=False, mutable=["intermediates"])
+    ours = hidden_states(state["intermediates"], model.config)
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            out = hf_model(input_ids=torch.tensor(x), decoder_input_ids=torch.tensor(y), output_hidden_states=True)
+            theirs = {"encoder": out.encoder_hidden_states, "decoder": out.decoder_hidden_states}
+        else:
+            theirs = {"decoder": hf_model(input_ids=torch.tensor(y), output_hidden_states=True).hidden_states}
+    assert sorted(ours) == sorted(theirs)
+    for stack, layers in ours.items():
+        assert len(layers) == len(theirs[stack]) - 1
+        for i in range(len(layers) - 1):
+            np.testing.assert_allclose(layers[i], theirs[stack][i + 1].numpy(), atol=1e-4, err_msg=f"{stack} {i}")
 
 
 @pytest.mark.parametrize("name", sorted(HF_MODELS))

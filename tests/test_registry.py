@@ -7,6 +7,7 @@ from t5lite.config import GIN_CONFIG_DIR, model_config_from_gin
 from t5lite.models import get_config, named_configs
 
 MODEL_GIN_FILES = sorted(p for p in (GIN_CONFIG_DIR / "models").glob("*/*.gin") if p.stem != "architecture")
+RUN_GIN_FILES = sorted(p.name for p in (GIN_CONFIG_DIR / "runs").glob("*.gin") if p.stem != "defaults")
 
 
 def registry_name(path: pathlib.Path) -> str:
@@ -23,6 +24,15 @@ def test_gin_file_binds_the_registry_config(path):
         assert model_config_from_gin([str(path)]) == get_config(registry_name(path))
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize("name", RUN_GIN_FILES)
+def test_run_gin_files_parse_and_build_their_model(name):
+    try:
+        config = model_config_from_gin([f"runs/{name}"])
+    finally:
+        gin.clear_config()
+    assert config.vocab_size > 0
 
 
 def test_gin_bindings_override_the_file():

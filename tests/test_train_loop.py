@@ -179,6 +179,7 @@ def test_finetuning_beats_the_pretrained_model_and_lora_freezes_it(trained_dir, 
     from flax import traverse_util
 
     from t5lite import inference
+    from t5lite.models.params import PROMPT_PATH
     from t5lite.train.checkpoint import restore_params
 
     def evaluate(run):
@@ -192,13 +193,14 @@ def test_finetuning_beats_the_pretrained_model_and_lora_freezes_it(trained_dir, 
     assert train(tmp_path / "full", full, *start, "train.num_steps = 60", "train.batch_size = 16") == 0
     assert evaluate(inference.load_run(tmp_path / "full"))["exact_match"] >= evaluate(pretrained)["exact_match"] + 5
 
-    lora = ["runs/lora_instructions.gin", f"train.task_feature_lengths = {lengths}"]
+    # LoRA and a soft prompt together: both train, the base stays as it was.
+    lora = ["runs/lora_instructions.gin", f"train.task_feature_lengths = {lengths}", "ModelConfig.prompt_length = 4"]
     assert train(tmp_path / "lora", lora, *start, "train.num_steps = 20") == 0
     curve = losses(tmp_path / "lora")
     assert np.mean(curve[-3:]) < np.mean(curve[:3]) - 0.5, curve
     base = traverse_util.flatten_dict(restore_params(trained_dir)[1], sep="/")
     tuned = traverse_util.flatten_dict(restore_params(tmp_path / "lora")[1], sep="/")
-    assert {p for p in tuned if "lora_" not in p} == set(base)
+    assert {p for p in tuned if "lora_" not in p} == set(base) | {PROMPT_PATH}
     for path, value in base.items():
         np.testing.assert_array_equal(tuned[path], value, err_msg=path)
 
@@ -210,11 +212,14 @@ def test_finetuning_beats_the_pretrained_model_and_lora_freezes_it(trained_dir, 
 def test_distillation_trains_a_student_on_its_teachers_soft_targets(trained_dir, tmp_path, capsys):
     teacher = [f"Distillation.teacher = '{trained_dir}'", "train.distillation = @Distillation()",
                "Distillation.alpha = 1.0", "Distillation.temperature = 1.0"]
-    assert train(tmp_path / "student", SPAN, *teacher, "ModelConfig.d_ff = 64", "train.num_steps = 12") == 0
+    assert train(tmp_path / "student", SPAN, *teacher, "ModelConfig.d_ff = 64", "train.num_steps = 12",
+                 "Distillation.hidden_weight = 1.0") == 0
     rows = read_metrics(tmp_path / "student" / "train_metrics.jsonl")
     assert all(row["temperature"] == 1.0 for row in rows)
-    kl = [row["distill_kl"] for row in rows]
-    assert np.mean(kl[-3:]) < 0.5 * np.mean(kl[:3]), kl  # the student moves towards its teacher
+    # The student moves towards its teacher, in its output distribution and in its layers' outputs.
+    for metric, fall in (("distill_kl", 0.5), ("distill_hidden", 0.85)):
+        values = [row[metric] for row in rows]
+        assert np.mean(values[-3:]) < fall * np.mean(values[:3]), (metric, values)
     assert train(tmp_path / "other", SPAN, *teacher, "ModelConfig.vocab_size = 4352") == 2
     assert "Teacher and student need one vocabulary" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()

@@ -107,6 +107,7 @@ class Attention(nn.Module):
     weight_quant: WeightQuant | None = None
     lora: Lora | None = None
     adapted: tuple[str, ...] = ()  # the projections ("query", "key", "value", "out") that get `lora`
+    bias: bool = False  # on every projection (BitFit)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -115,7 +116,7 @@ class Attention(nn.Module):
         def dense(*args, name, **kwargs):
             return DenseGeneral(*args, int8=self.int8, weight_quant=self.weight_quant, dtype=self.dtype,
                                 param_dtype=self.param_dtype, lora=self.lora if name in self.adapted else None,
-                                name=name, **kwargs)
+                                use_bias=self.bias, name=name, **kwargs)
         # Without runtime scaling, T5 folds 1/sqrt(head_dim) into the query initialisation.
         query_scale = 1.0 if self.scale_by_head_dim else self.head_dim ** -0.5
         query = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), kernel_scale=query_scale,

@@ -57,7 +57,8 @@ class DenseGeneral(nn.Module):
     With `int8`, the forward quantises inputs (per row) and kernel (per output column) to int8 on
     the fly; gradients are the straight-through estimate, computed in `dtype`.
     With `weight_quant`, the kernel is stored quantised (see `WeightQuant`); initialised as the
-    quantised float init. With `lora`, a low-rank adapter adds to whichever of these computes x·W.
+    quantised float init. With `lora`, a low-rank adapter adds to whichever of these computes x·W;
+    `use_bias` adds a bias, zero at initialisation (what BitFit trains).
     """
 
     features: Sequence[int]
@@ -67,13 +68,21 @@ class DenseGeneral(nn.Module):
     int8: bool = False
     weight_quant: WeightQuant | None = None
     lora: Lora | None = None
+    use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         y = self._base(x.astype(self.dtype))
-        return y if self.lora is None else y + self._adapter(x.astype(self.dtype))
+        if self.lora is not None:
+            y = y + self._adapter(x.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   tuple(self.kernel_axes[self.in_axes:])),
+                              tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
 
     def _base(self, x):
         features = tuple(self.features)

@@ -35,6 +35,7 @@ class Mlp(nn.Module):
     weight_quant: WeightQuant | None = None
     lora: Lora | None = None
     adapted: tuple[str, ...] = ()  # "mlp_in" (wi, or wi_0 and wi_1) and/or "mlp_out" (wo) get `lora`
+    bias: bool = False  # on every projection (BitFit)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -46,7 +47,7 @@ class Mlp(nn.Module):
             role = "mlp_out" if name == "wo" else "mlp_in"
             return DenseGeneral(*args, int8=self.int8, weight_quant=self.weight_quant, dtype=self.dtype,
                                 param_dtype=self.param_dtype, lora=self.lora if role in self.adapted else None,
-                                name=name)
+                                use_bias=self.bias, name=name)
 
         if gated:
             h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi_0")(x)) * dense((self.d_ff,), ("embed", "mlp"), name="wi_1")(x)

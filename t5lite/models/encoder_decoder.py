@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from t5lite.config import ModelConfig
 from t5lite.models.transformer import DecoderStack, EncoderStack, make_embedder
@@ -25,6 +26,8 @@ class EncoderDecoder(nn.Module):
                decode=False):
         """Logits [batch, length, vocab] in float32. `encoder_input_tokens` only supply the padding mask."""
         encoder_valid = encoder_input_tokens > 0 if encoder_segment_ids is None else encoder_segment_ids > 0
+        if self.config.prompt_length:  # the encoder's outputs start with the soft prompt's
+            encoder_valid = jnp.pad(encoder_valid, ((0, 0), (self.config.prompt_length, 0)), constant_values=True)
         return self.decoder(decoder_input_tokens, encoded=encoded, encoder_valid=encoder_valid,
                             encoder_segment_ids=encoder_segment_ids, segment_ids=decoder_segment_ids,
                             positions=decoder_positions, target_tokens=decoder_target_tokens,

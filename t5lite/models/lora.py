@@ -1,5 +1,4 @@
-"""LoRA adapters as parameters: folding them into their kernels for inference, and picking them out
-to save alone."""
+"""LoRA adapters as parameters: folding them into their kernels for inference."""
 
 from __future__ import annotations
 
@@ -12,11 +11,6 @@ from flax import traverse_util
 from t5lite.config import ModelConfig
 from t5lite.models.params import ADAPTERS
 from t5lite.models.transformer import lora
-
-
-def adapters(params) -> dict:
-    """The adapter leaves alone ("/"-joined paths to arrays)."""
-    return {p: x for p, x in traverse_util.flatten_dict(params, sep="/").items() if re.search(ADAPTERS, p)}
 
 
 def merge_lora(config: ModelConfig, params):

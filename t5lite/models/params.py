@@ -63,21 +63,35 @@ def param_count(config: ModelConfig) -> int:
     total += config.num_decoder_layers * decoder_layer + per_stack + final_norm
     # Each MoE layer holds num_experts MLPs and a router instead of one MLP.
     total += _moe_layers(config) * ((config.num_experts - 1) * mlp + d * config.num_experts)
-    return total + adapter_param_count(config)
+    return total + peft_param_count(config)
 
 
-def adapter_param_count(config: ModelConfig) -> int:
-    """LoRA parameters: rank · (inputs + outputs) per adapted matrix."""
+def _projections(config: ModelConfig) -> dict[str, tuple[list[tuple[int, int]], int]]:
+    """Each projection (a LoRA target) -> (its matrices' (inputs, outputs), how many layers have it);
+    MLPs in dense layers only."""
     d, q, kv, ff = config.d_model, config.num_heads * config.head_dim, config.kv_heads * config.head_dim, config.d_ff
-    matrices = {"query": [(d, q)], "key": [(d, kv)], "value": [(d, kv)], "out": [(q, d)],
-                "mlp_in": [(d, ff)] * (2 if is_gated(config.mlp_activation) else 1), "mlp_out": [(ff, d)]}
     attention_layers = config.num_decoder_layers * (2 if config.is_encoder_decoder else 1)
     if config.is_encoder_decoder:
         attention_layers += config.num_encoder_layers
     mlp_layers = config.num_decoder_layers + (config.num_encoder_layers if config.is_encoder_decoder else 0)
-    per_layer = {target: sum(i + o for i, o in shapes) for target, shapes in matrices.items()}
-    return config.lora_rank * sum(per_layer[t] * (mlp_layers if t.startswith("mlp") else attention_layers)
+    mlp_layers -= _moe_layers(config)
+    return {"query": ([(d, q)], attention_layers), "key": ([(d, kv)], attention_layers),
+            "value": ([(d, kv)], attention_layers), "out": ([(q, d)], attention_layers),
+            "mlp_in": ([(d, ff)] * (2 if is_gated(config.mlp_activation) else 1), mlp_layers),
+            "mlp_out": ([(ff, d)], mlp_layers)}
+
+
+def adapter_param_count(config: ModelConfig) -> int:
+    """LoRA parameters: rank · (inputs + outputs) per adapted matrix."""
+    projections = _projections(config)
+    return config.lora_rank * sum(sum(i + o for i, o in projections[t][0]) * projections[t][1]
                                   for t in config.lora_targets)
+
+
+def peft_param_count(config: ModelConfig) -> int:
+    """What LoRA, BitFit (a bias per projection output) and the soft prompt add to the model."""
+    biases = sum(sum(o for _, o in shapes) * layers for shapes, layers in _projections(config).values())
+    return adapter_param_count(config) + config.bitfit * biases + config.prompt_length * config.d_model
 
 
 def active_param_count(config: ModelConfig) -> int:
@@ -133,24 +147,40 @@ def unstack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str
     return out
 
 
-# Parameter paths ("/"-joined) of LoRA adapters: what an adapted model trains unless told otherwise.
-ADAPTERS = r"/lora_[ab]$"
+# Parameter paths ("/"-joined) that parameter-efficient fine-tuning adds to a model and trains.
+ADAPTERS = r"/lora_[ab]$"  # LoRA
+BIASES = r"/bias$"  # BitFit (LayerNorm's biases too, where the model has them)
+PROMPT_PATH = "encoder/prompt/embedding"
+PROMPT = f"^{PROMPT_PATH}$"  # prompt tuning
+
+
+def peft_pattern(config: ModelConfig) -> str | None:
+    """The regex of the parameters that `config`'s LoRA, BitFit and prompt add; None without them."""
+    parts = [pattern for pattern, on in ((ADAPTERS, config.lora_rank), (BIASES, config.bitfit),
+                                         (PROMPT, config.prompt_length)) if on]
+    return "|".join(parts) or None
+
+
+def peft_params(config: ModelConfig, params) -> dict:
+    """Those parameters alone ("/"-joined paths to arrays)."""
+    pattern = peft_pattern(config)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {p: x for p, x in flat.items() if pattern and re.search(pattern, p)}
 
 
 def trainable_pattern(config: ModelConfig, pattern: str | None) -> str | None:
-    """The regex of trainable parameter paths: `pattern`, else the adapters of an adapted model, else
-    None (everything trains)."""
-    if pattern is None and config.lora_rank:
-        return ADAPTERS
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"train.trainable={pattern!r} is not a regular expression: {error}.") from error
-        paths = traverse_util.flatten_dict(abstract_params(config), sep="/")
-        if not any(re.search(pattern, path) for path in paths):
-            raise ValueError(f"train.trainable={pattern!r} matches no parameter; paths look like "
-                             f"{', '.join(sorted(paths)[:4])}, ...")
+    """The regex of trainable parameter paths: `pattern`, else what LoRA / BitFit / prompt tuning add,
+    else None (everything trains)."""
+    if pattern is None:
+        return peft_pattern(config)
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"train.trainable={pattern!r} is not a regular expression: {error}.") from error
+    paths = traverse_util.flatten_dict(abstract_params(config), sep="/")
+    if not any(re.search(pattern, path) for path in paths):
+        raise ValueError(f"train.trainable={pattern!r} matches no parameter; paths look like "
+                         f"{', '.join(sorted(paths)[:4])}, ...")
     return pattern
 
 

@@ -18,7 +18,7 @@ from t5lite.layers import positions as pos
 from t5lite.layers.attention import Attention
 from t5lite.layers.attention_spec import cross_attention_spec, resolve_impl, self_attention_spec
 from t5lite.layers.dense import DenseGeneral, Lora, WeightQuant
-from t5lite.layers.embedding import Embed
+from t5lite.layers.embedding import Embed, SoftPrompt
 from t5lite.layers.mlp import Mlp
 from t5lite.layers.moe import MoeMlp
 from t5lite.layers.norm import NORMS
@@ -65,7 +65,8 @@ def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool
                      scale_by_head_dim=config.scale_attention_by_head_dim, dropout_rate=config.dropout_rate,
                      deterministic=deterministic, decode=decode, is_cross_attention=cross,
                      int8="attention" in config.int8_dense, weight_quant=weight_quant(config, "attention"),
-                     lora=lora(config, deterministic), adapted=config.lora_targets, name=name, **dtypes(config))
+                     lora=lora(config, deterministic), adapted=config.lora_targets, bias=config.bitfit, name=name,
+                     **dtypes(config))
 
 
 def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
@@ -80,7 +81,7 @@ def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
     return Mlp(d_ff=config.d_ff, activation=config.mlp_activation, dropout_rate=config.dropout_rate,
                deterministic=deterministic, int8="mlp" in config.int8_dense,
                weight_quant=weight_quant(config, "mlp"), lora=lora(config, deterministic),
-               adapted=config.lora_targets, name="mlp", **dtypes(config))
+               adapted=config.lora_targets, bias=config.bitfit, name="mlp", **dtypes(config))
 
 
 def attention_impl(config: ModelConfig, deterministic: bool, decode: bool = False) -> str:
@@ -102,6 +103,7 @@ class EncoderLayer(nn.Module):
         attention = _attention(cfg, "attention", det, decode=False)
         x = residual(cfg, x, lambda h: attention(h, h, spec, rope), "pre_attention_norm", det)
         x = residual(cfg, x, _mlp(cfg, det, self.moe, causal=False), "pre_mlp_norm", det)
+        self.sow("intermediates", "hidden", x)  # kept only when "intermediates" is mutable
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
@@ -123,6 +125,7 @@ class DecoderLayer(nn.Module):
             cross_attention = _attention(cfg, "cross_attention", det, self.decode, cross=True)
             x = residual(cfg, x, lambda h: cross_attention(h, encoded, cross_spec), "pre_cross_attention_norm", det)
         x = residual(cfg, x, _mlp(cfg, det, self.moe, causal=True), "pre_mlp_norm", det)
+        self.sow("intermediates", "hidden", x)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
@@ -155,7 +158,7 @@ def run_layers(config: ModelConfig, layer_cls, num_layers: int, moe_every: int, 
         if moe_every:
             body, length = LayerBlock, num_layers // moe_every
             kwargs = dict(layer_cls=layer_cls, size=moe_every, layer_kwargs=layer_kwargs)
-        scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0, "moe": 0},
+        scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0, "moe": 0, "intermediates": 0},
                           split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
                           length=length, metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = scanned(config=config, name="layers", **kwargs)(x, *args)
@@ -219,11 +222,17 @@ class EncoderStack(nn.Module):
         cfg = self.config
         positions = default_positions(tokens, positions)
         valid = tokens > 0 if segment_ids is None else segment_ids > 0
+        x = self.embedder(tokens)
+        if cfg.prompt_length:
+            if segment_ids is not None:
+                raise ValueError(f"prompt_length={cfg.prompt_length}: prompt tuning needs unpacked encoder inputs "
+                                 f"(one sequence per row); set train.pack=False.")
+            x, positions, valid = SoftPrompt(cfg.prompt_length, cfg.d_model, name="prompt", **dtypes(cfg))(
+                x, positions, valid)
         added, bias_args, rope = PositionEncoder(cfg, bidirectional=True, name="positions")(positions)
         spec = self_attention_spec(attention_impl(cfg, deterministic), positions=positions, valid=valid,
                                    segments=segment_ids, sliding_window=cfg.sliding_window,
                                    attention_sinks=cfg.attention_sinks, **bias_args)
-        x = self.embedder(tokens)
         if added is not None:
             x = x + added
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)

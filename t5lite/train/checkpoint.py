@@ -3,7 +3,8 @@
 A t5lite checkpoint directory holds `t5lite_config.json` and `params/` (an Orbax
 StandardCheckpointer tree). Conversion from Hugging Face and fine-tuning start from one.
 Training runs keep full train states (and the data position) with `TrainCheckpoints`.
-LoRA adapters can be saved alone (`adapters/` instead of `params/`): megabytes, not the base.
+What parameter-efficient fine-tuning trains (LoRA adapters, BitFit biases, a soft prompt) can be
+saved alone (`adapters/` instead of `params/`): megabytes, not the base.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from t5lite.config import ModelConfig
 from flax import traverse_util
 
 from t5lite.models import abstract_params
-from t5lite.models.lora import adapters
-from t5lite.models.params import ADAPTERS
+from t5lite.models.params import peft_params, peft_pattern
 
 CONFIG_FILE = "t5lite_config.json"
 PARAMS_DIR = "params"
@@ -44,10 +44,10 @@ def save_params(directory: str | pathlib.Path, config: ModelConfig, params, subd
 
 
 def save_adapters(directory: str | pathlib.Path, config: ModelConfig, params) -> pathlib.Path:
-    """Writes the LoRA adapters of an adapted model's parameters alone (with the model's config)."""
-    found = adapters(params)
+    """Writes what LoRA, BitFit or prompt tuning added to a model alone (with the model's config)."""
+    found = peft_params(config, params)
     if not found:
-        raise ValueError("These parameters hold no LoRA adapters (is ModelConfig.lora_rank > 0?).")
+        raise ValueError("These parameters hold no adapters: set ModelConfig.lora_rank, bitfit or prompt_length.")
     return save_params(directory, config, traverse_util.unflatten_dict(found, sep="/"), subdir=ADAPTERS_DIR)
 
 
@@ -60,13 +60,13 @@ def load_adapters(directory: str | pathlib.Path, base_params):
     config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
     abstract = traverse_util.flatten_dict(abstract_params(config), sep="/")
     base = traverse_util.flatten_dict(base_params, sep="/")
-    wrong = [p for p, leaf in abstract.items() if not re.search(ADAPTERS, p)
+    wrong = [p for p, leaf in abstract.items() if not re.search(peft_pattern(config), p)
              and (p not in base or base[p].shape != leaf.shape)]
     if wrong:
         raise ValueError(f"The base parameters do not fit the adapters' model ({', '.join(wrong[:4])}); load the "
                          f"base model the adapters were trained on.")
     with ocp.StandardCheckpointer() as checkpointer:
-        saved = checkpointer.restore(directory / ADAPTERS_DIR, traverse_util.unflatten_dict(adapters(abstract), sep="/"))
+        saved = checkpointer.restore(directory / ADAPTERS_DIR, traverse_util.unflatten_dict(peft_params(config, abstract), sep="/"))
     base.update(traverse_util.flatten_dict(saved, sep="/"))
     return config, traverse_util.unflatten_dict(base, sep="/")
 

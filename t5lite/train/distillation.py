@@ -5,6 +5,10 @@ a run of any t5lite model with the student's vocabulary and kind (encoder-decode
 The step runs the teacher on each batch (no gradients) and trains the student on
 alpha·T²·KL(teacher/T || student/T) + (1 - alpha)·CE, with T moving linearly from `temperature`
 to `final_temperature` over the run (a hot start spreads the teacher's mass over more tokens).
+With `hidden_weight` > 0 it also pulls student layers' outputs towards teacher layers' (cosine
+distance per token, as DistilBERT; no learned projection, so both need one d_model) over
+`layer_map`: {"decoder": ((student layer, teacher layer), ...), "encoder": ...}, by default each
+student layer i of L onto teacher layer ceil((i + 1)·L_teacher / L) - 1 (the last onto the last).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import optax
 
 from t5lite.config import ModelConfig
+from t5lite.models.hidden import stacks
 from t5lite.train import checkpoint
 
 
@@ -28,6 +33,8 @@ class Distillation:
     alpha: float = 0.5
     temperature: float = 2.0
     final_temperature: float | None = None  # None: constant
+    hidden_weight: float = 0.0
+    layer_map: dict[str, Any] | None = None  # None: uniform over every stack
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -36,6 +43,11 @@ class Distillation:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"Distillation.{name}={value} must be > 0.")
+        if not self.hidden_weight >= 0.0:
+            raise ValueError(f"Distillation.hidden_weight={self.hidden_weight} must be >= 0 (0: no hidden-state loss).")
+        if self.layer_map is not None and not self.hidden_weight:
+            raise ValueError("Distillation.layer_map maps layers for the hidden-state loss; set "
+                             "Distillation.hidden_weight > 0 to use it.")
 
     def schedule(self, num_steps: int):
         """The temperature as a function of the step."""
@@ -50,6 +62,8 @@ class Teacher:
     config: ModelConfig
     alpha: float
     temperature: Any  # step -> temperature
+    hidden_weight: float = 0.0
+    layer_map: tuple[tuple[str, int, int], ...] = ()  # (stack, student layer, teacher layer)
 
 
 def load_teacher(distillation: Distillation, student: ModelConfig, num_steps: int):
@@ -59,5 +73,33 @@ def load_teacher(distillation: Distillation, student: ModelConfig, num_steps: in
         raise ValueError(f"Distillation.teacher={distillation.teacher} is a {config.architecture} model with "
                          f"vocab_size={config.vocab_size}; the student is a {student.architecture} model with "
                          f"vocab_size={student.vocab_size}. Teacher and student need one vocabulary and one kind.")
-    teacher = Teacher(config.replace(dropout_rate=0.0), distillation.alpha, distillation.schedule(num_steps))
+    layer_map = hidden_layer_map(distillation, student, config) if distillation.hidden_weight else ()
+    teacher = Teacher(config.replace(dropout_rate=0.0), distillation.alpha, distillation.schedule(num_steps),
+                      distillation.hidden_weight, layer_map)
     return teacher, jax.tree.map(np.asarray, params)  # host arrays: every process places its shards
+
+
+def hidden_layer_map(distillation: Distillation, student: ModelConfig, teacher: ModelConfig):
+    """(stack, student layer, teacher layer) triples, checked against both models."""
+    if student.d_model != teacher.d_model:
+        raise ValueError(f"Distillation.hidden_weight compares layer outputs directly: the student's d_model="
+                         f"{student.d_model} differs from the teacher's {teacher.d_model}. Use equal widths or "
+                         f"hidden_weight=0.")
+    depths = {stack: (depth, stacks(teacher)[stack]) for stack, depth in stacks(student).items()}
+    mapping = distillation.layer_map
+    if mapping is None:
+        mapping = {stack: [(i, -(-(i + 1) * theirs // ours) - 1) for i in range(ours)]
+                   for stack, (ours, theirs) in depths.items()}
+    triples = []
+    for stack, pairs in mapping.items():
+        if stack not in depths:
+            raise ValueError(f"Distillation.layer_map names stack {stack!r}; the models have {sorted(depths)}.")
+        for pair in pairs:
+            ours, theirs = depths[stack]
+            if len(pair) != 2 or not (0 <= pair[0] < ours and 0 <= pair[1] < theirs):
+                raise ValueError(f"Distillation.layer_map[{stack!r}] has {tuple(pair)}; pairs are (student layer "
+                                 f"in 0..{ours - 1}, teacher layer in 0..{theirs - 1}).")
+            triples.append((stack, int(pair[0]), int(pair[1])))
+    if not triples:
+        raise ValueError("Distillation.layer_map maps no layer; give (student, teacher) pairs per stack.")
+    return tuple(triples)

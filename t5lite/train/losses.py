@@ -1,5 +1,6 @@
 """Losses, computed in float32: token-level cross entropy (with z-loss and label smoothing), and the
-post-training losses on top of it: distillation, DPO and a pairwise reward-model loss."""
+post-training losses on top of it: distillation (of logits and of hidden states), DPO and a pairwise
+reward-model loss."""
 
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ def distillation(student_logits, teacher_logits, targets, weights, temperature: 
     kl_sum = jnp.sum(kl * weights)
     ce_sum = -jnp.sum(sequence_log_probs(student_logits, targets, weights))
     return alpha * temperature ** 2 * kl_sum + (1.0 - alpha) * ce_sum, kl_sum
+
+
+def hidden_distance(student, teacher, valid):
+    """Mean over the `valid` tokens of 1 - cos(student, teacher) between two layers' outputs [B, T, D]
+    (DistilBERT's cosine loss): blind to the scale of each residual stream, which grows with depth and
+    training and would otherwise swamp the logit losses. The teacher's outputs are a constant."""
+    student, teacher = student.astype(jnp.float32), jax.lax.stop_gradient(teacher).astype(jnp.float32)
+    norms = jnp.linalg.norm(student, axis=-1) * jnp.linalg.norm(teacher, axis=-1)
+    cosine = jnp.sum(student * teacher, axis=-1) / jnp.maximum(norms, 1e-6)
+    valid = valid.astype(jnp.float32)
+    return jnp.sum((1.0 - cosine) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float = 0.1):

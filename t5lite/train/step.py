@@ -10,7 +10,7 @@ differentiated and have optimizer state; the others are constants of the step.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -22,10 +22,11 @@ from flax import traverse_util
 from t5lite.config import ModelConfig
 from t5lite.layers.moe import moe_summary
 from t5lite.models import build, dummy_inputs
+from t5lite.models.hidden import hidden_states
 from t5lite.models.params import merge_params, split_params
 from t5lite.sharding import BATCH_LOGICAL, Partitioner
 from t5lite.train.distillation import Teacher
-from t5lite.train.losses import cross_entropy, distillation
+from t5lite.train.losses import cross_entropy, distillation, hidden_distance
 
 ENCODER_DECODER_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                             "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
@@ -67,25 +68,41 @@ def loss_weights(batch):
     return batch["decoder_target_tokens"] > 0
 
 
-def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout, soft_targets=None):
+class Teaching(NamedTuple):
+    """A distillation teacher's outputs on a batch, and the temperature of this step."""
+
+    teacher: Teacher
+    logits: jax.Array
+    hidden: dict[str, list] | None  # stack -> layer outputs, with a hidden-state loss
+    temperature: jax.Array
+
+
+def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout, teaching: Teaching | None = None):
     """(objective, sums) of one (micro)batch. Sums: loss, z-loss, correct tokens and weight; for MoE
     models each `moe_*` statistic (a mean over MoE layers) times the weight, so that dividing by the
     batch's weight averages it over microbatches. The objective, which is differentiated, is the loss
-    sum plus the weighted auxiliary losses; with `soft_targets` (teacher logits, temperature, alpha)
-    the distillation loss replaces the cross entropy in it."""
+    sum plus the weighted auxiliary losses; with `teaching` the distillation loss replaces the cross
+    entropy in it (plus the hidden-state loss, times the weight, when the teacher has one)."""
+    hidden = teaching is not None and teaching.hidden is not None
     logits, state = build(config).apply(
         {"params": params}, **model_features(config, batch), enable_dropout=enable_dropout,
-        rngs={"dropout": rng} if enable_dropout else None, mutable=["moe"])
+        rngs={"dropout": rng} if enable_dropout else None, mutable=["moe", "intermediates"] if hidden else ["moe"])
     weights = loss_weights(batch)
     weight = jnp.sum(weights.astype(jnp.float32))
     loss, z, correct = cross_entropy(logits, batch["decoder_target_tokens"], weights, z_loss, label_smoothing)
     sums = {"loss": loss, "z_loss": z, "correct": correct, "weight": weight}
     objective = loss
-    if soft_targets is not None:
-        teacher, temperature, alpha = soft_targets
-        soft, sums["distill_kl"] = distillation(logits, teacher, batch["decoder_target_tokens"], weights,
-                                                temperature, alpha)
+    if teaching is not None:
+        teacher = teaching.teacher
+        soft, sums["distill_kl"] = distillation(logits, teaching.logits, batch["decoder_target_tokens"], weights,
+                                                teaching.temperature, teacher.alpha)
         objective = soft + z
+        if hidden:
+            ours, valid = hidden_states(state["intermediates"], config), stack_valid(batch)
+            sums["distill_hidden"] = weight * sum(
+                hidden_distance(ours[stack][i], teaching.hidden[stack][j], valid[stack])
+                for stack, i, j in teacher.layer_map)
+            objective = objective + teacher.hidden_weight * sums["distill_hidden"]
     moe = moe_summary(state.get("moe", {}))
     if not moe:
         return objective, sums
@@ -94,9 +111,24 @@ def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout, s
     return objective + weight * auxiliary, sums
 
 
-def teacher_logits(teacher: Teacher, teacher_params, batch):
-    return jax.lax.stop_gradient(build(teacher.config).apply(
-        {"params": teacher_params}, **model_features(teacher.config, batch), enable_dropout=False))
+def stack_valid(batch) -> dict[str, jax.Array]:
+    """The tokens of each stack that are not padding."""
+    valid = {"decoder": batch["decoder_target_tokens"] > 0}
+    if "encoder_input_tokens" in batch:
+        segments = batch.get("encoder_segment_ids")
+        valid["encoder"] = batch["encoder_input_tokens"] > 0 if segments is None else segments > 0
+    return valid
+
+
+def teach(teacher: Teacher, teacher_params, batch, step) -> Teaching:
+    """The teacher's (constant) outputs on `batch`: its logits, and its layers' outputs when needed."""
+    hidden = bool(teacher.hidden_weight)
+    logits, state = build(teacher.config).apply(
+        {"params": teacher_params}, **model_features(teacher.config, batch), enable_dropout=False,
+        mutable=["intermediates"] if hidden else [])
+    layers = hidden_states(state["intermediates"], teacher.config) if hidden else None
+    logits, layers = jax.lax.stop_gradient((logits, layers))
+    return Teaching(teacher, logits, layers, teacher.temperature(step))
 
 
 def train_step(state: TrainState, batch, base_rng, teacher_params=None, *, config: ModelConfig,
@@ -106,15 +138,14 @@ def train_step(state: TrainState, batch, base_rng, teacher_params=None, *, confi
     (plus MoE auxiliary losses), whatever the number of microbatches, with respect to the parameters
     whose paths match `trainable` (all when None). The `loss` metric is the cross entropy (with
     z-loss); MoE models also log `moe_*` metrics, experts' shares one by one. With a `teacher`
-    (and its parameters) the loss is distillation's; `distill_kl` and `temperature` are logged."""
+    (and its parameters) the loss is distillation's; `distill_kl`, `temperature` and, with a
+    hidden-state loss, `distill_hidden` (summed over mapped layers) are logged."""
     rng = jax.random.fold_in(base_rng, state.step)
     params, frozen = split_params(state.params, trainable)
 
     def objective(p, data, key):
-        soft = None
-        if teacher is not None:
-            soft = (teacher_logits(teacher, teacher_params, data), teacher.temperature(state.step), teacher.alpha)
-        return _sums(config, merge_params(p, frozen), data, key, z_loss, label_smoothing, True, soft)
+        teaching = None if teacher is None else teach(teacher, teacher_params, data, state.step)
+        return _sums(config, merge_params(p, frozen), data, key, z_loss, label_smoothing, True, teaching)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if num_microbatches == 1:
@@ -142,6 +173,8 @@ def train_step(state: TrainState, batch, base_rng, teacher_params=None, *, confi
                "learning_rate": schedule(state.step), "target_tokens": aux["weight"]}
     if teacher is not None:
         metrics.update(distill_kl=aux["distill_kl"] / denominator, temperature=teacher.temperature(state.step))
+        if teacher.hidden_weight:
+            metrics["distill_hidden"] = aux["distill_hidden"] / denominator
     for name in (name for name in aux if name.startswith("moe_")):
         value = aux[name] / denominator
         metrics.update({f"{name}_{e}": share for e, share in enumerate(value)} if value.ndim else {name: value})
