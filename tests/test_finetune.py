@@ -223,7 +223,7 @@ def test_sft_loss_falls_on_response_tokens_only(tmp_path):
     row = next(data.DataStream("t5lite_test_sft", split="validation", task_feature_lengths=lengths,
                                batch_size=1, model_kind="encoder_decoder", pack=False, shuffle=False))
     assert stream.vocabulary.decode(row["encoder_input_tokens"][0].tolist()).endswith("### Response:")
-    with pytest.raises(ValueError, match="needs the keys 'instruction' and 'response'"):
+    with pytest.raises(ValueError, match="needs the keys 'instruction', 'response'"):
         path.write_text(json.dumps({"prompt": "x"}) + "\n")
         data.register_instruction_task("t5lite_test_sft", str(path))
 
@@ -330,23 +330,23 @@ def test_dpo_and_reward_losses():
                                [np.log1p(np.exp(-2.0)), np.log(2.0)], rtol=1e-6)
 
 
-def test_dpo_training_on_toy_pairs_widens_the_margin():
-    from t5lite.data import get_vocabulary
-    from t5lite.train.preference import dpo_step, pair_batch, toy_pairs
+def test_preference_pairs_are_neighbouring_rows_after_one_prompt():
+    from t5lite.data import DataStream
+    from t5lite.data.preferences import builtin_pairs
 
-    pairs = toy_pairs("validation")[:8]
+    pairs = builtin_pairs("validation")
     assert all(p["chosen"] != p["rejected"] for p in pairs)
-    config = BASE.replace(vocab_size=4224)
-    batch = pair_batch(pairs, get_vocabulary(None), config, prompt_length=24, response_length=8)
-    tx = optimizers.optimizer("adamw", 3e-3)
-    state = init_state(config, tx, jax.random.PRNGKey(0))
-    reference = state.params
-    step = jax.jit(functools.partial(dpo_step, config=config, tx=tx, beta=0.1))
-    margins = []
-    for _ in range(6):
-        state, metrics = step(state, batch, reference)
-        margins.append(float(metrics["margin"]))
-        if len(margins) == 1:
-            np.testing.assert_allclose(metrics["loss"], np.log(2.0), rtol=1e-5)  # policy == reference
-    assert margins[0] == 0.0 and margins[-1] > 0.05, margins
-    assert float(metrics["pair_accuracy"]) > 0.5
+    stream = DataStream("t5lite_preferences", split="validation", task_feature_lengths={"inputs": 32, "targets": 16},
+                        batch_size=8, model_kind="prefix_lm", pack=False, shuffle=False)
+    rows = next(stream)
+    targets, weights = rows["decoder_target_tokens"], rows["decoder_loss_weights"]
+    prompt = rows["decoder_causal_attention"]
+    for i in range(0, 8, 2):
+        np.testing.assert_array_equal(prompt[i], prompt[i + 1])
+        np.testing.assert_array_equal(targets[i][prompt[i] > 0], targets[i + 1][prompt[i + 1] > 0])
+        chosen, rejected = (stream.vocabulary.decode([int(t) for t, w in zip(targets[r], weights[r]) if w and t > 1])
+                            for r in (i, i + 1))
+        assert (chosen, rejected) == (pairs[i // 2]["chosen"], pairs[i // 2]["rejected"])
+    with pytest.raises(ValueError, match="train.pack=False"):
+        DataStream("t5lite_preferences", split="validation", task_feature_lengths={"inputs": 32, "targets": 8},
+                   batch_size=8, model_kind="prefix_lm", pack=True)

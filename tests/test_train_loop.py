@@ -225,6 +225,20 @@ def test_distillation_trains_a_student_on_its_teachers_soft_targets(trained_dir,
     assert not (tmp_path / "other").exists()
 
 
+def test_dpo_on_preference_pairs_widens_the_margin_over_its_reference(trained_dir, tmp_path, capsys):
+    dpo = ["runs/dpo_instructions.gin", "train.task_feature_lengths = {'inputs': 48, 'targets': 8}"]
+    start = [f"train.init_from = '{trained_dir}'", "train.checkpoint_every = 1000", "train.batch_size = 32"]
+    assert train(tmp_path / "dpo", dpo, *start, "train.num_steps = 12",
+                 "learning_rate_schedule.base_learning_rate = 5e-3") == 0
+    rows = read_metrics(tmp_path / "dpo" / "train_metrics.jsonl")
+    assert abs(rows[0]["loss"] - np.log(2.0)) < 1e-5 and rows[0]["margin"] == 0.0  # policy == reference
+    late = rows[len(rows) // 2:]
+    assert np.mean([r["margin"] for r in late]) > 0.05 and np.mean([r["accuracy"] for r in late]) > 0.6, rows
+    # A preference task needs the DPO objective (and back), and it is refused before anything is written.
+    assert train(tmp_path / "other", dpo, *start, "train.preference = None") == 2
+    assert "go together" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
 def test_eval_reads_a_run_whose_task_its_gin_registers(trained_dir, tmp_path):
     """A run on your own data registers its task in config.gin; loading the run registers it again."""
     import shutil

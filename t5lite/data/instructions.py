@@ -61,31 +61,34 @@ def builtin_examples(split: str) -> tuple[dict[str, str], ...]:
     return tuple(records)
 
 
-def read_jsonl(path: str) -> tuple[dict[str, str], ...]:
-    """{"instruction", "response"} records of a .jsonl file; a line without them is an error."""
+def read_jsonl(path: str, keys: tuple[str, ...] = ("instruction", "response")) -> tuple[dict[str, str], ...]:
+    """The `keys` of each record of a .jsonl file; a line without them is an error."""
     records = []
     with tf.io.gfile.GFile(path) as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             record = json.loads(line)
-            if not isinstance(record, dict) or not {"instruction", "response"} <= set(record):
-                raise ValueError(f"{path}:{number} needs the keys 'instruction' and 'response'; got {line[:200]!r}.")
-            records.append({"instruction": str(record["instruction"]), "response": str(record["response"])})
+            if not isinstance(record, dict) or not set(keys) <= set(record):
+                raise ValueError(f"{path}:{number} needs the keys {', '.join(map(repr, keys))}; got {line[:200]!r}.")
+            records.append({key: str(record[key]) for key in keys})
     if not records:
-        raise ValueError(f"{path} holds no instruction records.")
+        raise ValueError(f"{path} holds no records.")
     return tuple(records)
 
 
-def format_prompt(template: str):
-    """A seqio preprocessor: {"instruction", "response"} -> {"inputs": the prompt, "targets": the response}."""
+def format_prompt(template: str, responses: dict[str, str] | None = None):
+    """A seqio preprocessor: {"instruction", ...} -> {"inputs": the prompt} and each response field
+    renamed as `responses` says (default {"response": "targets"})."""
     if "{instruction}" not in template:
         raise ValueError(f"The instruction template {template!r} has no {{instruction}} field.")
     before, after = template.split("{instruction}", 1)
+    responses = responses or {"response": "targets"}
 
     @seqio.map_over_dataset
     def apply(record):
-        return {"inputs": tf.strings.join([before, record["instruction"], after]), "targets": record["response"]}
+        prompt = tf.strings.join([before, record["instruction"], after])
+        return {"inputs": prompt, **{new: record[old] for old, new in responses.items()}}
 
     return apply
 
@@ -103,18 +106,28 @@ def register_instruction_task(name: str, train_file: str | None = None, validati
                               template: str = TEMPLATE, vocabulary: str | seqio.Vocabulary | None = None) -> str:
     """An SFT task on .jsonl files, or on the built-in dataset when no train_file is given. Metric:
     exact match of the generated response."""
+    return register_prompted_task(name, builtin_examples, {"response": "targets"}, train_file, validation_file,
+                                  template, vocabulary, metric_fns=[metrics.exact_match])
+
+
+def register_prompted_task(name: str, builtin: Callable, responses: dict[str, str], train_file: str | None,
+                           validation_file: str | None, template: str, vocabulary, metric_fns=()) -> str:
+    """A task of {"instruction", *responses} records (from .jsonl files, or `builtin(split)`) whose
+    instruction goes through `template` into "inputs" and whose responses become the features
+    `responses` names, each ending in EOS."""
     if validation_file and not train_file:
         raise ValueError("A validation_file needs a train_file; give both, or neither for the built-in dataset.")
     files = {"train": train_file, "validation": validation_file or train_file}
-    records = builtin_examples if train_file is None else lambda split: read_jsonl(files[split])
+    keys = ("instruction", *responses)
+    records = builtin if train_file is None else lambda split: read_jsonl(files[split], keys)
     if train_file is not None:
         records("train")  # fail at registration, not at the first step
     vocab = get_vocabulary(vocabulary)
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
         name, source=sources.RecordsSource(records),
-        output_features={key: seqio.Feature(vocab, add_eos=True) for key in ("inputs", "targets")},
-        preprocessors=[format_prompt(template), seqio.preprocessors.tokenize, keep_prompt_end,
+        output_features={key: seqio.Feature(vocab, add_eos=True) for key in ("inputs", *responses.values())},
+        preprocessors=[format_prompt(template, responses), seqio.preprocessors.tokenize, keep_prompt_end,
                        seqio.preprocessors.append_eos_after_trim],
-        metric_fns=[metrics.exact_match])
+        metric_fns=list(metric_fns))
     return name

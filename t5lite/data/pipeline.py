@@ -17,6 +17,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5lite.data import preferences
 from t5lite.data.tasks import check_registered
 
 FEATURE_CONVERTERS = {
@@ -34,6 +35,8 @@ class DataStream:
     With `repeat=False` the last batch is filled up with all-zero rows (zero loss weights and
     segment ids), so every batch has the same shape and no example is dropped. Processes of a
     multi-host run pass their own `shard_index` and read disjoint parts of the data.
+    A preference task's pairs become two rows each (see `t5lite.data.preferences`): `batch_size`
+    rows hold batch_size / 2 pairs, chosen on even rows.
     """
 
     def __init__(self, mixture_or_task_name: str, *, split: str, task_feature_lengths: Mapping[str, int],
@@ -52,7 +55,12 @@ class DataStream:
         if split not in self._provider.splits:
             raise ValueError(f"{mixture_or_task_name!r} has no split {split!r}; it has "
                              f"{sorted(self._provider.splits)}.")
-        _check_features(mixture_or_task_name, set(self._provider.output_features), model_kind, task_feature_lengths)
+        features = set(self._provider.output_features)
+        self.pairs = preferences.is_pair_task(features)
+        if self.pairs:
+            _check_pairs(mixture_or_task_name, model_kind, task_feature_lengths, batch_size, pack)
+        else:
+            _check_features(mixture_or_task_name, features, model_kind, task_feature_lengths)
         self._name, self._split, self._lengths = mixture_or_task_name, split, dict(task_feature_lengths)
         self._batch_size, self._seed = batch_size, seed
         self._shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
@@ -83,7 +91,7 @@ class DataStream:
 
     @property
     def vocabulary(self) -> seqio.Vocabulary:
-        return self._provider.output_features["targets"].vocabulary
+        return self._provider.output_features["chosen" if self.pairs else "targets"].vocabulary
 
     @property
     def model_feature_lengths(self) -> dict[str, int]:
@@ -92,10 +100,12 @@ class DataStream:
 
     def _examples(self, repeat: bool, shuffle: bool) -> tf.data.Dataset:
         examples = self._provider.get_dataset(
-            sequence_length=self._lengths, split=self._split, shuffle=shuffle, seed=self._seed,
-            shard_info=self._shard, num_epochs=None if repeat else 1)
+            sequence_length=preferences.pair_lengths(self._lengths) if self.pairs else self._lengths,
+            split=self._split, shuffle=shuffle, seed=self._seed, shard_info=self._shard,
+            num_epochs=None if repeat else 1)
         features = set(self._provider.output_features)  # drop e.g. "*_pretokenized" strings
-        return examples.map(lambda ex: {k: v for k, v in ex.items() if k in features})
+        examples = examples.map(lambda ex: {k: v for k, v in ex.items() if k in features})
+        return preferences.as_rows(examples) if self.pairs else examples
 
     def _dataset(self, repeat: bool, shuffle: bool) -> tf.data.Dataset:
         examples = self._examples(repeat, shuffle)
@@ -119,6 +129,19 @@ class DataStream:
                 f"Task {self._name!r}, split {self._split!r}{shard} yields no examples: its files are empty, or "
                 f"every text is shorter than an objective needs. Check the task's data files, or use another "
                 f"split{', or fewer shards' if shard else ''}.")
+
+
+def _check_pairs(name: str, model_kind: str, lengths: Mapping[str, int], batch_size: int, pack: bool) -> None:
+    """Pair rows must stay whole rows, side by side, after a prompt."""
+    if model_kind == "decoder":
+        raise ValueError(f"Task {name!r} holds preference pairs after a prompt; a decoder takes them with "
+                         f"model_kind='prefix_lm'.")
+    if pack:
+        raise ValueError(f"Task {name!r} holds preference pairs, scored row by row: set train.pack=False.")
+    if batch_size % 2:
+        raise ValueError(f"Task {name!r} holds preference pairs, two rows each: batch_size={batch_size} rows (per "
+                         f"process) must be even.")
+    _check_features(name, {"inputs", "targets"}, model_kind, lengths)
 
 
 def _check_features(name: str, features: set[str], model_kind: str, lengths: Mapping[str, int]) -> None:

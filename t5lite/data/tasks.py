@@ -9,6 +9,7 @@ Built in (registered when `t5lite.data` is imported):
   t5lite_synthetic_copy / _reverse / _sort   digit sequences, exact-match metric
   t5lite_synthetic                mixture of the three synthetic tasks
   t5lite_instructions             built-in instruction tuning (SFT) data, exact-match metric
+  t5lite_preferences              built-in preference pairs for DPO {"inputs", "chosen", "rejected"}
 
 Your own data through gin: each registration function returns the task's name, so a gin
 evaluated reference registers it when the trainer reads its argument, e.g.
@@ -30,7 +31,7 @@ from typing import Sequence
 import gin
 import seqio
 
-from t5lite.data import corpus, instructions, metrics, objectives, sources, synthetic
+from t5lite.data import corpus, instructions, metrics, objectives, preferences, sources, synthetic
 from t5lite.data.vocab import get_vocabulary
 
 
@@ -126,6 +127,7 @@ def _register_builtin() -> None:
     seqio.MixtureRegistry.add("t5lite_synthetic", [_register_synthetic_task(op) for op in synthetic.OPERATIONS],
                               default_rate=1.0)
     instructions.register_instruction_task("t5lite_instructions")
+    preferences.register_preference_task("t5lite_preferences")
 
 
 _register_builtin()

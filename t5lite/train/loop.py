@@ -28,6 +28,7 @@ from t5lite.train import metrics as metrics_lib
 from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
 from t5lite.models.params import trainable_pattern
 from t5lite.train.distillation import Distillation, Teacher, load_teacher
+from t5lite.train.preference import Preference
 from t5lite.train.pretrained import pretrained_params
 from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded_train_step
 
@@ -70,6 +71,20 @@ def check_run(config: ModelConfig, kind: str, task_feature_lengths: dict[str, in
     if batch_size % (processes * num_microbatches):
         raise ValueError(f"train.batch_size={batch_size} must divide evenly over {processes} process(es) and "
                          f"num_microbatches={num_microbatches}.")
+
+
+def check_objectives(distillation, preference, num_microbatches: int, eval_every: int | None) -> None:
+    """What DPO cannot be combined with (yet)."""
+    if preference is None:
+        return
+    if distillation is not None:
+        raise ValueError("train.preference and train.distillation are two objectives; choose one.")
+    if num_microbatches != 1:
+        raise ValueError(f"train.preference scores pairs of neighbouring rows, which microbatches would split; "
+                         f"set train.num_microbatches=1 (it is {num_microbatches}).")
+    if eval_every:
+        raise ValueError("train.preference logs its pair accuracy and margin while training; validation measures "
+                         "token loss, which DPO does not optimise: set train.eval_every=None.")
 
 
 def check_model_dir(model_dir: pathlib.Path, config: ModelConfig) -> None:
@@ -126,7 +141,8 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
           z_loss: float = 1e-4, label_smoothing: float = 0.0, log_every: int = 50, checkpoint_every: int = 500,
           keep_checkpoints: int | None = 3, eval_every: int | None = None, eval_batches: int = 10,
           peak_flops_per_device: float | None = None, progress: bool = True, init_from: str | None = None,
-          trainable: str | None = None, distillation: Distillation | None = None) -> dict[str, float]:
+          trainable: str | None = None, distillation: Distillation | None = None,
+          preference: Preference | None = None) -> dict[str, float]:
     """Trains (or resumes) a model in `model_dir`; returns the last logged training metrics.
 
     `learning_rate` is a schedule (e.g. @learning_rate_schedule()) and `optimizer` a factory taking it
@@ -135,17 +151,20 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     Fine-tuning: a new run starts from `init_from` (a t5lite checkpoint or another run's directory)
     and trains the parameters whose "/"-joined paths match the regex `trainable` (default: all, or
     the LoRA adapters of a model with `ModelConfig.lora_rank`). `distillation` (@Distillation())
-    trains on a frozen teacher's soft targets.
+    trains on a frozen teacher's soft targets; `preference` (@Preference()) trains with DPO on a
+    preference task, against the model the run starts from.
     """
     model_dir = pathlib.Path(model_dir).absolute()
     config = model_config
     kind = model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     check_run(config, kind, task_feature_lengths, batch_size, num_microbatches)
+    check_objectives(distillation, preference, num_microbatches, eval_every)
     trainable = trainable_pattern(config, trainable)
     teacher, teacher_params = load_teacher(distillation, config, num_steps) if distillation else (None, None)
     step = TrainStep.create(config, mesh_shape, optimizer(learning_rate=learning_rate), learning_rate, seed=seed,
                             batch_size=batch_size, num_microbatches=num_microbatches, z_loss=z_loss,
-                            label_smoothing=label_smoothing, trainable=trainable, teacher=teacher)
+                            label_smoothing=label_smoothing, trainable=trainable, teacher=teacher,
+                            preference=preference)
     check_model_dir(model_dir, config)
     checkpoints_exist = (model_dir / "checkpoints").is_dir()
     checkpoints = ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints) if checkpoints_exist else None
@@ -153,11 +172,16 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     start_position = 0
     if resume_step is not None:
         state, start_position = checkpoints.restore(step.abstract_state, resume_step)
-    pretrained = pretrained_params(config, init_from) if init_from and resume_step is None else None
+    # A DPO run's reference is its step-0 model, rebuilt from init_from when it resumes.
+    pretrained = pretrained_params(config, init_from) if init_from and (resume_step is None or preference) else None
     data_shard = step.partitioner.data_shard(batch_size)
     stream = data_stream(mixture_or_task_name, kind, task_feature_lengths, batch_size, split="train", pack=pack,
                          seed=seed, data_shard=data_shard, start_position=start_position)
     t5data.check_vocabulary_fits(stream.vocabulary, config.vocab_size)
+    if stream.pairs != (preference is not None):
+        raise ValueError(f"Task {mixture_or_task_name!r} {'holds' if stream.pairs else 'has no'} preference pairs; "
+                         f"train.preference=@Preference() and a preference task (e.g. t5lite_preferences) go "
+                         f"together.")
     first_batch = next(stream)  # an empty dataset fails here, before anything is written
 
     if jax.process_index() == 0:
@@ -172,14 +196,20 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
         if resume_step is None:
             state = init_state(config, step.tx, jax.random.PRNGKey(seed), step.state_shardings, trainable, pretrained)
         start = int(state.step)
-        teacher_args = () if teacher is None else (jax.device_put(teacher_params, step.teacher_shardings),)
+        reference_args = ()
+        if teacher is not None:
+            reference_args = (jax.device_put(teacher_params, step.reference_shardings),)
+        if preference is not None:
+            reference_args = (init_state(config, step.tx, jax.random.PRNGKey(seed), step.state_shardings, trainable,
+                                         pretrained).params,)
         eval_fn = sharded_eval_step(partitioner, step.state_shardings.params, config)
         dropout_rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), partitioner.replicated)
         encoder_length, decoder_length = model_lengths(kind, task_feature_lengths)
         flops_per_step = batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length,
                                                                         frozen_base=trainable is not None)
-        if teacher is not None:  # the teacher's forward pass is work the step does too
-            flops_per_step += batch_size * flops.forward_flops_per_sequence(teacher.config, encoder_length,
+        reference_config = teacher.config if teacher else config if preference else None
+        if reference_config is not None:  # the teacher's / reference's forward pass is work the step does too
+            flops_per_step += batch_size * flops.forward_flops_per_sequence(reference_config, encoder_length,
                                                                             decoder_length)
         primary = jax.process_index() == 0
         writer = metrics_lib.MetricsWriter(model_dir) if primary else None
@@ -193,7 +223,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
         batch = global_batch(first_batch)
         try:
             for step_index in range(start, num_steps):
-                state, step_metrics = step.fn(state, batch, dropout_rng, *teacher_args)
+                state, step_metrics = step.fn(state, batch, dropout_rng, *reference_args)
                 pending.append((step_index + 1, step_metrics))
                 if len(pending) > MAX_STEPS_AHEAD:  # the host runs ahead of the devices by at most this much
                     jax.block_until_ready(pending[-MAX_STEPS_AHEAD - 1][1])
@@ -251,21 +281,24 @@ class TrainStep:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
     fn: Callable
-    teacher_shardings: Any = None  # of a distillation teacher's parameters
+    reference_shardings: Any = None  # of a distillation teacher's or a DPO reference's parameters
 
     @classmethod
     def create(cls, config: ModelConfig, mesh_shape: MeshShape, tx: optax.GradientTransformation,
                schedule: Callable, *, seed: int, batch_size: int, num_microbatches: int, z_loss: float,
                label_smoothing: float, trainable: str | None = None, teacher: Teacher | None = None,
-               devices=None) -> "TrainStep":
+               preference: Preference | None = None, devices=None) -> "TrainStep":
         partitioner = Partitioner.create(config, mesh_shape, devices)
         partitioner.check_batch(batch_size, num_microbatches)
         abstract = jax.eval_shape(functools.partial(init_state, config, tx, trainable=trainable),
                                   jax.random.PRNGKey(seed))
         state_shardings = partitioner.state(abstract, partitioner.params(config), trainable)
-        teacher_shardings = None if teacher is None else partitioner.params(teacher.config)
-        fn = sharded_train_step(partitioner, state_shardings, teacher_shardings, config=config, tx=tx,
+        reference_shardings = None
+        if teacher is not None or preference is not None:
+            reference_shardings = partitioner.params(teacher.config if teacher else config)
+        fn = sharded_train_step(partitioner, state_shardings, reference_shardings, config=config, tx=tx,
                                 schedule=schedule, num_microbatches=num_microbatches, z_loss=z_loss,
-                                label_smoothing=label_smoothing, trainable=trainable, teacher=teacher)
+                                label_smoothing=label_smoothing, trainable=trainable, teacher=teacher,
+                                preference=preference)
         return cls(partitioner, tx, abstract_with_shardings(abstract, state_shardings), state_shardings, fn,
-                   teacher_shardings)
+                   reference_shardings)

@@ -25,13 +25,10 @@ from t5lite.models import build, dummy_inputs
 from t5lite.models.hidden import hidden_states
 from t5lite.models.params import merge_params, split_params
 from t5lite.sharding import BATCH_LOGICAL, Partitioner
+from t5lite.train.batch import loss_weights, model_features
 from t5lite.train.distillation import Teacher
 from t5lite.train.losses import cross_entropy, distillation, hidden_distance
-
-ENCODER_DECODER_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                            "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
-DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
-                    "decoder_causal_attention")
+from t5lite.train.preference import Preference, dpo_sums
 
 
 @flax.struct.dataclass
@@ -54,18 +51,6 @@ def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.A
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(split_params(params, trainable)[0]))
     return jax.jit(init, out_shardings=shardings)(rng, pretrained or {})
-
-
-def model_features(config: ModelConfig, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The batch features the model takes (loss weights stay with the loss)."""
-    names = ENCODER_DECODER_FEATURES if config.is_encoder_decoder else DECODER_FEATURES
-    return {name: batch[name] for name in names if name in batch}
-
-
-def loss_weights(batch):
-    if "decoder_loss_weights" in batch:
-        return batch["decoder_loss_weights"]
-    return batch["decoder_target_tokens"] > 0
 
 
 class Teaching(NamedTuple):
@@ -131,20 +116,26 @@ def teach(teacher: Teacher, teacher_params, batch, step) -> Teaching:
     return Teaching(teacher, logits, layers, teacher.temperature(step))
 
 
-def train_step(state: TrainState, batch, base_rng, teacher_params=None, *, config: ModelConfig,
+def train_step(state: TrainState, batch, base_rng, reference_params=None, *, config: ModelConfig,
                tx: optax.GradientTransformation, schedule: Callable, num_microbatches: int = 1, z_loss: float = 1e-4,
-               label_smoothing: float = 0.0, trainable: str | None = None, teacher: Teacher | None = None):
+               label_smoothing: float = 0.0, trainable: str | None = None, teacher: Teacher | None = None,
+               preference: Preference | None = None):
     """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch
     (plus MoE auxiliary losses), whatever the number of microbatches, with respect to the parameters
     whose paths match `trainable` (all when None). The `loss` metric is the cross entropy (with
     z-loss); MoE models also log `moe_*` metrics, experts' shares one by one. With a `teacher`
-    (and its parameters) the loss is distillation's; `distill_kl`, `temperature` and, with a
-    hidden-state loss, `distill_hidden` (summed over mapped layers) are logged."""
+    (and its parameters as `reference_params`) the loss is distillation's; `distill_kl`,
+    `temperature` and, with a hidden-state loss, `distill_hidden` (summed over mapped layers) are
+    logged. With `preference` the batch holds pair rows and the loss is DPO's against the reference
+    model `reference_params`; `loss` is the mean DPO loss, `accuracy` the share of pairs ranked
+    right, `margin` the mean implicit reward margin."""
     rng = jax.random.fold_in(base_rng, state.step)
     params, frozen = split_params(state.params, trainable)
 
     def objective(p, data, key):
-        teaching = None if teacher is None else teach(teacher, teacher_params, data, state.step)
+        if preference is not None:
+            return dpo_sums(config, merge_params(p, frozen), reference_params, data, key, True, preference.beta)
+        teaching = None if teacher is None else teach(teacher, reference_params, data, state.step)
         return _sums(config, merge_params(p, frozen), data, key, z_loss, label_smoothing, True, teaching)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -175,6 +166,8 @@ def train_step(state: TrainState, batch, base_rng, teacher_params=None, *, confi
         metrics.update(distill_kl=aux["distill_kl"] / denominator, temperature=teacher.temperature(state.step))
         if teacher.hidden_weight:
             metrics["distill_hidden"] = aux["distill_hidden"] / denominator
+    if preference is not None:
+        metrics["margin"] = aux["margin"] / denominator
     for name in (name for name in aux if name.startswith("moe_")):
         value = aux[name] / denominator
         metrics.update({f"{name}_{e}": share for e, share in enumerate(value)} if value.ndim else {name: value})
@@ -187,15 +180,15 @@ def eval_step(params, batch, *, config: ModelConfig):
     return {"loss_sum": sums["loss"], "correct": sums["correct"], "weight": sums["weight"]}
 
 
-def sharded_train_step(partitioner: Partitioner, state_shardings, teacher_shardings=None, **step_kwargs):
+def sharded_train_step(partitioner: Partitioner, state_shardings, reference_shardings=None, **step_kwargs):
     """`train_step` jitted with explicit shardings (pjit): the state where `state_shardings` puts it
     (donated, so updated in place), the batch split over the batch axes, metrics replicated; a
-    distillation teacher's parameters where `teacher_shardings` puts them.
+    distillation teacher's or DPO reference's parameters where `reference_shardings` puts them.
     Trace and compile it inside `partitioner.context()`."""
-    teacher = () if teacher_shardings is None else (teacher_shardings,)
+    reference = () if reference_shardings is None else (reference_shardings,)
     return jax.jit(functools.partial(train_step, **step_kwargs),
                    in_shardings=(state_shardings, partitioner.sharding(BATCH_LOGICAL), partitioner.replicated,
-                                 *teacher),
+                                 *reference),
                    out_shardings=(state_shardings, partitioner.replicated), donate_argnums=(0,))
 
 
