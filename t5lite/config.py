@@ -105,6 +105,9 @@ class ModelConfig:
     # the embeddings of sampled vocabulary tokens.
     bitfit: bool = False
     prompt_length: int = 0
+    # A reward model: a scalar head on the decoder's final hidden states (its value at a response's
+    # last token is the response's reward), trained with train.preference = @Preference(objective='reward').
+    reward_head: bool = False
     # Switch-MoE (0 experts: dense). The MLP of every k-th layer (layers k-1, 2k-1, ...) of a stack
     # is a mixture of experts, k = encoder_moe_every / decoder_moe_every (0: no experts in that stack).
     num_experts: int = 0

@@ -350,3 +350,9 @@ def test_preference_pairs_are_neighbouring_rows_after_one_prompt():
     with pytest.raises(ValueError, match="train.pack=False"):
         DataStream("t5lite_preferences", split="validation", task_feature_lengths={"inputs": 32, "targets": 8},
                    batch_size=8, model_kind="prefix_lm", pack=True)
+    from t5lite.train.preference import Preference
+
+    with pytest.raises(ValueError, match="needs the head"):
+        Preference(objective="reward").check(BASE)
+    with pytest.raises(ValueError, match="Allowed values: dpo, reward"):
+        Preference(objective="ppo")

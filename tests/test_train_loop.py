@@ -225,7 +225,7 @@ def test_distillation_trains_a_student_on_its_teachers_soft_targets(trained_dir,
     assert not (tmp_path / "other").exists()
 
 
-def test_dpo_on_preference_pairs_widens_the_margin_over_its_reference(trained_dir, tmp_path, capsys):
+def test_dpo_and_reward_model_learn_the_preference_pairs(trained_dir, tmp_path, capsys):
     dpo = ["runs/dpo_instructions.gin", "train.task_feature_lengths = {'inputs': 48, 'targets': 8}"]
     start = [f"train.init_from = '{trained_dir}'", "train.checkpoint_every = 1000", "train.batch_size = 32"]
     assert train(tmp_path / "dpo", dpo, *start, "train.num_steps = 12",
@@ -234,7 +234,21 @@ def test_dpo_on_preference_pairs_widens_the_margin_over_its_reference(trained_di
     assert abs(rows[0]["loss"] - np.log(2.0)) < 1e-5 and rows[0]["margin"] == 0.0  # policy == reference
     late = rows[len(rows) // 2:]
     assert np.mean([r["margin"] for r in late]) > 0.05 and np.mean([r["accuracy"] for r in late]) > 0.6, rows
-    # A preference task needs the DPO objective (and back), and it is refused before anything is written.
+    # A reward model learns to rank 8 pairs of a .jsonl file (16 rows: all of them every step).
+    from t5lite.data.preferences import builtin_pairs
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in builtin_pairs("train")[:8]))
+    reward = ["runs/reward_model_instructions.gin", "train.task_feature_lengths = {'inputs': 48, 'targets': 16}",
+              "train.mixture_or_task_name = @pairs/t5lite.data.register_preference_task()",
+              "pairs/t5lite.data.register_preference_task.name = 't5lite_test_pairs'",
+              f"pairs/t5lite.data.register_preference_task.train_file = '{tmp_path / 'pairs.jsonl'}'"]
+    assert train(tmp_path / "reward", reward, *start, "train.num_steps = 12",
+                 "learning_rate_schedule.base_learning_rate = 5e-3") == 0
+    rows = read_metrics(tmp_path / "reward" / "train_metrics.jsonl")
+    late = rows[len(rows) // 2:]
+    assert np.mean([r["loss"] for r in late]) < np.mean([r["loss"] for r in rows[:3]]), rows
+    assert np.mean([r["accuracy"] for r in late]) > 0.8, rows
+    # A preference task needs a preference objective (and back), refused before anything is written.
     assert train(tmp_path / "other", dpo, *start, "train.preference = None") == 2
     assert "go together" in capsys.readouterr().err and not (tmp_path / "other").exists()
 

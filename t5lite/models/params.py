@@ -63,7 +63,7 @@ def param_count(config: ModelConfig) -> int:
     total += config.num_decoder_layers * decoder_layer + per_stack + final_norm
     # Each MoE layer holds num_experts MLPs and a router instead of one MLP.
     total += _moe_layers(config) * ((config.num_experts - 1) * mlp + d * config.num_experts)
-    return total + peft_param_count(config)
+    return total + added_param_count(config)
 
 
 def _projections(config: ModelConfig) -> dict[str, tuple[list[tuple[int, int]], int]]:
@@ -88,10 +88,11 @@ def adapter_param_count(config: ModelConfig) -> int:
                                   for t in config.lora_targets)
 
 
-def peft_param_count(config: ModelConfig) -> int:
-    """What LoRA, BitFit (a bias per projection output) and the soft prompt add to the model."""
+def added_param_count(config: ModelConfig) -> int:
+    """What LoRA, BitFit (a bias per projection output), the soft prompt and a reward head add."""
     biases = sum(sum(o for _, o in shapes) * layers for shapes, layers in _projections(config).values())
-    return adapter_param_count(config) + config.bitfit * biases + config.prompt_length * config.d_model
+    return (adapter_param_count(config) + config.bitfit * biases + config.prompt_length * config.d_model
+            + config.reward_head * config.d_model)
 
 
 def active_param_count(config: ModelConfig) -> int:
@@ -147,32 +148,34 @@ def unstack_layers(flat: dict[str, np.ndarray], config: ModelConfig) -> dict[str
     return out
 
 
-# Parameter paths ("/"-joined) that parameter-efficient fine-tuning adds to a model and trains.
+# Parameter paths ("/"-joined) that fine-tuning adds to a pretrained model.
 ADAPTERS = r"/lora_[ab]$"  # LoRA
 BIASES = r"/bias$"  # BitFit (LayerNorm's biases too, where the model has them)
 PROMPT_PATH = "encoder/prompt/embedding"
 PROMPT = f"^{PROMPT_PATH}$"  # prompt tuning
+REWARD_HEAD = r"^decoder/reward_head/"  # a reward model's scalar head
 
 
-def peft_pattern(config: ModelConfig) -> str | None:
-    """The regex of the parameters that `config`'s LoRA, BitFit and prompt add; None without them."""
+def added_pattern(config: ModelConfig) -> str | None:
+    """The regex of the parameters that `config`'s LoRA, BitFit, prompt and reward head add; None
+    without them."""
     parts = [pattern for pattern, on in ((ADAPTERS, config.lora_rank), (BIASES, config.bitfit),
-                                         (PROMPT, config.prompt_length)) if on]
+                                         (PROMPT, config.prompt_length), (REWARD_HEAD, config.reward_head)) if on]
     return "|".join(parts) or None
 
 
-def peft_params(config: ModelConfig, params) -> dict:
+def added_params(config: ModelConfig, params) -> dict:
     """Those parameters alone ("/"-joined paths to arrays)."""
-    pattern = peft_pattern(config)
+    pattern = added_pattern(config)
     flat = traverse_util.flatten_dict(params, sep="/")
     return {p: x for p, x in flat.items() if pattern and re.search(pattern, p)}
 
 
 def trainable_pattern(config: ModelConfig, pattern: str | None) -> str | None:
-    """The regex of trainable parameter paths: `pattern`, else what LoRA / BitFit / prompt tuning add,
-    else None (everything trains)."""
+    """The regex of trainable parameter paths: `pattern`; else, with LoRA, BitFit or a prompt, what
+    they (and a reward head) add; else None (everything trains)."""
     if pattern is None:
-        return peft_pattern(config)
+        return added_pattern(config) if config.lora_rank or config.bitfit or config.prompt_length else None
     try:
         re.compile(pattern)
     except re.error as error:

@@ -295,6 +295,9 @@ class DecoderStack(nn.Module):
         x = run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, cfg.moe_every("decoder"), x, spec, rope,
                        cache_position, encoded, cross_spec, deterministic=deterministic, decode=decode)
         x = final_norm(cfg, x, deterministic)
+        if cfg.reward_head:  # kept only when "intermediates" is mutable (see t5lite.train.preference)
+            reward = DenseGeneral((1,), ("embed", None), name="reward_head", **dtypes(cfg))(x)[..., 0]
+            self.sow("intermediates", "reward", reward.astype(jnp.float32))
         if cfg.tie_embeddings:
             if cfg.rescale_tied_logits:
                 x = x * cfg.d_model ** -0.5

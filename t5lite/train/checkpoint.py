@@ -19,7 +19,7 @@ from t5lite.config import ModelConfig
 from flax import traverse_util
 
 from t5lite.models import abstract_params
-from t5lite.models.params import peft_params, peft_pattern
+from t5lite.models.params import added_params, added_pattern
 
 CONFIG_FILE = "t5lite_config.json"
 PARAMS_DIR = "params"
@@ -45,7 +45,7 @@ def save_params(directory: str | pathlib.Path, config: ModelConfig, params, subd
 
 def save_adapters(directory: str | pathlib.Path, config: ModelConfig, params) -> pathlib.Path:
     """Writes what LoRA, BitFit or prompt tuning added to a model alone (with the model's config)."""
-    found = peft_params(config, params)
+    found = added_params(config, params)
     if not found:
         raise ValueError("These parameters hold no adapters: set ModelConfig.lora_rank, bitfit or prompt_length.")
     return save_params(directory, config, traverse_util.unflatten_dict(found, sep="/"), subdir=ADAPTERS_DIR)
@@ -60,13 +60,13 @@ def load_adapters(directory: str | pathlib.Path, base_params):
     config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
     abstract = traverse_util.flatten_dict(abstract_params(config), sep="/")
     base = traverse_util.flatten_dict(base_params, sep="/")
-    wrong = [p for p, leaf in abstract.items() if not re.search(peft_pattern(config), p)
+    wrong = [p for p, leaf in abstract.items() if not re.search(added_pattern(config), p)
              and (p not in base or base[p].shape != leaf.shape)]
     if wrong:
         raise ValueError(f"The base parameters do not fit the adapters' model ({', '.join(wrong[:4])}); load the "
                          f"base model the adapters were trained on.")
     with ocp.StandardCheckpointer() as checkpointer:
-        saved = checkpointer.restore(directory / ADAPTERS_DIR, traverse_util.unflatten_dict(peft_params(config, abstract), sep="/"))
+        saved = checkpointer.restore(directory / ADAPTERS_DIR, traverse_util.unflatten_dict(added_params(config, abstract), sep="/"))
     base.update(traverse_util.flatten_dict(saved, sep="/"))
     return config, traverse_util.unflatten_dict(base, sep="/")
 

@@ -73,10 +73,12 @@ def check_run(config: ModelConfig, kind: str, task_feature_lengths: dict[str, in
                          f"num_microbatches={num_microbatches}.")
 
 
-def check_objectives(distillation, preference, num_microbatches: int, eval_every: int | None) -> None:
-    """What DPO cannot be combined with (yet)."""
+def check_objectives(config: ModelConfig, distillation, preference, num_microbatches: int,
+                     eval_every: int | None) -> None:
+    """What preference training needs, and cannot be combined with (yet)."""
     if preference is None:
         return
+    preference.check(config)
     if distillation is not None:
         raise ValueError("train.preference and train.distillation are two objectives; choose one.")
     if num_microbatches != 1:
@@ -158,7 +160,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     config = model_config
     kind = model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
     check_run(config, kind, task_feature_lengths, batch_size, num_microbatches)
-    check_objectives(distillation, preference, num_microbatches, eval_every)
+    check_objectives(config, distillation, preference, num_microbatches, eval_every)
     trainable = trainable_pattern(config, trainable)
     teacher, teacher_params = load_teacher(distillation, config, num_steps) if distillation else (None, None)
     step = TrainStep.create(config, mesh_shape, optimizer(learning_rate=learning_rate), learning_rate, seed=seed,
@@ -173,7 +175,8 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     if resume_step is not None:
         state, start_position = checkpoints.restore(step.abstract_state, resume_step)
     # A DPO run's reference is its step-0 model, rebuilt from init_from when it resumes.
-    pretrained = pretrained_params(config, init_from) if init_from and (resume_step is None or preference) else None
+    rebuild = preference is not None and preference.needs_reference
+    pretrained = pretrained_params(config, init_from) if init_from and (resume_step is None or rebuild) else None
     data_shard = step.partitioner.data_shard(batch_size)
     stream = data_stream(mixture_or_task_name, kind, task_feature_lengths, batch_size, split="train", pack=pack,
                          seed=seed, data_shard=data_shard, start_position=start_position)
@@ -199,7 +202,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
         reference_args = ()
         if teacher is not None:
             reference_args = (jax.device_put(teacher_params, step.reference_shardings),)
-        if preference is not None:
+        if preference is not None and preference.needs_reference:
             reference_args = (init_state(config, step.tx, jax.random.PRNGKey(seed), step.state_shardings, trainable,
                                          pretrained).params,)
         eval_fn = sharded_eval_step(partitioner, step.state_shardings.params, config)
@@ -207,8 +210,8 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
         encoder_length, decoder_length = model_lengths(kind, task_feature_lengths)
         flops_per_step = batch_size * flops.training_flops_per_sequence(config, encoder_length, decoder_length,
                                                                         frozen_base=trainable is not None)
-        reference_config = teacher.config if teacher else config if preference else None
-        if reference_config is not None:  # the teacher's / reference's forward pass is work the step does too
+        if reference_args:  # the teacher's / reference's forward pass is work the step does too
+            reference_config = teacher.config if teacher else config
             flops_per_step += batch_size * flops.forward_flops_per_sequence(reference_config, encoder_length,
                                                                             decoder_length)
         primary = jax.process_index() == 0
@@ -294,7 +297,7 @@ class TrainStep:
                                   jax.random.PRNGKey(seed))
         state_shardings = partitioner.state(abstract, partitioner.params(config), trainable)
         reference_shardings = None
-        if teacher is not None or preference is not None:
+        if teacher is not None or (preference is not None and preference.needs_reference):
             reference_shardings = partitioner.params(teacher.config if teacher else config)
         fn = sharded_train_step(partitioner, state_shardings, reference_shardings, config=config, tx=tx,
                                 schedule=schedule, num_microbatches=num_microbatches, z_loss=z_loss,

@@ -16,14 +16,14 @@ from flax import traverse_util
 
 from t5lite.config import ModelConfig
 from t5lite.models import abstract_params
-from t5lite.models.params import PROMPT_PATH, peft_pattern, stack_layers, unstack_layers
+from t5lite.models.params import PROMPT_PATH, added_pattern, stack_layers, unstack_layers
 from t5lite.quantization.weights import quantize_weights
 from t5lite.train import checkpoint
 
 # Fields a fine-tuning run may set differently from its pretrained model.
 FINETUNE_FIELDS = ("dtype", "dropout_rate", "remat_policy", "scan_layers", "attention_impl", "int8_dense",
                    "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora", "bitfit", "prompt_length",
-                   "expert_dropout_rate")
+                   "reward_head", "expert_dropout_rate")
 PROMPT_FROM_TOKENS = 5000  # the soft prompt starts as embeddings of tokens sampled from the first ids
 
 
@@ -44,7 +44,7 @@ def pretrained_params(config: ModelConfig, path: str) -> dict[str, np.ndarray]:
     if source_config.scan_layers != config.scan_layers:
         flat = stack_layers(flat, config) if config.scan_layers else unstack_layers(flat, source_config)
     expected = traverse_util.flatten_dict(abstract_params(config), sep="/")
-    added = peft_pattern(config)
+    added = added_pattern(config)
     missing = [p for p in expected if p not in flat and not (added and re.search(added, p))]
     if missing:
         raise ValueError(f"train.init_from={path} lacks parameters of this model: {', '.join(missing[:5])}.")

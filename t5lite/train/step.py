@@ -28,7 +28,7 @@ from t5lite.sharding import BATCH_LOGICAL, Partitioner
 from t5lite.train.batch import loss_weights, model_features
 from t5lite.train.distillation import Teacher
 from t5lite.train.losses import cross_entropy, distillation, hidden_distance
-from t5lite.train.preference import Preference, dpo_sums
+from t5lite.train.preference import Preference
 
 
 @flax.struct.dataclass
@@ -127,14 +127,14 @@ def train_step(state: TrainState, batch, base_rng, reference_params=None, *, con
     (and its parameters as `reference_params`) the loss is distillation's; `distill_kl`,
     `temperature` and, with a hidden-state loss, `distill_hidden` (summed over mapped layers) are
     logged. With `preference` the batch holds pair rows and the loss is DPO's against the reference
-    model `reference_params`; `loss` is the mean DPO loss, `accuracy` the share of pairs ranked
-    right, `margin` the mean implicit reward margin."""
+    model `reference_params`, or a reward model's; `loss` is the mean loss per pair, `accuracy` the
+    share of pairs ranked right, `margin` the mean (implicit) reward margin."""
     rng = jax.random.fold_in(base_rng, state.step)
     params, frozen = split_params(state.params, trainable)
 
     def objective(p, data, key):
         if preference is not None:
-            return dpo_sums(config, merge_params(p, frozen), reference_params, data, key, True, preference.beta)
+            return preference.sums(config, merge_params(p, frozen), reference_params, data, key, True)
         teaching = None if teacher is None else teach(teacher, reference_params, data, state.step)
         return _sums(config, merge_params(p, frozen), data, key, z_loss, label_smoothing, True, teaching)
 
