@@ -97,11 +97,12 @@ def generate_texts(run: Run, texts: Sequence[str], options: decoding.DecodingOpt
     vocabulary = run.vocabulary
     encoder_decoder = run.kind == "encoder_decoder"
     limit = run.task_feature_lengths["inputs" if "inputs" in run.task_feature_lengths else "targets"]
+    # Inputs ended in EOS in training (the encoder's, or a prompted decoder's prefix); a plain
+    # decoder's prompt continues instead.
+    eos = [1] if encoder_decoder or run.kind in t5data.PROMPTED_KINDS else []
     outputs = []
     for start in range(0, len(texts), batch_size):
-        # The encoder saw inputs ending in EOS during training; a decoder's prompt continues instead.
-        chunk = [vocabulary.encode(text)[-(limit - 1):] + [1] if encoder_decoder else vocabulary.encode(text)[-limit:]
-                 for text in texts[start:start + batch_size]]
+        chunk = [vocabulary.encode(text)[-(limit - len(eos)):] + eos for text in texts[start:start + batch_size]]
         tokens = np.zeros((len(chunk), max(1, max(map(len, chunk)))), np.int32)
         for row, ids in enumerate(chunk):
             tokens[row, :len(ids)] = ids
@@ -132,7 +133,7 @@ def evaluate_run(run: Run, num_batches: int = 20, max_examples: int = 64,
     on greedy decodes of up to `max_examples` validation examples per task."""
     results = {"step": run.step, "validation": validation_metrics(run, num_batches)}
     options = options or decoding.DecodingOptions(max_new_tokens=run.task_feature_lengths["targets"])
-    if run.kind == "encoder_decoder":
+    if run.kind == "encoder_decoder" or run.kind in t5data.PROMPTED_KINDS:
         results["metrics"] = t5data.evaluate_predictions(
             run.task, "validation", lambda texts: generate_texts(run, texts, options),
             task_feature_lengths=run.task_feature_lengths, max_examples=max_examples)

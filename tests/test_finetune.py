@@ -213,6 +213,12 @@ def test_sft_loss_falls_on_response_tokens_only(tmp_path):
     assert targets[0][weights[0] > 0].tolist() == response
     prompt_end = int(np.argmax(weights[0]))
     assert prompt_end > 8 and rows["decoder_causal_attention"][0][:prompt_end].all()
+    # A causal prefix: the same rows and loss weights, and no bidirectional region.
+    causal = next(data.DataStream("t5lite_test_sft", split="validation", task_feature_lengths=lengths, batch_size=2,
+                                  model_kind="causal_prefix_lm", pack=False, shuffle=False))
+    assert sorted(causal) == sorted(set(rows) - {"decoder_causal_attention"})
+    for name, value in causal.items():
+        np.testing.assert_array_equal(value, rows[name])
     params = init_params(config, jax.random.PRNGKey(0))
     per_row = [float(loss_sum(config, params, {k: v[i:i + 1] for k, v in rows.items()})) for i in range(2)]
     assert per_row[0] != per_row[1]

@@ -45,10 +45,20 @@ def check_learned(model_dir, steps):
     assert {"perplexity", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "tflops_per_device"} <= set(row)
 
 
-@pytest.mark.parametrize("run", [LM, PREFIX], ids=["causal_lm", "prefix_lm"])
+SFT_DECODER = ["runs/llama_tiny_lm.gin", "train.model_kind = 'causal_prefix_lm'",
+               "train.mixture_or_task_name = 't5lite_instructions'",
+               "train.task_feature_lengths = {'inputs': 48, 'targets': 16}"]
+
+
+@pytest.mark.parametrize("run", [LM, PREFIX, SFT_DECODER], ids=["causal_lm", "prefix_lm", "sft_causal_decoder"])
 def test_training_lowers_the_loss(run, tmp_path):
     assert train(tmp_path, run, "train.num_steps = 40") == 0
     check_learned(tmp_path, 40)
+    if run is SFT_DECODER:  # prompted with the instruction and EOS, scored by the task's metric
+        from t5lite import inference
+
+        results = inference.evaluate_run(inference.load_run(tmp_path), num_batches=1, max_examples=8)
+        assert 0.0 <= results["metrics"]["t5lite_instructions"]["exact_match"] <= 100.0
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(tmp_path):

@@ -2,8 +2,8 @@
 
 The prompt `template.format(instruction=...)` becomes "inputs" and the response "targets", so
 the loss falls on response tokens only: an encoder-decoder reads the prompt with its encoder,
-a prefix-LM decoder (model_kind="prefix_lm") sees it as its prefix, which seqio's feature
-converter gives zero loss weight. A prompt longer than its feature length loses its beginning,
+a decoder (model_kind "prefix_lm", or "causal_prefix_lm" for a causal prefix) sees it as its
+prefix, which seqio's feature converter gives zero loss weight. A prompt longer than its feature length loses its beginning,
 not the template's response marker at its end; a long response is cut at its end.
 
 `t5lite_instructions` is a small built-in dataset of skills a tiny model learns within minutes

@@ -20,12 +20,33 @@ import tensorflow as tf
 from t5lite.data import preferences
 from t5lite.data.tasks import check_registered
 
+class CausalPrefixLMFeatureConverter(seqio.PrefixLMFeatureConverter):
+    """seqio's prefix LM (inputs then targets in one row, loss on the targets only) without its
+    bidirectional prefix: the whole row attends causally, as a causal decoder (Llama-style) is
+    fine-tuned on prompts and responses."""
+
+    MODEL_FEATURES = {name: feature for name, feature in seqio.PrefixLMFeatureConverter.MODEL_FEATURES.items()
+                      if name != "decoder_causal_attention"}
+
+    def _convert_features(self, ds, task_feature_lengths):
+        return super()._convert_features(ds, task_feature_lengths).map(self._causal)
+
+    def get_model_feature_lengths(self, task_feature_lengths):
+        return self._causal(super().get_model_feature_lengths(task_feature_lengths))
+
+    @staticmethod
+    def _causal(features):
+        return {name: value for name, value in features.items() if name != "decoder_causal_attention"}
+
+
 FEATURE_CONVERTERS = {
     "encoder_decoder": seqio.EncDecFeatureConverter,
     "decoder": seqio.LMFeatureConverter,
     "prefix_lm": seqio.PrefixLMFeatureConverter,
+    "causal_prefix_lm": CausalPrefixLMFeatureConverter,
 }
 MODEL_KINDS = tuple(FEATURE_CONVERTERS)
+PROMPTED_KINDS = ("prefix_lm", "causal_prefix_lm")  # decoders taking "inputs" as a prompt
 
 
 class DataStream:
@@ -135,7 +156,7 @@ def _check_pairs(name: str, model_kind: str, lengths: Mapping[str, int], batch_s
     """Pair rows must stay whole rows, side by side, after a prompt."""
     if model_kind == "decoder":
         raise ValueError(f"Task {name!r} holds preference pairs after a prompt; a decoder takes them with "
-                         f"model_kind='prefix_lm'.")
+                         f"model_kind='prefix_lm' or 'causal_prefix_lm'.")
     if pack:
         raise ValueError(f"Task {name!r} holds preference pairs, scored row by row: set train.pack=False.")
     if batch_size % 2:

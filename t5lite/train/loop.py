@@ -32,7 +32,6 @@ from t5lite.train.preference import Preference
 from t5lite.train.pretrained import pretrained_params
 from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded_train_step
 
-MODEL_KINDS = ("encoder_decoder", "decoder", "prefix_lm")
 # Fields that may differ between a model dir's config and a resumed run's: they change how the
 # same parameters are computed, not which parameters there are.
 RESUMABLE_FIELDS = ("dtype", "dropout_rate", "remat_policy")
@@ -46,20 +45,21 @@ def model_lengths(kind: str, task_feature_lengths: dict[str, int]) -> tuple[int,
     """(encoder length, decoder length) the model sees for the task's feature lengths."""
     if kind == "encoder_decoder":
         return task_feature_lengths["inputs"], task_feature_lengths["targets"]
-    if kind == "prefix_lm":
+    if kind in t5data.PROMPTED_KINDS:
         return 0, task_feature_lengths["inputs"] + task_feature_lengths["targets"]
     return 0, task_feature_lengths["targets"]
 
 
 def check_run(config: ModelConfig, kind: str, task_feature_lengths: dict[str, int], batch_size: int,
               num_microbatches: int) -> None:
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"train.model_kind={kind!r} is not supported. Allowed values: {', '.join(MODEL_KINDS)}.")
+    if kind not in t5data.MODEL_KINDS:
+        raise ValueError(f"train.model_kind={kind!r} is not supported. Allowed values: "
+                         f"{', '.join(t5data.MODEL_KINDS)}.")
     if config.is_encoder_decoder != (kind == "encoder_decoder"):
         raise ValueError(f"train.model_kind={kind!r} does not fit ModelConfig.architecture="
                          f"{config.architecture!r}: encoder_decoder models take encoder_decoder data, decoders "
-                         f"take decoder or prefix_lm data.")
-    needed = {"encoder_decoder": {"inputs", "targets"}, "prefix_lm": {"inputs", "targets"}, "decoder": {"targets"}}[kind]
+                         f"take decoder, prefix_lm or causal_prefix_lm data.")
+    needed = {"targets"} if kind == "decoder" else {"inputs", "targets"}
     if not needed <= set(task_feature_lengths):
         raise ValueError(f"train.task_feature_lengths={task_feature_lengths} must give lengths for {sorted(needed)} "
                          f"with model_kind={kind!r}.")
