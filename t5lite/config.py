@@ -85,6 +85,11 @@ class ModelConfig:
     weight_bits: int = 8  # or 4, two values per byte
     weight_group_size: int | None = None  # a scale per this many inputs; None: per output feature
     weight_zero_points: bool = False  # asymmetric ranges
+    # "int" (the uniform grid) or "nf4": QLoRA's 4-bit NormalFloat, 16 levels at quantiles of N(0, 1)
+    # scaled by each group's abs-max (weight_bits=4, a weight_group_size, no zero points).
+    weight_format: str = "int"
+    # The per-group scales stored in int8 with one float32 per output feature (QLoRA's double quantisation).
+    weight_double_quant: bool = False
     input_scaling: bool = False  # a per-input-channel divisor of the inputs (AWQ, SmoothQuant)
     # "none" (weight-only), "int8" (per-token int8 activations: W8A8), "llm_int8" (int8 except
     # input features holding a value of magnitude >= llm_int8_threshold, which stay in `dtype`).
@@ -286,6 +291,17 @@ def _check_weight_quant(config: ModelConfig) -> None:
     if group is not None and any(k % group for k, _ in shapes):
         raise ValueError(f"weight_group_size={group} must divide the inputs of every quantised kernel "
                          f"({sorted({k for k, _ in shapes})}); pick a common divisor, or None for a scale per output.")
+    _check_choice("weight_format", config.weight_format, ("int", "nf4"))
+    if config.weight_format == "nf4" and (config.weight_bits != 4 or config.weight_zero_points or group is None):
+        raise ValueError(f"weight_format='nf4' stores 4-bit indices of 16 levels scaled by each group's abs-max: set "
+                         f"weight_bits=4, weight_zero_points=False and a weight_group_size (QLoRA uses 64), or "
+                         f"weight_format='int'; got weight_bits={config.weight_bits}, weight_zero_points="
+                         f"{config.weight_zero_points}, weight_group_size={group}.")
+    if not isinstance(config.weight_double_quant, bool):
+        raise ValueError(f"weight_double_quant={config.weight_double_quant!r} must be True or False.")
+    if config.weight_double_quant and group is None:
+        raise ValueError("weight_double_quant=True stores the scales of groups of inputs in int8; set "
+                         "weight_group_size (with one scale per output feature there is nothing to save).")
     if config.weight_bits == 4 and any(last % 2 for _, last in shapes):
         raise ValueError(f"4-bit weights pack two values per byte along each kernel's last input axis "
                          f"({sorted({last for _, last in shapes})}), which must be even; use weight_bits=8.")

@@ -17,7 +17,7 @@ from scipy.special import log_softmax
 
 from t5lite import data
 from t5lite.config import ModelConfig
-from t5lite.models import build, init_params, param_count
+from t5lite.models import abstract_params, build, init_params, param_count
 from t5lite.models.lora import merge_lora
 from t5lite.models.params import ADAPTERS, BIASES, PROMPT, PROMPT_PATH, split_params, trainable_pattern
 from t5lite.train import checkpoint, losses, optimizers
@@ -126,27 +126,28 @@ def test_lora_trains_adapters_only_and_merges(int8_weights, tmp_path):
                                                                              jax.random.PRNGKey(0))))
 
 
-@pytest.mark.parametrize("method", ["bitfit", "prompt"])
-def test_bitfit_and_prompt_tuning_train_what_they_add(method, tmp_path):
-    """BitFit's zero biases leave the base's outputs as they were; both train only what they add
-    (counted by param_count), and save and load it alone."""
-    config = BASE.replace(bitfit=True) if method == "bitfit" else BASE.replace(prompt_length=3)
+def test_bitfit_and_prompt_tuning_train_what_they_add(tmp_path):
+    """BitFit's zero biases leave the outputs as they were; together with a soft prompt, only what
+    the two add trains (counted by param_count), and it saves and loads alone."""
+    config = BASE.replace(bitfit=True, prompt_length=3)
     pattern = trainable_pattern(config, None)
-    assert pattern == (BIASES if method == "bitfit" else PROMPT)
+    assert pattern == f"{BIASES}|{PROMPT}"
     tx = optimizers.optimizer("adamw", 3e-2)
     state = init_state(config, tx, jax.random.PRNGKey(0), trainable=pattern)
     added = {p: x for p, x in flat(state.params).items() if re.search(pattern, p)}
     base = traverse_util.unflatten_dict({p: x for p, x in flat(state.params).items() if p not in added}, sep="/")
     assert sum(x.size for x in added.values()) == param_count(config) - param_count(BASE)
-    if method == "bitfit":  # biases of q, k, v, o in 5 attention layers, of wi_0, wi_1, wo in 3 MLPs (scanned)
-        assert len(added) == 3 * 4 + 2 * 3 and not any(x.any() for x in added.values())
-        assert sum(x.size for x in added.values()) == 5 * (4 * 32) + 3 * (2 * 64 + 32)
-        np.testing.assert_array_equal(logits(config, state.params, batch()), logits(BASE, base, batch()))
-    else:
-        assert sorted(added) == [PROMPT_PATH] and added[PROMPT_PATH].shape == (3, 32)
-        encoded = build(config).apply({"params": state.params}, batch()["encoder_input_tokens"],
-                                      enable_dropout=False, method="encode")
-        assert encoded.shape[1] == 3 + batch()["encoder_input_tokens"].shape[1]
+    # Biases of q, k, v, o in 5 attention layers and of wi_0, wi_1, wo in 3 MLPs (scanned); a [3, d] prompt.
+    biases = {p: x for p, x in added.items() if p != PROMPT_PATH}
+    assert len(biases) == 3 * 4 + 2 * 3 and not any(x.any() for x in biases.values())
+    assert sum(x.size for x in biases.values()) == 5 * (4 * 32) + 3 * (2 * 64 + 32)
+    assert added[PROMPT_PATH].shape == (3, 32)
+    prompted = traverse_util.unflatten_dict({p: x for p, x in flat(state.params).items() if p not in biases}, sep="/")
+    np.testing.assert_array_equal(logits(config, state.params, batch()),
+                                  logits(config.replace(bitfit=False), prompted, batch()))
+    encoded = build(config).apply({"params": state.params}, batch()["encoder_input_tokens"], enable_dropout=False,
+                                  method="encode")
+    assert encoded.shape[1] == 3 + batch()["encoder_input_tokens"].shape[1]
     assert jax.tree.structure(state.opt_state[0].mu) == jax.tree.structure(split_params(state.params, pattern)[0])
     step = jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=lambda step: 3e-2, trainable=pattern))
     before, trained = loss_sum(config, state.params, batch()), state
@@ -161,18 +162,18 @@ def test_bitfit_and_prompt_tuning_train_what_they_add(method, tmp_path):
 
 
 def test_prompt_tuning_starts_from_token_embeddings_and_refuses_what_it_cannot_do(tmp_path):
-    checkpoint.save_params(tmp_path / "base", BASE, init_params(BASE, jax.random.PRNGKey(0)))
-    table = flat(init_params(BASE, jax.random.PRNGKey(0)))["token_embedder/embedding"]
+    params = init_params(BASE, jax.random.PRNGKey(0))
+    checkpoint.save_params(tmp_path / "base", BASE, params)
+    table = flat(params)["token_embedder/embedding"]
     prompt = pretrained_params(BASE.replace(prompt_length=4), str(tmp_path / "base"))[PROMPT_PATH]
     rows = [int(np.flatnonzero((table == row).all(1))[0]) for row in prompt]
     assert len(set(rows)) == 4 and all(3 <= r < 64 for r in rows)
     with pytest.raises(ValueError, match="has no encoder"):
         BASE.replace(architecture="decoder", prompt_length=4)
+    prompted = BASE.replace(prompt_length=2)
+    packed = dict(batch(), encoder_segment_ids=jnp.ones((4, 7), jnp.int32))
     with pytest.raises(ValueError, match="train.pack=False"):
-        packed = dict(batch(), encoder_segment_ids=jnp.ones((4, 7), jnp.int32))
-        init_state(BASE.replace(prompt_length=2), optax.sgd(0.1), jax.random.PRNGKey(0))
-        eval_step(init_params(BASE.replace(prompt_length=2), jax.random.PRNGKey(0)), packed,
-                  config=BASE.replace(prompt_length=2))
+        jax.eval_shape(functools.partial(eval_step, config=prompted), abstract_params(prompted), packed)
 
 
 def test_lora_dropout_and_bad_configs():
@@ -303,16 +304,13 @@ def test_hidden_state_distillation_in_the_step():
                                rtol=1e-5)
     tx = optax.sgd(0.5)
     state = init_state(BASE, tx, jax.random.PRNGKey(0))
-    teacher = Teacher(BASE, alpha=1.0, temperature=lambda step: 1.0, hidden_weight=1.0,
-                      layer_map=(("decoder", 1, 1), ("encoder", 0, 0)))
-    step = jax.jit(functools.partial(train_step, config=BASE, tx=tx, schedule=lambda step: 0.5, teacher=teacher))
+    hidden_only = Teacher(BASE, alpha=0.0, temperature=lambda step: 1.0, hidden_weight=1.0,
+                          layer_map=(("decoder", 1, 1), ("encoder", 0, 0)))
+    step = jax.jit(functools.partial(train_step, config=BASE, tx=tx, schedule=lambda step: 0.5, teacher=hidden_only,
+                                     z_loss=0.0))
     _, metrics = step(state, batch(), jax.random.PRNGKey(1), state.params)
     assert abs(float(metrics["distill_hidden"])) < 1e-5 and abs(float(metrics["distill_kl"])) < 1e-5
     other = init_params(BASE, jax.random.PRNGKey(7))
-    hidden_only = Teacher(BASE, alpha=0.0, temperature=lambda step: 1.0, hidden_weight=1.0,
-                          layer_map=teacher.layer_map)
-    step = jax.jit(functools.partial(train_step, config=BASE, tx=tx, schedule=lambda step: 0.5, teacher=hidden_only,
-                                     z_loss=0.0))
     distances = []
     for _ in range(3):
         state, metrics = step(state, batch(), jax.random.PRNGKey(1), other)

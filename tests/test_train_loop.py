@@ -21,7 +21,6 @@ TINY = ["ModelConfig.d_model = 64", "ModelConfig.d_ff = 128", "ModelConfig.num_h
         "ModelConfig.dtype = 'float32'", "train.batch_size = 8", "train.log_every = 1", "train.progress = False",
         "train.checkpoint_every = 10", "learning_rate_schedule.warmup_steps = 10"]
 SPAN = ["runs/t5_tiny_span_corruption.gin", "train.task_feature_lengths = {'inputs': 64, 'targets': 16}"]
-LM = ["runs/llama_tiny_lm.gin", "train.task_feature_lengths = {'targets': 64}"]
 PREFIX = ["runs/prefix_lm_tiny.gin", "train.task_feature_lengths = {'inputs': 48, 'targets': 16}"]
 
 
@@ -50,10 +49,12 @@ SFT_DECODER = ["runs/llama_tiny_lm.gin", "train.model_kind = 'causal_prefix_lm'"
                "train.task_feature_lengths = {'inputs': 48, 'targets': 16}"]
 
 
-@pytest.mark.parametrize("run", [LM, PREFIX, SFT_DECODER], ids=["causal_lm", "prefix_lm", "sft_causal_decoder"])
+# A causal LM's 40 steps on the corpus are the quickstart notebook's (tests/test_notebooks.py).
+@pytest.mark.parametrize("run", [PREFIX, SFT_DECODER], ids=["prefix_lm", "sft_causal_decoder"])
 def test_training_lowers_the_loss(run, tmp_path):
-    assert train(tmp_path, run, "train.num_steps = 40") == 0
-    check_learned(tmp_path, 40)
+    steps = 20 if run is SFT_DECODER else 40  # responses to the instructions are learnt fast
+    assert train(tmp_path, run, f"train.num_steps = {steps}") == 0
+    check_learned(tmp_path, steps)
     if run is SFT_DECODER:  # prompted with the instruction and EOS, scored by the task's metric
         from t5lite import inference
 

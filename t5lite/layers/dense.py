@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.int8_matmul import int8_dense, weight_only_dense
-from t5lite.quantization.core import Scheme, dequantize, fit, pack_int4, quantize, unpack_int4
+from t5lite.quantization.core import (Scheme, dequantize, dequantize_scales, fit, pack_int4, quantize,
+                                      quantize_scales, unpack_int4)
 from t5lite.quantization.llm_int8 import llm_int8_matmul
 from t5lite.quantization.smoothquant import smoothquant_matmul
 
@@ -26,8 +27,10 @@ def fan_in_init(scale: float = 1.0, in_axes: int = 1):
 class WeightQuant:
     """How a quantised dense layer stores and runs its kernel (built by `t5lite.quantization`).
 
-    The kernel is stored as `scheme` says (int8 bytes; 4-bit values two per byte along the last
-    input axis), with `kernel_scale` [groups, *features] and, without symmetry, `kernel_zero`.
+    The kernel is stored as `scheme` says (int8 bytes; 4-bit values, NF4 indices among them, two
+    per byte along the last input axis), with `kernel_scale` [groups, *features] and, without
+    symmetry, `kernel_zero`. With double quantisation `kernel_scale` holds int8 codes and
+    `kernel_scale_scale` [1, *features] their float32 step.
     `input_scaling` divides inputs by a per-input-channel `input_scale` first (AWQ, SmoothQuant).
     `activations`: "none" (weight-only: the matmul runs in `dtype`), "int8" (per-token int8
     activations, an int8 x int8 matmul: W8A8) or "llm_int8" (int8, except input features holding
@@ -37,6 +40,11 @@ class WeightQuant:
     input_scaling: bool = False
     activations: str = "none"
     threshold: float = 6.0
+
+    def __post_init__(self):
+        if self.activations != "none" and self.scheme.format != "int":
+            raise ValueError(f"activations={self.activations!r} multiply integer weights; format="
+                             f"{self.scheme.format!r} is weight-only (activations='none').")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +138,8 @@ class DenseGeneral(nn.Module):
         q = param("kernel", tuple(self.kernel_axes)).reshape(-1, n)
         q = unpack_int4(q) if scheme.bits == 4 else q
         scale = param("kernel_scale", group_axes).reshape(-1, n)
+        if scheme.double_quant:
+            scale = dequantize_scales(scale, param("kernel_scale_scale", group_axes).reshape(1, n))
         zero = None if scheme.symmetric else param("kernel_zero", group_axes).reshape(-1, n)
         input_scale = param("input_scale", tuple(self.kernel_axes[:self.in_axes])).reshape(k) \
             if quant.input_scaling else None
@@ -139,13 +149,15 @@ class DenseGeneral(nn.Module):
             x = x / input_scale.astype(x.dtype)
         if quant.activations == "llm_int8":
             return llm_int8_matmul(x, q, scale, threshold=quant.threshold)
-        if zero is None:
+        if zero is None and scheme.format == "int":
             return weight_only_dense(x, q, scale)
-        w = dequantize(q, scale, zero).astype(x.dtype)
+        # Zero points and NF4's level lookup dequantise in XLA, then multiply in `dtype`.
+        w = dequantize(q, scale, zero, scheme).astype(x.dtype)
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
     def _quantized_init(self, key, shape):
-        """The stored parameters of the quantised float init (all but the kernel in float32)."""
+        """The stored parameters of the quantised float init (float32, but for the int8 kernel and
+        double quantisation's scale codes)."""
         scheme, k = self.weight_quant.scheme, math.prod(shape[:self.in_axes])
         w = fan_in_init(self.kernel_scale, self.in_axes)(key, shape, jnp.float32).reshape(k, -1)
         scale, zero = fit(w, scheme)
@@ -153,5 +165,9 @@ class DenseGeneral(nn.Module):
         packed = pack_int4(q) if scheme.bits == 4 else q
         stored_in = shape[:self.in_axes - 1] + (shape[self.in_axes - 1] // (8 // scheme.bits),)
         features = shape[self.in_axes:]
-        return {"kernel": packed.reshape(stored_in + features), "kernel_scale": scale.reshape(-1, *features),
-                "kernel_zero": zero.reshape(-1, *features), "input_scale": jnp.ones(shape[:self.in_axes])}
+        stored = {"kernel": packed.reshape(stored_in + features), "kernel_scale": scale.reshape(-1, *features),
+                  "kernel_zero": zero.reshape(-1, *features), "input_scale": jnp.ones(shape[:self.in_axes])}
+        if scheme.double_quant:
+            codes, step = quantize_scales(scale)
+            stored.update(kernel_scale=codes.reshape(-1, *features), kernel_scale_scale=step.reshape(1, *features))
+        return stored

@@ -48,7 +48,8 @@ def weight_quant(config: ModelConfig, family: str) -> WeightQuant | None:
     """How `family`'s dense kernels are stored and run when quantised (`config.int8_weights`)."""
     if family not in config.int8_weights:
         return None
-    scheme = Scheme(config.weight_bits, not config.weight_zero_points, config.weight_group_size)
+    scheme = Scheme(config.weight_bits, not config.weight_zero_points, config.weight_group_size,
+                    format=config.weight_format, double_quant=config.weight_double_quant)
     return WeightQuant(scheme, config.input_scaling, config.activation_quant, config.llm_int8_threshold)
 
 

@@ -53,7 +53,7 @@ def _awq(w, x, scheme, grid):
 
     def error(alpha):
         s = input_scale(alpha)
-        out = jnp.dot(x / s, dequantize(*quantized(s)), precision=_HIGHEST)
+        out = jnp.dot(x / s, dequantize(*quantized(s), scheme), precision=_HIGHEST)
         return jnp.sum((out - target) ** 2)
 
     alphas = jnp.arange(grid, dtype=jnp.float32) / grid

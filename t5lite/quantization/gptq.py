@@ -94,4 +94,4 @@ def _inverse_cholesky(h):
 def _round_row(row, scale, zero, scheme):
     """One input row [N] quantised with its group's scale and zero point, and dequantised."""
     q = quantize(row[None], scale, zero, scheme)
-    return q[0], dequantize(q, scale, zero)[0]
+    return q[0], dequantize(q, scale, zero, scheme)[0]

@@ -4,7 +4,7 @@
 model) or a training run's directory (its latest checkpoint). The run's model may add LoRA
 adapters and BitFit biases (initialised fresh) or a soft prompt (started, as Lester et al. found
 best, from the embeddings of sampled common tokens), and may store its dense kernels quantised:
-a float base is then rounded to the run's layout (int8, or int4 in groups), QLoRA-style.
+a float base is then rounded to the run's layout (int8, or int4 or NF4 in groups), QLoRA-style.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def pretrained_params(config: ModelConfig, path: str) -> dict[str, np.ndarray]:
     if config.int8_weights and not source_config.int8_weights:
         source_config, params = quantize_weights(
             source_config, params, families=config.int8_weights, bits=config.weight_bits,
-            group_size=config.weight_group_size, zero_points=config.weight_zero_points)
+            group_size=config.weight_group_size, zero_points=config.weight_zero_points,
+            format=config.weight_format, double_quant=config.weight_double_quant)
     details = source_config.differences(config, FINETUNE_FIELDS)
     if details:
         raise ValueError(f"train.init_from={path} holds a different model ({details}). Fine-tune with the "
