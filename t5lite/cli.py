@@ -107,7 +107,8 @@ def quantize(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--output {output} is not an empty directory; quantize writes into a new or empty one.")
     run = inference.load_run(args.checkpoint, args.step)
     recipe = dict(method=args.method, bits=args.bits, group_size=args.group_size, families=args.families,
-                  zero_points=args.zero_points, percentile=args.percentile)
+                  zero_points=args.zero_points, percentile=args.percentile, format=args.format,
+                  double_quant=args.double_quant)
     quantized_config(run.model.config, **recipe)  # refuses a bad recipe before calibrating
     stats = None
     if args.method in CALIBRATED:
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=8, choices=[8, 4])
     p.add_argument("--group_size", type=int, default=None, help="a scale per this many inputs (default: per output)")
     p.add_argument("--zero_points", action="store_true", help="asymmetric ranges (weight-only methods)")
+    p.add_argument("--format", default="int", choices=["int", "nf4"],
+                   help="nf4: QLoRA's 4-bit NormalFloat levels (method int8, --bits=4, a --group_size)")
+    p.add_argument("--double_quant", action="store_true", help="the group scales in int8 (QLoRA's double quantisation)")
     p.add_argument("--families", type=_families, default=["attention", "mlp"], help="comma-separated: attention,mlp")
     p.add_argument("--calibration_batches", type=int, default=8, help="training batches for gptq, awq, smoothquant")
     p.add_argument("--percentile", type=float, default=None,

@@ -140,12 +140,26 @@ def test_bad_input_fails_clearly_and_keeps_checkpoints(trained_dir, bindings, me
     (["--method=gptq", "--group_size=48"], "weight_group_size=48 must divide the inputs of every quantised kernel"),
     (["--method=int8", "--families="], "Name at least one family"),
     (["--method=gptq", "--percentile=99"], "only sets SmoothQuant's input ranges"),
+    (["--method=gptq", "--bits=4", "--group_size=32", "--format=nf4"], "use method='int8'"),
 ])
 def test_bad_quantize_input_fails_clearly_and_writes_nothing(trained_dir, tmp_path, args, message, capsys):
     output = tmp_path / "quantized"
     assert cli.main(["quantize", f"--checkpoint={trained_dir}", f"--output={output}", *args]) == 2
     assert message in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_quantize_writes_nf4_with_double_quantised_scales(trained_dir, tmp_path):
+    from t5lite import inference
+
+    nf4 = ["--method=int8", "--bits=4", "--group_size=32", "--format=nf4", "--double_quant"]
+    assert cli.main(["quantize", f"--checkpoint={trained_dir}", f"--output={tmp_path / 'nf4'}", *nf4]) == 0
+    run = inference.load_run(tmp_path / "nf4")
+    config = run.model.config
+    assert (config.weight_format, config.weight_double_quant, config.weight_bits) == ("nf4", True, 4)
+    query = run.params["encoder"]["layers"]["attention"]["query"]
+    assert query["kernel"].dtype == query["kernel_scale"].dtype == np.int8 and "kernel_scale_scale" in query
+    assert json.loads((tmp_path / "nf4" / "quantization.json").read_text())["format"] == "nf4"
 
 
 def test_quantize_refuses_a_non_empty_output(trained_dir, tmp_path, capsys):
