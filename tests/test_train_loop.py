@@ -232,6 +232,9 @@ def test_finetuning_beats_the_pretrained_model_and_lora_freezes_it(trained_dir, 
     assert train(tmp_path / "other", full, *start, "ModelConfig.d_ff = 64") == 2
     assert "holds a different model (d_ff: 128 there, 64 here)" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+    assert train(tmp_path / "packed", full, *start, "ModelConfig.prompt_length = 4", "train.pack = True") == 2
+    assert "every row needs its own soft prompt; set train.pack=False" in capsys.readouterr().err
+    assert not (tmp_path / "packed").exists()
 
 
 def test_distillation_trains_a_student_on_its_teachers_soft_targets(trained_dir, tmp_path, capsys):

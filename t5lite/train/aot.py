@@ -117,7 +117,7 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
     args = dict(arguments)
     config, lengths, batch_size = args["model_config"], args["task_feature_lengths"], args["batch_size"]
     kind = args["model_kind"] or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
-    loop.check_run(config, kind, lengths, batch_size, args["num_microbatches"])
+    loop.check_run(config, kind, lengths, batch_size, args["num_microbatches"], args["pack"])
     trainable = trainable_pattern(config, args["trainable"])
     devices = topology_devices(topology)
     chip = flops.chip_name(devices[0])

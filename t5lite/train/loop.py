@@ -51,7 +51,7 @@ def model_lengths(kind: str, task_feature_lengths: dict[str, int]) -> tuple[int,
 
 
 def check_run(config: ModelConfig, kind: str, task_feature_lengths: dict[str, int], batch_size: int,
-              num_microbatches: int) -> None:
+              num_microbatches: int, pack: bool) -> None:
     if kind not in t5data.MODEL_KINDS:
         raise ValueError(f"train.model_kind={kind!r} is not supported. Allowed values: "
                          f"{', '.join(t5data.MODEL_KINDS)}.")
@@ -67,6 +67,9 @@ def check_run(config: ModelConfig, kind: str, task_feature_lengths: dict[str, in
         raise ValueError(f"Sequences of {max(model_lengths(kind, task_feature_lengths))} tokens are longer than the "
                          f"model's learned position table (ModelConfig.max_length={config.max_length}); shorten "
                          f"train.task_feature_lengths or raise max_length.")
+    if config.prompt_length and pack:
+        raise ValueError(f"ModelConfig.prompt_length={config.prompt_length}: every row needs its own soft prompt; "
+                         f"set train.pack=False.")
     processes = jax.process_count()
     if batch_size % (processes * num_microbatches):
         raise ValueError(f"train.batch_size={batch_size} must divide evenly over {processes} process(es) and "
@@ -159,7 +162,7 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     model_dir = pathlib.Path(model_dir).absolute()
     config = model_config
     kind = model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
-    check_run(config, kind, task_feature_lengths, batch_size, num_microbatches)
+    check_run(config, kind, task_feature_lengths, batch_size, num_microbatches, pack)
     check_objectives(config, distillation, preference, num_microbatches, eval_every)
     trainable = trainable_pattern(config, trainable)
     teacher, teacher_params = load_teacher(distillation, config, num_steps) if distillation else (None, None)
