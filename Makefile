@@ -10,6 +10,9 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[hf,test]"
+	# T5's preprocessors, the reference the span-corruption tests compare with; its own
+	# dependencies (Mesh TensorFlow, nightly seqio and TFDS) are not needed for that one file.
+	$(PY) -m pip install -q --no-deps t5==0.9.4
 	touch $@
 
 test: $(VENV)/.installed

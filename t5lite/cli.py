@@ -41,14 +41,16 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     config.parse_gin(files, bindings)
 
 
-def train(args: argparse.Namespace) -> None:
-    """Trains (or resumes) the model a gin config describes, writing everything into --model_dir."""
+def train(args: argparse.Namespace) -> int:
+    """Trains (or resumes) the model a gin config describes, writing everything into --model_dir.
+    SIGTERM or Ctrl-C stops it after the current step with a checkpoint (exit code 0 or 130)."""
     from t5lite import distributed
     from t5lite.train.loop import train as train_loop
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     parse_gin(args.gin_file, args.gin_bindings)
     train_loop(args.model_dir)
+    return 0
 
 
 def compile_step(args: argparse.Namespace) -> int:
@@ -211,6 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from t5lite.train.preemption import Interrupted
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = parse_args(argv)
     try:
@@ -218,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"t5lite {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # a run (or a sweep's) stopped by SIGTERM / Ctrl-C, its checkpoint saved
+        print(stop.message, file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("Aborted; a run resumes from its last complete checkpoint.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,12 +31,13 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import backend as kernel_backend
 from t5lite.config import ModelConfig, divisors
-from t5lite.models import init_params
+from t5lite.models import abstract_params, param_axes
 from t5lite.models.params import split_params
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -166,12 +167,12 @@ class Partitioner:
 
     def params(self, config: ModelConfig):
         """NamedShardings of the parameters, checked to divide every parameter evenly."""
-        boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), boxed=True))
-        specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), self.rules)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=_is_boxed):
-            self._check_divides(jax.tree_util.keystr(path), leaf)
-        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
-                            is_leaf=lambda x: isinstance(x, P))
+        shapes = traverse_util.flatten_dict(abstract_params(config), sep="/")
+        shardings = {}
+        for path, axes in param_axes(config).items():
+            self._check_divides(path, axes, shapes[path].shape)
+            shardings[path] = self.sharding(axes)
+        return traverse_util.unflatten_dict(shardings, sep="/")
 
     def state(self, abstract_state, param_shardings, trainable: str | None = None):
         """Shardings of a train state: parameters as given, optimizer statistics like the
@@ -232,13 +233,13 @@ class Partitioner:
 
         return {name: assemble(value) for name, value in local_batch.items()}
 
-    def _check_divides(self, name: str, leaf: nn.LogicallyPartitioned) -> None:
-        spec = nn.logical_to_mesh_axes(leaf.names, self.rules)
-        for size, logical, axes in zip(leaf.value.shape, leaf.names, spec):
-            axes = (axes,) if isinstance(axes, str) else axes or ()
-            devices = math.prod(self.mesh.shape[axis] for axis in axes)
+    def _check_divides(self, name: str, axes: Sequence[str | None], shape: Sequence[int]) -> None:
+        spec = nn.logical_to_mesh_axes(tuple(axes), self.rules)
+        for size, logical, mesh_axes in zip(shape, axes, spec):
+            mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()
+            devices = math.prod(self.mesh.shape[axis] for axis in mesh_axes)
             if size % devices:
-                split = ", ".join(f"{axis}={self.mesh.shape[axis]}" for axis in axes)
+                split = ", ".join(f"{axis}={self.mesh.shape[axis]}" for axis in mesh_axes)
                 raise ValueError(f"Parameter {name} has {size} entries along its {logical!r} axis, which the mesh "
                                  f"splits over {split} ({devices} devices); {devices} must divide {size}. Change "
                                  f"the mesh or the model dimension.")
@@ -249,18 +250,12 @@ def abstract_with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _is_boxed(x) -> bool:
-    return isinstance(x, nn.LogicallyPartitioned)
-
-
 def _like_param(leaf, param, sharding: NamedSharding) -> NamedSharding:
-    """The sharding of an optimizer statistic of `param`: the same when shaped alike; for a
-    factored statistic (one axis reduced away), the spec of the remaining axes; else replicated."""
-    if leaf.shape == param.shape:
-        return sharding
+    """The sharding of an optimizer statistic of `param`: the parameter's along every axis the
+    statistic keeps whole (a factored statistic averages some axes down to size 1); replicated when
+    it is shaped otherwise (a counter, a placeholder)."""
+    if leaf.ndim != param.ndim or leaf.size == 1 < param.size:
+        return NamedSharding(sharding.mesh, P())
     spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
-    for axis in range(param.ndim):
-        if param.shape[:axis] + param.shape[axis + 1:] == leaf.shape:
-            return NamedSharding(sharding.mesh, P(*spec[:axis], *spec[axis + 1:]))
-    return NamedSharding(sharding.mesh, P())
-
+    return NamedSharding(sharding.mesh, P(*(axes if kept == full else None
+                                            for axes, kept, full in zip(spec, leaf.shape, param.shape))))

@@ -1,13 +1,19 @@
-"""Test-wide settings: CPU backend with 8 virtual devices (set before JAX is imported), and a
-temporary t5lite cache so that tests never write into the user's ~/.cache."""
+"""Test-wide settings: CPU backend with 8 virtual devices (set before JAX is imported), one XLA
+compilation cache for the run, and a temporary t5lite cache so that tests never write into the
+user's ~/.cache."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Many tests (and the `t5lite` processes they start, which inherit this) compile the same tiny
+# train steps; JAX's persistent cache compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "t5lite-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session", autouse=True)

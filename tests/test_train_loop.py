@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -62,27 +64,67 @@ def test_training_lowers_the_loss(run, tmp_path):
         assert 0.0 <= results["metrics"]["t5lite_instructions"]["exact_match"] <= 100.0
 
 
-def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(tmp_path):
-    """Also span corruption's "training lowers the loss" (the uninterrupted run)."""
+def start_training(model_dir, steps, checkpoint_every):
+    """`t5lite train` of the span-corruption run in a subprocess."""
+    command = [sys.executable, "-m", "t5lite.cli", "train", f"--gin_file={SPAN[0]}", f"--model_dir={model_dir}"]
+    bindings = TINY + SPAN[1:] + steps + [f"train.checkpoint_every = {checkpoint_every}"]
+    command += [f"--gin.{b.replace(' = ', '=', 1)}" for b in bindings]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(process, ready, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be stopped: " + process.communicate()[0][-2000:]
+
+
+def logged_rows(model_dir):
+    metrics = model_dir / "train_metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def test_interrupted_runs_resume_to_the_uninterrupted_losses(tmp_path):
+    """Stopped by SIGTERM (exit 0, a checkpoint at the step it was on), killed (SIGKILL: the last
+    periodic checkpoint survives) and interrupted by Ctrl-C (exit 130), one after the other, a
+    rerun reproduces the uninterrupted run bit for bit, and the metrics hold every step once.
+    Also span corruption's "training lowers the loss" (the uninterrupted run)."""
     steps = ["train.num_steps = 30"]
     assert train(tmp_path / "straight", SPAN, *steps) == 0
     check_learned(tmp_path / "straight", 30)
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "t5lite.cli", "train", f"--gin_file={SPAN[0]}", f"--model_dir={killed}"]
-    command += [f"--gin.{b.replace(' = ', '=', 1)}" for b in TINY + SPAN[1:] + steps]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    metrics = killed / "train_metrics.jsonl"
-    while time.time() < deadline and process.poll() is None:
-        if (killed / "checkpoints" / "10").is_dir() and metrics.is_file() and len(metrics.read_text().splitlines()) >= 13:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert len(losses(killed)) < 30
-    assert train(killed, SPAN, *steps) == 0
-    assert losses(killed) == losses(tmp_path / "straight")  # bit-identical, step by step
+
+    run = tmp_path / "run"
+    for signum, rows in ((signal.SIGTERM, 4), (signal.SIGKILL, 13), (signal.SIGINT, 16)):
+        process = start_training(run, steps, checkpoint_every=10)
+        wait_for(process, lambda: logged_rows(run) >= rows and  # SIGKILL: between two periodic checkpoints
+                 (signum != signal.SIGKILL or (run / "checkpoints" / "10").is_dir()))
+        process.send_signal(signum)
+        output = process.communicate(timeout=300)[0]
+        logged = [row["step"] for row in read_metrics(run / "train_metrics.jsonl")]
+        if signum == signal.SIGKILL:
+            assert logged[-1] < 30 and (run / "checkpoints" / "10").is_dir()
+            continue
+        assert process.returncode == {signal.SIGTERM: 0, signal.SIGINT: 130}[signum], output[-3000:]
+        step = int(re.search(r"Interrupted at step (\d+); checkpoint saved, rerun the same command to resume",
+                             output).group(1))
+        assert "Traceback" not in output
+        assert step >= rows and (run / "checkpoints" / str(step)).is_dir()  # at most the running step lost
+        assert logged == list(range(1, step + 1))  # a resumed run dropped the rows after its checkpoint
+    assert train(run, SPAN, *steps) == 0
+    assert losses(run) == losses(tmp_path / "straight")  # bit-identical, step by step
+    assert [row["step"] for row in read_metrics(run / "train_metrics.jsonl")] == list(range(1, 31))
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    from t5lite.train.preemption import StopRequests
+
+    with StopRequests() as stop:
+        assert not stop.now(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.now(2) and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_flops_match_hand_counts():
@@ -126,6 +168,7 @@ def trained_dir(tmp_path_factory):
     (["train.mixture_or_task_name = 'no_such_task'"], "no_such_task"),
     (["train.no_such_parameter = 1"], "no_such_parameter"),
     (["train.num_steps = 20", "learning_rate_schedule.base_learning_rate = 1e30"], "at step"),
+    (["train.batch_size = 16"], "data differs from the data of the run it resumes (rows_per_process: 8 there, 16"),
 ])
 def test_bad_input_fails_clearly_and_keeps_checkpoints(trained_dir, bindings, message, capsys):
     before = _fingerprint(trained_dir / "checkpoints")

@@ -9,6 +9,7 @@ import pytest
 from scipy.special import log_softmax, logsumexp
 
 from t5lite.config import ModelConfig
+from t5lite.models import param_axes
 from t5lite.train import optimizers
 from t5lite.train.losses import cross_entropy
 from t5lite.train.step import eval_step, init_state, train_step
@@ -84,7 +85,7 @@ def test_microbatches_give_the_same_update():
 @pytest.mark.parametrize("name", ["adafactor", "adamw"])
 def test_loss_falls_when_memorising_a_batch(name):
     schedule = optimizers.learning_rate_schedule("constant", 1e-2)
-    tx = optimizers.optimizer(name, schedule, clip_norm=1.0)
+    tx = optimizers.optimizer(name, schedule, clip_norm=1.0, param_axes=param_axes(CONFIG))
     state = init_state(CONFIG, tx, jax.random.PRNGKey(0))
     step = step_fn(tx, schedule)
     data = batch()

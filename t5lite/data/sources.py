@@ -19,7 +19,10 @@ import tensorflow as tf
 Files = Union[str, Sequence[str], Callable[[], Sequence[str]]]
 JSON_SUFFIXES = (".jsonl", ".json")
 _HASH_BUCKETS = 10_000
-LINE_SHUFFLE_BUFFER = 100_000
+# Lines shuffled in memory after the files are. Every checkpoint holds this buffer (about 160
+# bytes a slot, filled or not, plus the buffered text), so it is sized for a full shuffle of the
+# embedded corpus (11k lines), not of a large text file: file order does that.
+LINE_SHUFFLE_BUFFER = 16_384
 
 
 class TextFilesSource(seqio.DataSource):

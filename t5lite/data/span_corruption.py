@@ -7,6 +7,12 @@ its sentinel. Sentinels count down from the top of the vocabulary (`<extra_id_0>
 id), as seqio's vocabularies number their extra ids. Long texts are cut into chunks whose
 corrupted inputs fill `inputs` exactly (568 raw tokens for 512, as in T5).
 
+T5 builds those chunks from a stream of documents (`concatenate=True`, the default): one random
+aligned chunk of at most 65536 tokens from each document (`select_random_chunk`), 128 documents
+joined end to end without a separator (`reduce_concat_tokens`), then cut into 568-token pieces
+(`split_tokens`), so nearly every example is full length. `concatenate=False` corrupts each
+document on its own, its last piece shorter.
+
 The `t5` package holds the original; seqio does not, and we do not depend on `t5`.
 """
 
@@ -24,6 +30,8 @@ from t5lite.data import chunking
 
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
+MAX_DOCUMENT_CHUNK = 65536  # T5 keeps one random chunk of this many tokens of a longer document
+DOCUMENTS_PER_CONCATENATION = 128
 
 
 def noise_counts(length: int, noise_density: float = NOISE_DENSITY,
@@ -70,7 +78,7 @@ def targets_length_for(inputs_length: int, noise_density: float = NOISE_DENSITY,
 @gin.configurable(module="t5lite.data", denylist=["dataset", "sequence_length", "output_features"])
 def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None,
                     output_features: Mapping[str, seqio.Feature], noise_density: float = NOISE_DENSITY,
-                    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tf.data.Dataset:
+                    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH, concatenate: bool = True) -> tf.data.Dataset:
     """Tokenized {"targets"} -> {"inputs", "targets"} without EOS (append it afterwards)."""
     if not 0 < noise_density < 1 or mean_noise_span_length < 1:
         raise ValueError(f"noise_density={noise_density} must be in (0, 1) and mean_noise_span_length="
@@ -87,9 +95,32 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
         raise ValueError(f"Span corruption of {max_tokens} tokens makes up to {counts[-1, 1]} spans, but the "
                          f"vocabulary has only {vocabulary.extra_ids} extra ids for sentinels; use a vocabulary "
                          f"with more extra_ids or shorter sequences.")
+    if concatenate:
+        dataset = concatenate_documents(select_random_chunk(dataset, MAX_DOCUMENT_CHUNK), DOCUMENTS_PER_CONCATENATION)
     dataset = chunking.split_tokens(dataset, "targets", max_tokens, min_tokens=2)
     corrupt = functools.partial(_corrupt, counts=tf.constant(counts), vocab_size=vocabulary.vocab_size)
     return seqio.map_over_dataset(corrupt, num_seeds=2)(dataset)
+
+
+def select_random_chunk(dataset: tf.data.Dataset, max_length: int) -> tf.data.Dataset:
+    """Each non-empty {"targets"} document -> one of its consecutive `max_length`-token chunks,
+    chosen uniformly (the last may be shorter); the rest of a long document is not used."""
+    @functools.partial(seqio.map_over_dataset, num_seeds=1)
+    def chunk(features, seed):
+        tokens = features["targets"]
+        count = (tf.size(tokens) + max_length - 1) // max_length
+        start = max_length * tf.random.stateless_uniform([], seed, 0, count, dtype=tf.int32)
+        return {"targets": tokens[start:start + max_length]}
+
+    return chunk(dataset.filter(lambda features: tf.size(features["targets"]) > 0))
+
+
+def concatenate_documents(dataset: tf.data.Dataset, documents: int) -> tf.data.Dataset:
+    """{"targets"} documents -> one {"targets"} of `documents` consecutive ones joined end to end."""
+    batches = dataset.map(lambda features: {"targets": features["targets"]}).padded_batch(documents)
+    # Padding is id 0, which no tokenized text holds.
+    return batches.map(lambda batch: {"targets": tf.boolean_mask(batch["targets"], batch["targets"] > 0)},
+                       num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _corrupt(features, seeds, counts, vocab_size):

@@ -39,6 +39,15 @@ def abstract_params(config: ModelConfig):
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
 
+def param_axes(config: ModelConfig) -> dict[str, tuple[str | None, ...]]:
+    """Each parameter's logical axis names, one per dimension, by "/"-joined path: what places it on
+    a mesh and how Adafactor factors it."""
+    boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), boxed=True))
+    flat = traverse_util.flatten_dict(boxed, sep="/")
+    return {path: tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * leaf.ndim
+            for path, leaf in flat.items()}
+
+
 def mlp_param_count(config: ModelConfig) -> int:
     """One MLP's (or one expert's) parameters."""
     return (3 if is_gated(config.mlp_activation) else 2) * config.d_model * config.d_ff

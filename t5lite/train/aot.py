@@ -19,7 +19,7 @@ import jax
 
 from pallas_kernels.backend import compiling_for
 from t5lite.models import active_param_count, param_count
-from t5lite.models.params import trainable_pattern
+from t5lite.models.params import param_axes, trainable_pattern
 from t5lite.scaling import flops
 from t5lite.sharding import BATCH_LOGICAL
 from t5lite.train import loop
@@ -39,6 +39,7 @@ class CompileReport:
     mesh: dict[str, int]
     hbm_bytes: int
     memory: dict[str, int] = dataclasses.field(default_factory=dict)  # from XLA's memory analysis
+    optimizer_state_bytes: int = 0  # per device: the optimizer's statistics, part of the arguments
     xla_flops: float | None = None  # XLA's cost analysis, per device (each loop body counted once)
     pallas_kernels: int = 0  # Mosaic kernel calls in the compiled step
     model_flops: float = 0.0  # the exact model count (t5lite.scaling.flops), per device
@@ -61,8 +62,9 @@ class CompileReport:
                  f"parameters    {self.params / 1e6:,.1f}M ({self.active_params / 1e6:,.1f}M active per token)"]
         if self.error is None:
             m = {key: format_bytes(value) for key, value in self.memory.items()}
-            lines += [f"per device    arguments {m['argument']} (state + batch), outputs {m['output']} ({m['alias']} "
-                      f"of them in the arguments' buffers), temporaries {m['temp']}, code {m['code']}",
+            lines += [f"per device    arguments {m['argument']} (state + batch; optimizer statistics "
+                      f"{format_bytes(self.optimizer_state_bytes)}), outputs {m['output']} ({m['alias']} of them in "
+                      f"the arguments' buffers), temporaries {m['temp']}, code {m['code']}",
                       f"total         {format_bytes(self.bytes_per_device)} of {format_bytes(self.hbm_bytes)} HBM: "
                       f"{'fits' if self.fits else 'DOES NOT FIT'} "
                       f"({self.bytes_per_device / self.hbm_bytes:.0%})",
@@ -76,6 +78,11 @@ class CompileReport:
     @property
     def num_devices(self) -> int:
         return math.prod(self.mesh.values())
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying their shardings."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
 def format_bytes(num_bytes: int) -> str:
@@ -125,11 +132,11 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
         raise ValueError(f"t5lite knows the HBM of {', '.join(HBM_BYTES)} chips, not of {devices[0].device_kind!r} "
                          f"({topology}); add it to t5lite.train.aot.HBM_BYTES.")
     with compiling_for("tpu"):
-        step = loop.TrainStep.create(config, args["mesh_shape"], args["optimizer"](learning_rate=args["learning_rate"]),
-                                     args["learning_rate"], seed=args["seed"], batch_size=batch_size,
-                                     num_microbatches=args["num_microbatches"], z_loss=args["z_loss"],
-                                     label_smoothing=args["label_smoothing"], devices=devices,
-                                     trainable=trainable)
+        tx = args["optimizer"](learning_rate=args["learning_rate"], param_axes=param_axes(config))
+        step = loop.TrainStep.create(config, args["mesh_shape"], tx, args["learning_rate"], seed=args["seed"],
+                                     batch_size=batch_size, num_microbatches=args["num_microbatches"],
+                                     z_loss=args["z_loss"], label_smoothing=args["label_smoothing"],
+                                     devices=devices, trainable=trainable)
         partitioner = step.partitioner
         stream = loop.data_stream(args["mixture_or_task_name"], kind, lengths, batch_size, split="train",
                                   pack=args["pack"], seed=args["seed"])
@@ -144,6 +151,7 @@ def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileRe
     report = CompileReport(
         topology=topology, device_kind=devices[0].device_kind, mesh=dict(partitioner.mesh.shape),
         hbm_bytes=HBM_BYTES[chip], params=param_count(config), active_params=active_param_count(config),
+        optimizer_state_bytes=shard_bytes(step.abstract_state.opt_state),
         model_flops=batch_size * flops.training_flops_per_sequence(
             config, encoder_length, decoder_length, frozen_base=trainable is not None) / len(devices))
     try:

@@ -9,8 +9,10 @@ saved alone (`adapters/` instead of `params/`): megabytes, not the base.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,6 +22,7 @@ from flax import traverse_util
 
 from t5lite.models import abstract_params
 from t5lite.models.params import added_params, added_pattern
+from t5lite.train import migration
 
 CONFIG_FILE = "t5lite_config.json"
 PARAMS_DIR = "params"
@@ -82,10 +85,40 @@ def load_params(directory: str | pathlib.Path):
     return config, params
 
 
+class DataStreamHandler(ocp.CheckpointHandler):
+    """Orbax's side of a training input stream: each process writes its own stream's state
+    (`process_<i>`) into the step being saved, so the data position is as atomic as the step."""
+
+    def save(self, directory, args: "DataStreamSave") -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        args.stream.save(str(directory / _process_prefix()))
+
+    def restore(self, directory, args: "DataStreamRestore"):
+        args.stream.restore(str(directory / _process_prefix()), args.position)
+        return args.stream
+
+
+@ocp.args.register_with_handler(DataStreamHandler, for_save=True)
+@dataclasses.dataclass
+class DataStreamSave(ocp.args.CheckpointArgs):
+    stream: Any  # a t5lite.data.DataStream
+
+
+@ocp.args.register_with_handler(DataStreamHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStreamRestore(ocp.args.CheckpointArgs):
+    stream: Any
+    position: int
+
+
+def _process_prefix() -> str:
+    return f"process_{jax.process_index()}"
+
+
 class TrainCheckpoints:
     """Orbax checkpoints of a training run under `<model_dir>/checkpoints/<step>/`: the train state
-    and the position of the data stream, saved asynchronously; a save is visible only once complete,
-    so a run killed mid-save resumes from the previous one."""
+    (saved asynchronously), the position of the data stream and every process's stream state;
+    a save is visible only once complete, so a run killed mid-save resumes from the previous one."""
 
     def __init__(self, model_dir: str | pathlib.Path, save_every: int, keep: int | None):
         options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
@@ -98,26 +131,63 @@ class TrainCheckpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_position: int, force: bool = False) -> bool:
+    def save(self, step: int, state, stream, force: bool = False) -> bool:
+        """Saves `state` and where `stream` (a t5lite.data.DataStream) stands."""
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"position": int(data_position)})),
-            force=force)
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"position": int(stream.position), "stream": stream.description}),
+            stream=DataStreamSave(stream)), force=force)
 
     def restore(self, abstract_state, step: int | None = None):
-        """(state, data position) at `step`, or at the latest complete step."""
+        """The train state at `step`, or at the latest complete step. Adafactor statistics that
+        `optax.adafactor` saved (runs from before t5lite's own Adafactor) are carried over."""
+        step = self._complete(step)
+        migrated = migration.restore_optax_adafactor(self.manager, step, abstract_state)
+        if migrated is not None:
+            return migrated
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+        except ValueError as error:
+            if "tree structures do not match" not in str(error):
+                raise
+            raise ValueError(f"Checkpoint {step} in {self.manager.directory} holds the state of another optimizer "
+                             f"or model than this run's. Resume with the config the run started with (its "
+                             f"config.gin), or start a new run from its parameters with train.init_from.") from None
+
+    def restore_stream(self, stream, step: int) -> None:
+        """Moves a fresh `stream` to where the run's stream stood at `step`: its saved state, read in
+        constant time. Where the step holds only a position (checkpoints written before runs saved
+        their input state) or the run now has another number of processes (the same global batch
+        split another way), the pipeline is replayed instead. A stream that differs otherwise from
+        the saved one (task, lengths, batch, seed, ...) is refused."""
+        data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        saved, now = data.get("stream", stream.description), stream.description
+        changed = {key: (saved.get(key), value) for key, value in now.items() if saved.get(key) != value}
+        resharded = set(changed) == {"rows_per_process", "processes"} and \
+            saved["rows_per_process"] * saved["processes"] == now["rows_per_process"] * now["processes"]
+        if changed and not resharded:
+            details = "; ".join(f"{key}: {was!r} there, {here!r} here" for key, (was, here) in changed.items())
+            raise ValueError(f"This run's data differs from the data of the run it resumes ({details}), so it cannot "
+                             f"continue where that stopped. Resume with the run's settings (its config.gin), or "
+                             f"start a new run from its parameters with train.init_from.")
+        if not resharded and (self.manager.directory / str(step) / "stream" / f"{_process_prefix()}.index").exists():
+            self.manager.restore(step, args=ocp.args.Composite(stream=DataStreamRestore(stream, data["position"])))
+            return
+        print(f"Checkpoint {step} holds no input state for this process{' layout' if resharded else ''}: replaying "
+              f"{data['position']} batches of the data to continue.", flush=True)
+        stream.skip(data["position"])
+
+    def _complete(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step not in self.all_steps():
             raise FileNotFoundError(f"No complete checkpoint for step {step}; available: {self.all_steps()}.")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"]["position"]
+        return step
 
     def restore_params(self, step: int | None = None):
         """(params, step) alone (no optimizer state is kept), for evaluation and generation: where the
         devices the run was sharded over are not all here, on this process's first device."""
-        step = self.latest_step() if step is None else step
-        if step not in self.all_steps():
-            raise FileNotFoundError(f"No complete checkpoint for step {step}; available: {self.all_steps()}.")
+        step = self._complete(step)
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(fallback_sharding=here)))

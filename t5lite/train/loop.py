@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import time
 from typing import Any, Callable
 
 import gin
@@ -25,8 +24,9 @@ from t5lite.config import ModelConfig
 from t5lite.scaling import flops
 from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
+from t5lite.train import preemption
 from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
-from t5lite.models.params import trainable_pattern
+from t5lite.models.params import param_axes, trainable_pattern
 from t5lite.train.distillation import Distillation, Teacher, load_teacher
 from t5lite.train.preference import Preference
 from t5lite.train.pretrained import pretrained_params
@@ -35,10 +35,6 @@ from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded
 # Fields that may differ between a model dir's config and a resumed run's: they change how the
 # same parameters are computed, not which parameters there are.
 RESUMABLE_FIELDS = ("dtype", "dropout_rate", "remat_policy")
-# Steps dispatched before the oldest must finish: enough to hide the host's work, few enough that
-# queued batches do not pile up in device memory. (With ~100 steps queued, XLA:CPU's virtual
-# devices deadlocked in an all-reduce of the data-parallel step.)
-MAX_STEPS_AHEAD = 2
 
 
 def model_lengths(kind: str, task_feature_lengths: dict[str, int]) -> tuple[int, int]:
@@ -105,13 +101,12 @@ def check_model_dir(model_dir: pathlib.Path, config: ModelConfig) -> None:
 
 
 def data_stream(name: str, kind: str, lengths: dict[str, int], batch_size: int, *, split: str, pack: bool,
-                seed: int, data_shard: tuple[int, int] = (0, 1), start_position: int = 0, shuffle: bool = True,
-                repeat: bool = True):
+                seed: int, data_shard: tuple[int, int] = (0, 1), shuffle: bool = True, repeat: bool = True):
     """This process's stream: shard `data_shard` = (index, count) of the data, batch_size / count rows."""
     index, count = data_shard
     return t5data.DataStream(name, split=split, task_feature_lengths=lengths, batch_size=batch_size // count,
                              model_kind=kind, pack=pack, shuffle=shuffle, seed=seed, shard_index=index,
-                             num_shards=count, repeat=repeat, start_position=start_position)
+                             num_shards=count, repeat=repeat)
 
 
 def evaluate(params, config: ModelConfig, name: str, kind: str, lengths: dict[str, int], batch_size: int,
@@ -166,7 +161,8 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     check_objectives(config, distillation, preference, num_microbatches, eval_every)
     trainable = trainable_pattern(config, trainable)
     teacher, teacher_params = load_teacher(distillation, config, num_steps) if distillation else (None, None)
-    step = TrainStep.create(config, mesh_shape, optimizer(learning_rate=learning_rate), learning_rate, seed=seed,
+    tx = optimizer(learning_rate=learning_rate, param_axes=param_axes(config))
+    step = TrainStep.create(config, mesh_shape, tx, learning_rate, seed=seed,
                             batch_size=batch_size, num_microbatches=num_microbatches, z_loss=z_loss,
                             label_smoothing=label_smoothing, trainable=trainable, teacher=teacher,
                             preference=preference)
@@ -174,15 +170,16 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
     checkpoints_exist = (model_dir / "checkpoints").is_dir()
     checkpoints = ckpt.TrainCheckpoints(model_dir, checkpoint_every, keep_checkpoints) if checkpoints_exist else None
     resume_step = checkpoints.latest_step() if checkpoints else None
-    start_position = 0
     if resume_step is not None:
-        state, start_position = checkpoints.restore(step.abstract_state, resume_step)
+        state = checkpoints.restore(step.abstract_state, resume_step)
     # A DPO run's reference is its step-0 model, rebuilt from init_from when it resumes.
     rebuild = preference is not None and preference.needs_reference
     pretrained = pretrained_params(config, init_from) if init_from and (resume_step is None or rebuild) else None
     data_shard = step.partitioner.data_shard(batch_size)
     stream = data_stream(mixture_or_task_name, kind, task_feature_lengths, batch_size, split="train", pack=pack,
-                         seed=seed, data_shard=data_shard, start_position=start_position)
+                         seed=seed, data_shard=data_shard)
+    if resume_step is not None:
+        checkpoints.restore_stream(stream, resume_step)
     t5data.check_vocabulary_fits(stream.vocabulary, config.vocab_size)
     if stream.pairs != (preference is not None):
         raise ValueError(f"Task {mixture_or_task_name!r} {'holds' if stream.pairs else 'has no'} preference pairs; "
@@ -218,62 +215,48 @@ def train(model_dir: str, *, model_config: ModelConfig = gin.REQUIRED, mixture_o
             flops_per_step += batch_size * flops.forward_flops_per_sequence(reference_config, encoder_length,
                                                                             decoder_length)
         primary = jax.process_index() == 0
-        writer = metrics_lib.MetricsWriter(model_dir) if primary else None
-        eval_writer = metrics_lib.MetricsWriter(model_dir, "eval") if primary else None
+        writer = metrics_lib.MetricsWriter(model_dir, after_step=start) if primary else None
+        eval_writer = metrics_lib.MetricsWriter(model_dir, "eval", after_step=start) if primary else None
         bar = tqdm.tqdm(total=num_steps, initial=start, disable=not (progress and primary), unit="step",
                         dynamic_ncols=True)
-
-        pending, window, last = [], [], {}
-        window_start, timed_steps = None, 0
+        step_metrics = metrics_lib.StepMetrics(flops_per_step, batch_size * (encoder_length + decoder_length),
+                                               partitioner.mesh.size, peak)
         global_batch = functools.partial(partitioner.global_batch, batch_size=batch_size)
-        batch = global_batch(first_batch)
+        batch, last, interrupted = global_batch(first_batch), {}, None
         try:
-            for step_index in range(start, num_steps):
-                state, step_metrics = step.fn(state, batch, dropout_rng, *reference_args)
-                pending.append((step_index + 1, step_metrics))
-                if len(pending) > MAX_STEPS_AHEAD:  # the host runs ahead of the devices by at most this much
-                    jax.block_until_ready(pending[-MAX_STEPS_AHEAD - 1][1])
-                done = step_index + 1
-                if window_start is None:  # leave compilation out of the timings
-                    jax.block_until_ready(step_metrics)
-                    window_start = time.perf_counter()
-                else:
-                    timed_steps += 1
-                logging = done % log_every == 0 or done == num_steps
-                saving = done % checkpoint_every == 0 or done == num_steps
-                if (logging or saving) and pending:
-                    fetched = jax.device_get(pending)
-                    for fetched_step, values in fetched:
-                        if not np.isfinite(values["loss"]):
-                            raise FloatingPointError(
-                                f"The loss became {float(values['loss'])} at step {fetched_step}. Training stopped; "
-                                f"the last good checkpoint is step {checkpoints.latest_step()}. Lower the learning "
-                                f"rate or enable clipping (optimizer.clip_norm).")
-                    window += [values for _, values in fetched]
-                    pending = []
-                if logging and window:
-                    seconds = time.perf_counter() - window_start
-                    last = metrics_lib.summarize(window, seconds, timed_steps, flops_per_step,
-                                                 batch_size * (encoder_length + decoder_length),
-                                                 partitioner.mesh.size, peak)
-                    if writer:
-                        writer.write(done, last)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}",
-                                    mfu=f"{last.get('mfu', 0):.1%}")
-                    window, window_start, timed_steps = [], time.perf_counter(), 0
-                if saving:
-                    checkpoints.save(done, state, stream.position, force=done == num_steps)
-                if eval_every and (done % eval_every == 0 or done == num_steps):
-                    results = evaluate(state.params, config, mixture_or_task_name, kind, task_feature_lengths,
-                                       batch_size, eval_batches, pack, eval_fn, global_batch, data_shard)
-                    if eval_writer:
-                        eval_writer.write(done, results)
-                bar.update(1)
-                if done < num_steps:
-                    batch = global_batch(next(stream))
+            with preemption.StopRequests() as stop:
+                for done in range(start + 1, num_steps + 1):
+                    state, metrics = step.fn(state, batch, dropout_rng, *reference_args)
+                    step_metrics.add(done, metrics)
+                    stopping = stop.now(done)
+                    logging = done % log_every == 0 or done == num_steps or stopping
+                    saving = done % checkpoint_every == 0 or done == num_steps or stopping
+                    if logging or saving:
+                        step_metrics.fetch(checkpoints.latest_step())
+                    if logging:
+                        last = step_metrics.summary()
+                        if writer:
+                            writer.write(done, last)
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}",
+                                        mfu=f"{last.get('mfu', 0):.1%}")
+                    if saving:
+                        checkpoints.save(done, state, stream, force=done == num_steps or stopping)
+                    if eval_every and (done % eval_every == 0 or done == num_steps):
+                        results = evaluate(state.params, config, mixture_or_task_name, kind, task_feature_lengths,
+                                           batch_size, eval_batches, pack, eval_fn, global_batch, data_shard)
+                        if eval_writer:
+                            eval_writer.write(done, results)
+                    bar.update(1)
+                    if stopping and done < num_steps:
+                        interrupted = preemption.Interrupted(done, stop.signum)
+                        break
+                    if done < num_steps:
+                        batch = global_batch(next(stream))
         finally:
             bar.close()
             checkpoints.close()
+    if interrupted:
+        raise interrupted
     return last
 
 

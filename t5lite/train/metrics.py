@@ -11,18 +11,26 @@ import json
 import pathlib
 import time
 
+import jax
 import numpy as np
 
 
 class MetricsWriter:
     """Appends one JSON object per logged step to `<model_dir>/<split>_metrics.jsonl` and mirrors
-    scalars to TensorBoard under `<model_dir>/tensorboard/<split>`."""
+    scalars to TensorBoard under `<model_dir>/tensorboard/<split>`. A run resumed from step
+    `after_step` first drops the rows it will log again (those the interrupted run wrote after
+    its last checkpoint), so no step appears twice."""
 
-    def __init__(self, model_dir: str | pathlib.Path, split: str = "train"):
+    def __init__(self, model_dir: str | pathlib.Path, split: str = "train", after_step: int = 0):
         import tensorflow as tf
 
         self._tf = tf
         self.path = pathlib.Path(model_dir) / f"{split}_metrics.jsonl"
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= after_step]
+            staged = self.path.with_suffix(".tmp")
+            staged.write_text("".join(line + "\n" for line in kept))
+            staged.replace(self.path)
         self._summary = tf.summary.create_file_writer(str(pathlib.Path(model_dir) / "tensorboard" / split))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -34,18 +42,21 @@ class MetricsWriter:
         self._summary.flush()
 
 
+def _step(line: str) -> float:
+    """The step of a logged row; a row cut short by a killed process counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return float("inf")
+
+
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
-    """Logged rows in order; where a resumed run logged a step again, the later row wins."""
-    by_step = {}
-    for line in pathlib.Path(path).read_text().splitlines():
-        row = json.loads(line)
-        by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
+    """Logged rows in order."""
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
 
 
 def measure_peak_flops(seconds: float = 0.5, size: int = 1024) -> float:
     """A float32 matmul's FLOP/s on the default device: the reference peak for MFU on a CPU."""
-    import jax
     import jax.numpy as jnp
 
     a = jnp.ones((size, size), jnp.float32)
@@ -56,6 +67,48 @@ def measure_peak_flops(seconds: float = 0.5, size: int = 1024) -> float:
         matmul(a).block_until_ready()
         runs += 1
     return 2 * size ** 3 * runs / (time.perf_counter() - start)
+
+
+# Steps dispatched before the oldest must finish: enough to hide the host's work, few enough that
+# queued batches do not pile up in device memory. (With ~100 steps queued, XLA:CPU's virtual
+# devices deadlocked in an all-reduce of the data-parallel step.)
+MAX_STEPS_AHEAD = 2
+
+
+class StepMetrics:
+    """The metrics of the steps since the last log. They stay on the device until the loop logs or
+    saves (`fetch`, which also stops a run whose loss is no longer finite); `summary` averages
+    them and measures throughput over the steps after the first (which compiles)."""
+
+    def __init__(self, flops_per_step: float, tokens_per_step: int, num_devices: int, peak_flops_per_device: float):
+        self._throughput = (flops_per_step, tokens_per_step, num_devices, peak_flops_per_device)
+        self._pending, self._window = [], []
+        self._start, self._timed = None, 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics))
+        if len(self._pending) > MAX_STEPS_AHEAD:  # the host runs ahead of the devices by at most this much
+            jax.block_until_ready(self._pending[-MAX_STEPS_AHEAD - 1][1])
+        if self._start is None:  # leave compilation out of the timings
+            jax.block_until_ready(metrics)
+            self._start = time.perf_counter()
+        else:
+            self._timed += 1
+
+    def fetch(self, last_checkpoint: int | None) -> None:
+        fetched, self._pending = jax.device_get(self._pending), []
+        for step, values in fetched:
+            if not np.isfinite(values["loss"]):
+                raise FloatingPointError(
+                    f"The loss became {float(values['loss'])} at step {step}. Training stopped; the last good "
+                    f"checkpoint is step {last_checkpoint}. Lower the learning rate or enable clipping "
+                    f"(optimizer.clip_norm).")
+        self._window += [values for _, values in fetched]
+
+    def summary(self) -> dict[str, float]:
+        summary = summarize(self._window, time.perf_counter() - self._start, self._timed, *self._throughput)
+        self._window, self._start, self._timed = [], time.perf_counter(), 0
+        return summary
 
 
 def summarize(window: list[dict], seconds: float, steps: int, flops_per_step: float, tokens_per_step: int,

@@ -6,9 +6,13 @@ Adafactor with `rsqrt` decay after a constant warmup: lr = base / sqrt(max(step,
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import gin
 import jax.numpy as jnp
 import optax
+
+from t5lite.train.adafactor import adafactor
 
 SCHEDULES = ("constant", "rsqrt", "linear", "cosine", "wsd")
 OPTIMIZERS = ("adafactor", "adamw")
@@ -47,17 +51,21 @@ def learning_rate_schedule(name: str = "rsqrt", base_learning_rate: float = 1.0,
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-@gin.configurable(module="t5lite")
-def optimizer(name: str = "adafactor", learning_rate=gin.REQUIRED, clip_norm: float | None = None,
-              weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-              adafactor_decay_rate: float = 0.8):
-    """Adafactor with T5's defaults (factored second moments, update clipping 1.0, parameter-scale
-    updates, no momentum) or AdamW; optional global-norm clipping first."""
+@gin.configurable(module="t5lite", denylist=["param_axes"])
+def optimizer(name: str = "adafactor", learning_rate=gin.REQUIRED, param_axes: Mapping[str, tuple] | None = None,
+              clip_norm: float | None = None, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-8, adafactor_decay_rate: float = 0.8):
+    """Adafactor as T5X runs it (factored second moments along the parameters' logical axes
+    `param_axes`, see t5lite.train.adafactor; update clipping 1.0, parameter-scale updates, no
+    momentum) or AdamW; optional global-norm clipping first."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is not supported. Allowed values: {', '.join(OPTIMIZERS)}.")
     if name == "adafactor":
-        core = optax.adafactor(learning_rate, decay_rate=adafactor_decay_rate,
-                               weight_decay_rate=weight_decay or None)
+        if param_axes is None:
+            raise ValueError("Adafactor factors each parameter along its logical axes: pass "
+                             "param_axes=t5lite.models.param_axes(model_config).")
+        core = adafactor(learning_rate, param_axes, decay_rate=adafactor_decay_rate,
+                         weight_decay_rate=weight_decay or None)
     else:
         core = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     return optax.chain(optax.clip_by_global_norm(clip_norm), core) if clip_norm else core

@@ -1,3 +1,7 @@
+import functools
+import importlib.util
+import pathlib
+
 import gin
 import numpy as np
 import pytest
@@ -126,3 +130,82 @@ def test_bad_settings():
     few = {key: seqio.Feature(seqio.ByteVocabulary(extra_ids=5)) for key in ("inputs", "targets")}
     with pytest.raises(ValueError, match="only 5 extra ids"):
         sc.span_corruption(tf.data.Dataset.range(1), LENGTHS, few)
+
+
+@functools.cache
+def t5_preprocessors():
+    """T5's own preprocessors (the `t5` package, installed without its dependencies by `make test`):
+    its package __init__ pulls in T5's evaluation stack, so the one file is loaded alone."""
+    spec = importlib.util.find_spec("t5")
+    if spec is None:
+        pytest.skip("the t5 package is not installed: `pip install --no-deps t5==0.9.4 babel` (make test does)")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "preprocessors.py"
+    module_spec = importlib.util.spec_from_file_location("t5_reference_preprocessors", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def documents(token_lists):
+    return tf.data.Dataset.from_generator(lambda: ({"targets": t} for t in token_lists),
+                                          output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+
+
+def t5_span_corruption(token_lists, seed=0):
+    with seqio.utils.map_seed_manager(seed):
+        dataset = t5_preprocessors().span_corruption(documents(token_lists), LENGTHS, FEATURES)
+    return list(dataset.as_numpy_iterator())
+
+
+def statistics(examples):
+    """Example count, mean inputs / targets length, noise density and spans per example."""
+    spans = [int(np.sum(e["targets"] > 258)) for e in examples]
+    noise = sum(len(e["targets"]) for e in examples) - sum(spans)
+    raw = sum(len(e["inputs"]) + len(e["targets"]) - 2 * s for e, s in zip(examples, spans))
+    return (len(examples), np.mean([len(e["inputs"]) for e in examples]), np.mean([len(e["targets"]) for e in examples]),
+            noise / raw, np.mean(spans))
+
+
+def test_documents_are_concatenated_and_chunked_as_t5_does():
+    """Same documents through T5's span_corruption and ours: the same pieces of the same
+    concatenated text, each with T5's noise density and number of spans; only where the spans
+    fall differs (another random stream)."""
+    rng = np.random.default_rng(5)
+    texts = [random_tokens(rng, n) for n in np.minimum(rng.lognormal(5.0, 1.2, size=300).astype(int) + 1, 6000)]
+    ours, theirs = corrupt(texts), t5_span_corruption(texts)
+    theirs = [e for e in theirs if len(e["inputs"]) > 1]  # T5 keeps 1-token tails (no noise); we drop them
+    assert len(ours) == len(theirs) > 50
+    assert [reconstruct(e["inputs"], e["targets"]) for e in ours] == \
+        [reconstruct(e["inputs"], e["targets"]) for e in theirs]
+    np.testing.assert_allclose(statistics(ours), statistics(theirs), rtol=1e-12)
+    assert np.mean([len(e["inputs"]) == 511 for e in ours]) > 0.9  # nearly all full length
+    assert not all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(ours, theirs))
+
+
+def test_long_documents_give_one_random_chunk_as_t5_does():
+    rng = np.random.default_rng(6)
+    texts = [random_tokens(rng, n) for n in rng.integers(250, 1000, size=300)]
+    t5 = t5_preprocessors()
+
+    def chunk_lengths(select):
+        with seqio.utils.map_seed_manager(0):
+            return [len(e["targets"]) for e in select(documents(texts)).as_numpy_iterator()]
+
+    ours = chunk_lengths(lambda ds: sc.select_random_chunk(ds, 100))
+    theirs = chunk_lengths(lambda ds: t5.select_random_chunk(ds, FEATURES, max_length=100))
+    assert len(ours) == len(theirs) == 300
+    # A document of n tokens gives its last chunk (n mod 100 tokens) with probability 1 / ceil(n / 100).
+    expected = np.mean([1 - 1 / np.ceil(len(t) / 100) for t in texts])
+    for lengths in (ours, theirs):
+        assert abs(np.mean(np.array(lengths) == 100) - expected) < 0.08
+    chunks = [e["targets"] for e in sc.select_random_chunk(documents(texts), 100).as_numpy_iterator()]
+    for text, chunk in zip(texts, chunks):  # aligned chunks of the document
+        assert any(np.array_equal(text[i:i + 100], chunk) for i in range(0, len(text), 100))
+
+
+def test_documents_can_be_corrupted_one_by_one():
+    rng = np.random.default_rng(7)
+    texts = [random_tokens(rng, 100) for _ in range(10)]
+    pieces = corrupt(texts, concatenate=False)
+    assert [len(reconstruct(e["inputs"], e["targets"])) for e in pieces] == [100] * 10
+    assert [len(reconstruct(e["inputs"], e["targets"])) for e in corrupt(texts)] == [568, 432]

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from t5lite.config import ModelConfig
+from t5lite.models import param_axes
 from t5lite.sharding import MeshShape
 from t5lite.train import optimizers
 from t5lite.train.loop import TrainStep
@@ -50,8 +51,8 @@ def train(config, mesh_shape, devices=None):
     """(losses, final state) of STEPS Adafactor steps with microbatches on `mesh_shape`; for MoE
     models the losses are the objective (cross entropy plus the weighted auxiliary losses)."""
     schedule = optimizers.learning_rate_schedule("constant", 0.01)
-    step = TrainStep.create(config, mesh_shape, optimizers.optimizer(learning_rate=schedule, name="adafactor"), schedule,
-                            seed=0, batch_size=BATCH, num_microbatches=MICROBATCHES, z_loss=1e-4,
+    step = TrainStep.create(config, mesh_shape, optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(config)),
+                            schedule,                             seed=0, batch_size=BATCH, num_microbatches=MICROBATCHES, z_loss=1e-4,
                             label_smoothing=0.0, devices=devices)
     partitioner = step.partitioner
     with partitioner.context():
