@@ -57,9 +57,10 @@ def compile_step(args: argparse.Namespace) -> int:
     """Compiles the train step a gin config describes for a TPU topology, on any machine, and reports
     per-chip memory and FLOPs. Exits 1 if the step does not fit the chips' HBM."""
     from t5lite.train import aot
+    from t5lite.train.spec import RunSpec
 
     parse_gin(args.gin_file, args.gin_bindings)
-    report = aot.compile_train_step(args.topology, aot.train_arguments())
+    report = aot.compile_train_step(args.topology, RunSpec.from_gin())
     print(report.summary())
     return 0 if report.fits else 1
 

@@ -13,7 +13,6 @@ import pathlib
 import shutil
 from typing import Sequence
 
-import gin
 import jax
 import numpy as np
 import seqio
@@ -24,22 +23,38 @@ from t5lite import decoding
 from t5lite.models import build
 from t5lite.quantization.weights import quantize_weights
 
-QUANTIZATION_FILE = "quantization.json"
-from t5lite.train import checkpoint, loop
+from t5lite.train import checkpoint
+from t5lite.train.evaluation import evaluate
+from t5lite.train.spec import RunSpec
 from t5lite.train.step import eval_step
+
+QUANTIZATION_FILE = "quantization.json"
 
 
 @dataclasses.dataclass
 class Run:
-    """A trained model with what it was trained on."""
+    """A trained model with the run that trained it."""
 
     model: object
     params: object
     step: int
-    task: str
-    kind: str
-    task_feature_lengths: dict[str, int]
-    batch_size: int
+    spec: RunSpec
+
+    @property
+    def task(self) -> str:
+        return self.spec.mixture_or_task_name
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def task_feature_lengths(self) -> dict[str, int]:
+        return self.spec.task_feature_lengths
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.batch_size
 
     @property
     def vocabulary(self) -> seqio.Vocabulary:
@@ -57,6 +72,7 @@ def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weight
     import t5lite.train.loop  # noqa: F401  (the configurables config.gin binds)
 
     config_lib.parse_gin([str(gin_file)])
+    spec = RunSpec.from_gin()  # a task registered from gin registers here
     if checkpoint.is_checkpoint(model_dir):
         saved_step = json.loads((model_dir / QUANTIZATION_FILE).read_text())["step"]
         if step not in (None, saved_step):
@@ -67,16 +83,12 @@ def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weight
         config, params, step = checkpoint.restore_params(model_dir, step)
     if int8_weights:
         config, params = quantize_weights(config, params, int8_weights)
-    bindings = gin.get_bindings(loop.train)  # evaluates references: a task registered from gin registers here
-    kind = bindings.get("model_kind") or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
-    return Run(model=build(config), params=params, step=step, task=bindings["mixture_or_task_name"], kind=kind,
-               task_feature_lengths=dict(bindings["task_feature_lengths"]), batch_size=bindings["batch_size"])
+    return Run(model=build(config), params=params, step=step, spec=spec)
 
 
 def calibration_batches(run: Run, num_batches: int):
     """The first `num_batches` training batches of the run's task, unshuffled."""
-    stream = loop.data_stream(run.task, run.kind, run.task_feature_lengths, run.batch_size, split="train",
-                              pack=True, seed=0, shuffle=False, repeat=False)
+    stream = run.spec.data_stream("train", shuffle=False, repeat=False, seed=0)
     return [batch for batch, _ in zip(stream, range(num_batches))]
 
 
@@ -123,8 +135,7 @@ def _until_eos(ids: list[int]) -> list[int]:
 def validation_metrics(run: Run, num_batches: int = 20) -> dict[str, float]:
     """Loss, perplexity and token accuracy over the first `num_batches` validation batches."""
     eval_fn = jax.jit(lambda params, batch: eval_step(params, batch, config=run.model.config))
-    return loop.evaluate(run.params, run.model.config, run.task, run.kind, run.task_feature_lengths, run.batch_size,
-                         num_batches, True, eval_fn)
+    return evaluate(run.params, run.spec, eval_fn, num_batches)
 
 
 def evaluate_run(run: Run, num_batches: int = 20, max_examples: int = 64,

@@ -187,6 +187,11 @@ def test_runs_saved_with_optax_adafactor_resume_with_their_statistics(tmp_path):
                             z_loss=0.0, label_smoothing=0.0, devices=jax.devices()[:1])
     checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
     restored = checkpoints.restore(step.abstract_state)
+    # Saved again as this run saves it (factored kernels, the same field names), it restores as it is.
+    checkpoints.manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(restored)))
+    checkpoints.manager.wait_until_finished()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(checkpoints.restore(step.abstract_state, 3)),
+                 jax.device_get(restored))
     checkpoints.close()
     assert int(restored.step) == 2 and int(restored.opt_state.count) == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(params))

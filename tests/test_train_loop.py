@@ -84,6 +84,11 @@ def logged_rows(model_dir):
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
 
+def logged_steps(model_dir, split="train"):
+    """The steps of the rows in a metrics file, as written (read_metrics would hide a repeated one)."""
+    return [json.loads(line)["step"] for line in (model_dir / f"{split}_metrics.jsonl").read_text().splitlines()]
+
+
 def test_interrupted_runs_resume_to_the_uninterrupted_losses(tmp_path):
     """Stopped by SIGTERM (exit 0, a checkpoint at the step it was on), killed (SIGKILL: the last
     periodic checkpoint survives) and interrupted by Ctrl-C (exit 130), one after the other, a
@@ -100,7 +105,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_losses(tmp_path):
                  (signum != signal.SIGKILL or (run / "checkpoints" / "10").is_dir()))
         process.send_signal(signum)
         output = process.communicate(timeout=300)[0]
-        logged = [row["step"] for row in read_metrics(run / "train_metrics.jsonl")]
+        logged = logged_steps(run)
         if signum == signal.SIGKILL:
             assert logged[-1] < 30 and (run / "checkpoints" / "10").is_dir()
             continue
@@ -112,7 +117,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_losses(tmp_path):
         assert logged == list(range(1, step + 1))  # a resumed run dropped the rows after its checkpoint
     assert train(run, SPAN, *steps) == 0
     assert losses(run) == losses(tmp_path / "straight")  # bit-identical, step by step
-    assert [row["step"] for row in read_metrics(run / "train_metrics.jsonl")] == list(range(1, 31))
+    assert logged_steps(run) == list(range(1, 31))
 
 
 def test_a_second_ctrl_c_aborts_at_once():
@@ -254,8 +259,9 @@ def test_finetuning_beats_the_pretrained_model_and_lora_freezes_it(trained_dir, 
         return inference.evaluate_run(run, num_batches=1, max_examples=48)["metrics"]["t5lite_instructions"]
 
     lengths = {"inputs": 48, "targets": 16}
-    pretrained = dataclasses.replace(inference.load_run(trained_dir), task="t5lite_instructions",
-                                     task_feature_lengths=lengths)
+    pretrained = inference.load_run(trained_dir)
+    pretrained.spec = dataclasses.replace(pretrained.spec, mixture_or_task_name="t5lite_instructions",
+                                          task_feature_lengths=lengths)
     start = [f"train.init_from = '{trained_dir}'", "train.eval_every = None", "train.checkpoint_every = 1000"]
     full = ["runs/finetune_instructions.gin", f"train.task_feature_lengths = {lengths}"]
     assert train(tmp_path / "full", full, *start, "train.num_steps = 60", "train.batch_size = 16") == 0
@@ -375,3 +381,26 @@ def test_synthetic_copy_reaches_high_exact_match_also_quantised(tmp_path):
     assert abs(gptq["validation"]["loss"] - results["validation"]["loss"]) < 0.05, (gptq, results)
     assert cli.main(["eval", f"--model_dir={quantized}", "--step=10"]) == 2  # it holds step 450 only
     assert cli.main(["eval", f"--model_dir={quantized}", "--int8_weights=mlp"]) == 2  # already quantised
+
+
+def test_a_process_restores_the_input_state_of_the_shard_it_reads(tmp_path):
+    """Saved streams are named by process and data shard: a process reading a shard that another
+    process saved (a tensor group spanning hosts, or a run resumed on more processes) restores it."""
+    from t5lite.data import DataStream
+    from t5lite.train.checkpoint import saved_stream
+
+    def stream(index):
+        return DataStream("t5lite_synthetic_copy", split="train", task_feature_lengths={"inputs": 8, "targets": 8},
+                          batch_size=4, model_kind="encoder_decoder", shard_index=index, num_shards=2)
+
+    saved = stream(1)
+    for _ in range(3):
+        next(saved)
+    saved.save(str(tmp_path / "process_1.shard_1_of_2"))  # as process 1 of an earlier run saved it
+    assert saved_stream(tmp_path, stream(0)) is None
+    found = saved_stream(tmp_path, stream(1))
+    assert found.name == "process_1.shard_1_of_2"
+    resumed = stream(1)
+    resumed.restore(str(found), position=3)
+    expected, batch = next(saved), next(resumed)
+    assert all(np.array_equal(expected[key], batch[key]) for key in expected)

@@ -84,8 +84,8 @@ def throughput(seconds):
             tokens += sum(int(np.sum(v > 0)) for k, v in b.items() if k.endswith("_segment_ids"))
         elapsed = time.perf_counter() - start
         config = get_config(model)
-        encoder, decoder = (lengths["inputs"], lengths["targets"]) if kind == "encoder_decoder" else (0, lengths["targets"])
-        per_sequence = flops.training_flops_per_sequence(config, encoder, decoder)
+        encoder = lengths["inputs"] if kind == "encoder_decoder" else 0
+        per_sequence = flops.training_flops_per_sequence(config, encoder, lengths["targets"])
         needed = V5P_HOST_CHIPS * flops.PEAK_BF16_FLOPS["tpu_v5p"] * MFU / per_sequence
         rows.append({"task": f"{name} {'/'.join(map(str, lengths.values()))}", "rows/s": count / elapsed,
                      "tokens/s": tokens / elapsed, "v5p_host_model": model, "v5p_host_rows/s": needed,

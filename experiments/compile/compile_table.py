@@ -15,6 +15,7 @@ import tqdm  # noqa: E402
 
 from t5lite import cli  # noqa: E402
 from t5lite.train import aot  # noqa: E402
+from t5lite.train.spec import RunSpec  # noqa: E402
 
 RUNS = {"t5_1_1": "runs/pretrain_span_corruption.gin", "switch": "runs/pretrain_span_corruption.gin",
         "llama": "runs/pretrain_lm.gin"}
@@ -43,7 +44,7 @@ def main() -> None:
         family = model.split("/")[0]
         run = RUNS[family]
         cli.parse_gin([f"models/{model}.gin", run, f"sharding/{sharding}.gin"], BINDINGS[family])
-        report = aot.compile_train_step(topology, aot.train_arguments())
+        report = aot.compile_train_step(topology, RunSpec.from_gin())
         mesh = " ".join(f"{axis}={size}" for axis, size in report.mesh.items() if size > 1)
         optimizer_state = aot.format_bytes(report.optimizer_state_bytes)
         if report.error:

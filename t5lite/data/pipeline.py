@@ -48,6 +48,12 @@ MODEL_KINDS = tuple(FEATURE_CONVERTERS)
 PROMPTED_KINDS = ("prefix_lm", "causal_prefix_lm")  # decoders taking "inputs" as a prompt
 
 
+def model_lengths(model_kind: str, task_feature_lengths: Mapping[str, int]) -> tuple[int, int]:
+    """(encoder length, decoder length) that a model of `model_kind` sees, as seqio's converter makes them."""
+    lengths = FEATURE_CONVERTERS[model_kind](pack=False).get_model_feature_lengths(task_feature_lengths)
+    return lengths.get("encoder_input_tokens", 0), lengths["decoder_target_tokens"]
+
+
 class DataStream:
     """Deterministic, resumable iterator of numpy batches (dict feature name -> np.ndarray [batch, length]).
 
@@ -127,6 +133,11 @@ class DataStream:
         for _ in range(batches):
             next(self._iterator)
         self._position += batches
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(index, count) of the part of the data this stream reads."""
+        return self._shard.index, self._shard.num_shards
 
     @property
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

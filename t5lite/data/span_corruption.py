@@ -78,7 +78,8 @@ def targets_length_for(inputs_length: int, noise_density: float = NOISE_DENSITY,
 @gin.configurable(module="t5lite.data", denylist=["dataset", "sequence_length", "output_features"])
 def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None,
                     output_features: Mapping[str, seqio.Feature], noise_density: float = NOISE_DENSITY,
-                    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH, concatenate: bool = True) -> tf.data.Dataset:
+                    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+                    concatenate: bool = True) -> tf.data.Dataset:
     """Tokenized {"targets"} -> {"inputs", "targets"} without EOS (append it afterwards)."""
     if not 0 < noise_density < 1 or mean_noise_span_length < 1:
         raise ValueError(f"noise_density={noise_density} must be in (0, 1) and mean_noise_span_length="

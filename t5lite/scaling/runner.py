@@ -34,6 +34,7 @@ from t5lite.config import ModelConfig
 from t5lite.models.params import param_count
 from t5lite.scaling import flops, planner, results
 from t5lite.train import loop
+from t5lite.train.spec import RunSpec
 from t5lite.train.metrics import read_metrics
 
 # Rounding to whole steps moves C by at most 1/(2·MIN_STEPS), inside the 5% fits group budgets by.
@@ -117,9 +118,9 @@ def make_plan(spec: SweepSpec) -> list[Point]:
     if base.architecture != family_architecture:
         raise ValueError(f"{spec.base_gin} trains a {base.architecture!r} model but family {spec.family!r} is "
                          f"{family_architecture!r}; pick a base run of that architecture.")
-    kind = _bound("train.model_kind", None) or base.architecture
-    batch_size = _bound("train.batch_size")
-    encoder_length, decoder_length = loop.model_lengths(kind, _bound("train.task_feature_lengths"))
+    base_run = RunSpec.from_gin()
+    batch_size = base_run.batch_size
+    encoder_length, decoder_length = base_run.lengths
     overrides = {f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig)}
     points = []
     for p in planner.plan(spec.budgets, spec.family, inputs_length=encoder_length, targets_length=decoder_length,
@@ -237,16 +238,6 @@ def _write_plan_csv(path: pathlib.Path, points: list[Point]) -> None:
         for p in points:
             writer.writerow([p.name, p.budget, p.config.d_model, p.config.num_decoder_layers, param_count(p.config),
                              flops.non_embedding_param_count(p.config), p.num_steps, p.tokens, p.flops])
-
-
-def _bound(name: str, default=gin.REQUIRED):
-    """A binding of the parsed gin config; `default` when unbound (required ones raise a ValueError)."""
-    try:
-        return gin.query_parameter(name)
-    except ValueError:
-        if default is gin.REQUIRED:
-            raise ValueError(f"The base run gin must bind {name}.") from None
-        return default
 
 
 def _resolve_gin(name: str) -> str:

@@ -70,7 +70,8 @@ def layout(axes: Sequence[str | None], shape: Sequence[int], min_dim_size_to_fac
     unknown = [name for name in axes if name not in FACTOR_RULES]
     if unknown or len(axes) != len(shape):
         raise ValueError(f"Adafactor has no factoring rule for axes {tuple(axes)} of a parameter shaped "
-                         f"{tuple(shape)}; add {unknown or 'one name per axis'} to t5lite.train.adafactor.FACTOR_RULES.")
+                         f"{tuple(shape)}; add {unknown or 'one name per axis'} to "
+                         f"t5lite.train.adafactor.FACTOR_RULES.")
     kinds = [FACTOR_RULES[name] for name in axes]
     of = lambda kind: tuple(i for i, k in enumerate(kinds) if k == kind)  # noqa: E731
     batch, rows, cols = of(BATCH), of(ROW), of(COLUMN)

@@ -9,20 +9,18 @@ would hold: arguments (train state and batch), outputs, XLA's temporaries and co
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
-from typing import Any, Mapping
 
-import gin
 import jax
 
 from pallas_kernels.backend import compiling_for
-from t5lite.models import active_param_count, param_count
-from t5lite.models.params import param_axes, trainable_pattern
+from t5lite.models import abstract_params, active_param_count, param_count
 from t5lite.scaling import flops
-from t5lite.sharding import BATCH_LOGICAL
+from t5lite.sharding import BATCH_LOGICAL, abstract_with_shardings
 from t5lite.train import loop
+from t5lite.train.distillation import teacher_for
+from t5lite.train.spec import RunSpec
 
 GIB = 2 ** 30
 # HBM per chip (per JAX device: v4 and v5p run their two cores as one "megacore" device).
@@ -40,6 +38,7 @@ class CompileReport:
     hbm_bytes: int
     memory: dict[str, int] = dataclasses.field(default_factory=dict)  # from XLA's memory analysis
     optimizer_state_bytes: int = 0  # per device: the optimizer's statistics, part of the arguments
+    reference_bytes: int = 0  # per device: a distillation teacher's or DPO reference's parameters, arguments too
     xla_flops: float | None = None  # XLA's cost analysis, per device (each loop body counted once)
     pallas_kernels: int = 0  # Mosaic kernel calls in the compiled step
     model_flops: float = 0.0  # the exact model count (t5lite.scaling.flops), per device
@@ -62,9 +61,10 @@ class CompileReport:
                  f"parameters    {self.params / 1e6:,.1f}M ({self.active_params / 1e6:,.1f}M active per token)"]
         if self.error is None:
             m = {key: format_bytes(value) for key, value in self.memory.items()}
+            frozen = f"; frozen reference model {format_bytes(self.reference_bytes)}" if self.reference_bytes else ""
             lines += [f"per device    arguments {m['argument']} (state + batch; optimizer statistics "
-                      f"{format_bytes(self.optimizer_state_bytes)}), outputs {m['output']} ({m['alias']} of them in "
-                      f"the arguments' buffers), temporaries {m['temp']}, code {m['code']}",
+                      f"{format_bytes(self.optimizer_state_bytes)}{frozen}), outputs {m['output']} ({m['alias']} of "
+                      f"them in the arguments' buffers), temporaries {m['temp']}, code {m['code']}",
                       f"total         {format_bytes(self.bytes_per_device)} of {format_bytes(self.hbm_bytes)} HBM: "
                       f"{'fits' if self.fits else 'DOES NOT FIT'} "
                       f"({self.bytes_per_device / self.hbm_bytes:.0%})",
@@ -107,53 +107,35 @@ def topology_devices(topology: str) -> list:
                          f"and its chip grid, e.g. {TOPOLOGY_EXAMPLES}.") from None
 
 
-def train_arguments() -> dict[str, Any]:
-    """`train`'s keyword arguments as the parsed gin config binds them, defaults filled in."""
-    parameters = inspect.signature(loop.train).parameters
-    arguments = {name: p.default for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    arguments.update(gin.get_bindings(loop.train))
-    missing = sorted(name for name, value in arguments.items() if value is gin.REQUIRED)
-    if missing:
-        raise ValueError(f"The gin config binds no {', '.join('train.' + name for name in missing)}; compile "
-                         f"takes the same gin files as `t5lite train`.")
-    return arguments
-
-
-def compile_train_step(topology: str, arguments: Mapping[str, Any]) -> CompileReport:
-    """Compiles the train step `arguments` (see `train_arguments`) describe for `topology`."""
-    args = dict(arguments)
-    config, lengths, batch_size = args["model_config"], args["task_feature_lengths"], args["batch_size"]
-    kind = args["model_kind"] or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
-    loop.check_run(config, kind, lengths, batch_size, args["num_microbatches"], args["pack"])
-    trainable = trainable_pattern(config, args["trainable"])
+def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
+    """Compiles the train step `t5lite train` would run for `spec` (a distillation teacher or a
+    DPO reference included) for `topology`."""
+    config = spec.model_config
     devices = topology_devices(topology)
     chip = flops.chip_name(devices[0])
     if chip not in HBM_BYTES:
         raise ValueError(f"t5lite knows the HBM of {', '.join(HBM_BYTES)} chips, not of {devices[0].device_kind!r} "
                          f"({topology}); add it to t5lite.train.aot.HBM_BYTES.")
+    teacher = teacher_for(spec.distillation, config, spec.num_steps) if spec.distillation else None
+    reference_config = teacher.config if teacher else spec.reference_config
     with compiling_for("tpu"):
-        tx = args["optimizer"](learning_rate=args["learning_rate"], param_axes=param_axes(config))
-        step = loop.TrainStep.create(config, args["mesh_shape"], tx, args["learning_rate"], seed=args["seed"],
-                                     batch_size=batch_size, num_microbatches=args["num_microbatches"],
-                                     z_loss=args["z_loss"], label_smoothing=args["label_smoothing"],
-                                     devices=devices, trainable=trainable)
+        step = loop.TrainStep.for_run(spec, teacher, devices)
         partitioner = step.partitioner
-        stream = loop.data_stream(args["mixture_or_task_name"], kind, lengths, batch_size, split="train",
-                                  pack=args["pack"], seed=args["seed"])
-        batch = {name: jax.ShapeDtypeStruct((batch_size, *shape[1:]), dtype,
+        batch = {name: jax.ShapeDtypeStruct((spec.batch_size, *shape[1:]), dtype,
                                             sharding=partitioner.sharding(BATCH_LOGICAL))
-                 for name, (shape, dtype) in stream.batch_spec.items()}
+                 for name, (shape, dtype) in spec.data_stream().batch_spec.items()}
         key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated)
+        references = ()
+        if reference_config is not None:
+            references = (abstract_with_shardings(abstract_params(reference_config), step.reference_shardings),)
         with partitioner.context():
-            lowered = step.fn.lower(step.abstract_state, batch, rng)
-    encoder_length, decoder_length = loop.model_lengths(kind, lengths)
+            lowered = step.fn.lower(step.abstract_state, batch, rng, *references)
     report = CompileReport(
         topology=topology, device_kind=devices[0].device_kind, mesh=dict(partitioner.mesh.shape),
         hbm_bytes=HBM_BYTES[chip], params=param_count(config), active_params=active_param_count(config),
-        optimizer_state_bytes=shard_bytes(step.abstract_state.opt_state),
-        model_flops=batch_size * flops.training_flops_per_sequence(
-            config, encoder_length, decoder_length, frozen_base=trainable is not None) / len(devices))
+        optimizer_state_bytes=shard_bytes(step.abstract_state.opt_state), reference_bytes=shard_bytes(references),
+        model_flops=spec.flops_per_step(reference_config) / len(devices))
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:

@@ -86,15 +86,17 @@ def load_params(directory: str | pathlib.Path):
 
 
 class DataStreamHandler(ocp.CheckpointHandler):
-    """Orbax's side of a training input stream: each process writes its own stream's state
-    (`process_<i>`) into the step being saved, so the data position is as atomic as the step."""
+    """Orbax's side of a training input stream: each process writes its own stream's state into the
+    step being saved (so the data position is as atomic as the step), named by process and data
+    shard; a process restores the state of the shard it reads, its own file first (processes of a
+    tensor group spanning hosts read one shard)."""
 
     def save(self, directory, args: "DataStreamSave") -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        args.stream.save(str(directory / _process_prefix()))
+        args.stream.save(str(directory / _stream_file(args.stream, jax.process_index())))
 
     def restore(self, directory, args: "DataStreamRestore"):
-        args.stream.restore(str(directory / _process_prefix()), args.position)
+        args.stream.restore(str(saved_stream(directory, args.stream)), args.position)
         return args.stream
 
 
@@ -111,8 +113,20 @@ class DataStreamRestore(ocp.args.CheckpointArgs):
     position: int
 
 
-def _process_prefix() -> str:
-    return f"process_{jax.process_index()}"
+def _stream_file(stream, process: int) -> str:
+    index, count = stream.shard
+    return f"process_{process}.shard_{index}_of_{count}"
+
+
+def saved_stream(directory, stream):
+    """The saved state of `stream`'s data shard in a step's stream item (this process's own first),
+    or None."""
+    own = directory / _stream_file(stream, jax.process_index())
+    if (directory / f"{own.name}.index").exists():
+        return own
+    index, count = stream.shard
+    found = sorted(directory.glob(f"*.shard_{index}_of_{count}.index"))
+    return found[0].with_suffix("") if found else None
 
 
 class TrainCheckpoints:
@@ -171,11 +185,12 @@ class TrainCheckpoints:
             raise ValueError(f"This run's data differs from the data of the run it resumes ({details}), so it cannot "
                              f"continue where that stopped. Resume with the run's settings (its config.gin), or "
                              f"start a new run from its parameters with train.init_from.")
-        if not resharded and (self.manager.directory / str(step) / "stream" / f"{_process_prefix()}.index").exists():
+        if not resharded and saved_stream(self.manager.directory / str(step) / "stream", stream) is not None:
             self.manager.restore(step, args=ocp.args.Composite(stream=DataStreamRestore(stream, data["position"])))
             return
-        print(f"Checkpoint {step} holds no input state for this process{' layout' if resharded else ''}: replaying "
-              f"{data['position']} batches of the data to continue.", flush=True)
+        why = "split over other processes" if resharded else "saved without its input state (by an earlier t5lite)"
+        print(f"Checkpoint {step} was {why}: continuing the data from batch {data['position']} of this pipeline "
+              f"(replayed; its order may differ from what the run saw).", flush=True)
         stream.skip(data["position"])
 
     def _complete(self, step: int | None) -> int:
@@ -205,6 +220,14 @@ def load_pretrained(path: str | pathlib.Path):
         return load_params(path)
     config, params, _ = restore_params(path)
     return config, params
+
+
+def pretrained_config(path: str | pathlib.Path) -> ModelConfig:
+    """The model of a t5lite checkpoint or of a training run, without loading its parameters."""
+    config_file = pathlib.Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is neither a t5lite checkpoint nor a training run: it has no {CONFIG_FILE}.")
+    return ModelConfig.from_json(config_file.read_text())
 
 
 def restore_params(model_dir: str | pathlib.Path, step: int | None = None):

@@ -66,17 +66,22 @@ class Teacher:
     layer_map: tuple[tuple[str, int, int], ...] = ()  # (stack, student layer, teacher layer)
 
 
-def load_teacher(distillation: Distillation, student: ModelConfig, num_steps: int):
-    """(Teacher, parameters); refuses a teacher whose logits do not line up with the student's."""
-    config, params = checkpoint.load_pretrained(distillation.teacher)
+def teacher_for(distillation: Distillation, student: ModelConfig, num_steps: int) -> Teacher:
+    """What the step needs of `distillation`'s teacher (its config, read without its parameters);
+    refuses a teacher whose logits do not line up with the student's."""
+    config = checkpoint.pretrained_config(distillation.teacher)
     if config.vocab_size != student.vocab_size or config.is_encoder_decoder != student.is_encoder_decoder:
         raise ValueError(f"Distillation.teacher={distillation.teacher} is a {config.architecture} model with "
                          f"vocab_size={config.vocab_size}; the student is a {student.architecture} model with "
                          f"vocab_size={student.vocab_size}. Teacher and student need one vocabulary and one kind.")
     layer_map = hidden_layer_map(distillation, student, config) if distillation.hidden_weight else ()
-    teacher = Teacher(config.replace(dropout_rate=0.0), distillation.alpha, distillation.schedule(num_steps),
-                      distillation.hidden_weight, layer_map)
-    return teacher, jax.tree.map(np.asarray, params)  # host arrays: every process places its shards
+    return Teacher(config.replace(dropout_rate=0.0), distillation.alpha, distillation.schedule(num_steps),
+                   distillation.hidden_weight, layer_map)
+
+
+def teacher_params(distillation: Distillation):
+    """The teacher's parameters as host arrays: every process places its shards."""
+    return jax.tree.map(np.asarray, checkpoint.load_pretrained(distillation.teacher)[1])
 
 
 def hidden_layer_map(distillation: Distillation, student: ModelConfig, teacher: ModelConfig):

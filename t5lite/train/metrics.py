@@ -51,8 +51,13 @@ def _step(line: str) -> float:
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
-    """Logged rows in order."""
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+    """Logged rows in step order; where a file from an earlier t5lite holds a step twice (a resumed
+    run logged it again), the later row."""
+    by_step = {}
+    for line in pathlib.Path(path).read_text().splitlines():
+        row = json.loads(line)
+        by_step[row["step"]] = row
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def measure_peak_flops(seconds: float = 0.5, size: int = 1024) -> float:

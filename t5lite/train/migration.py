@@ -24,10 +24,12 @@ def restore_optax_adafactor(manager: ocp.CheckpointManager, step: int, abstract_
     the run does not train with Adafactor."""
     saved = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / "state")
     saved = getattr(saved, "tree", saved)  # containers as saved, (shape, dtype) metadata at the leaves
+    if _shapes(saved) == _shapes(abstract_state):
+        return None  # saved as this run would save it (t5lite's own Adafactor has optax's field names too)
     legacy = _find(saved["opt_state"], lambda node: isinstance(node, dict) and set(node) == OPTAX_ADAFACTOR)
     current = _find(abstract_state.opt_state, lambda node: isinstance(node, adafactor.AdafactorState))
-    if legacy is None or current is None:
-        return None
+    if legacy is None or current is None or _shapes(saved["params"]) != _shapes(abstract_state.params):
+        return None  # another optimizer or model: the plain restore says so
     params = traverse_util.flatten_dict(abstract_state.params, sep="/")
     replicated = jax.sharding.NamedSharding(next(iter(params.values())).sharding.mesh, jax.sharding.PartitionSpec())
 
@@ -49,6 +51,11 @@ def restore_optax_adafactor(manager: ocp.CheckpointManager, step: int, abstract_
     print(f"Checkpoint {step} holds optax.adafactor's statistics: refit to t5lite's Adafactor.", flush=True)
     return abstract_state.replace(step=restored["step"], params=restored["params"],
                                   opt_state=_replace_at(abstract_state.opt_state, current, statistics))
+
+
+def _shapes(tree) -> list[tuple[int, ...]]:
+    """The shapes of a tree's arrays (or array metadata), sorted: what tells optax's layout from ours."""
+    return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape")))
 
 
 def _find(tree, match, path=()) -> tuple | None:

@@ -37,7 +37,9 @@ class StopRequests:
         import jax  # here, so that the CLI can catch Interrupted without importing JAX
 
         self._processes = jax.process_count()
-        if threading.current_thread() is threading.main_thread():
+        if self._processes > 1 and not jax.config.jax_enable_preemption_service:
+            self._processes = 0  # no way to agree on a step: signals keep their usual effect
+        if self._processes and threading.current_thread() is threading.main_thread():
             caught = (signal.SIGINT,) if self._processes > 1 else (signal.SIGINT, signal.SIGTERM)
             self._previous = {signum: signal.signal(signum, self._handle) for signum in caught}
         return self
@@ -59,6 +61,8 @@ class StopRequests:
     def now(self, step: int) -> bool:
         """True once a stop was asked for: at once with one process; with several, at the step the
         processes agreed on (call it at every step, on every process)."""
+        if not self._processes:
+            return False
         if self._processes > 1:
             from jax.experimental import multihost_utils
 

@@ -162,8 +162,8 @@ def statistics(examples):
     spans = [int(np.sum(e["targets"] > 258)) for e in examples]
     noise = sum(len(e["targets"]) for e in examples) - sum(spans)
     raw = sum(len(e["inputs"]) + len(e["targets"]) - 2 * s for e, s in zip(examples, spans))
-    return (len(examples), np.mean([len(e["inputs"]) for e in examples]), np.mean([len(e["targets"]) for e in examples]),
-            noise / raw, np.mean(spans))
+    lengths = [(len(e["inputs"]), len(e["targets"])) for e in examples]
+    return (len(examples), *np.mean(lengths, axis=0), noise / raw, np.mean(spans))
 
 
 def test_documents_are_concatenated_and_chunked_as_t5_does():

@@ -51,9 +51,9 @@ def train(config, mesh_shape, devices=None):
     """(losses, final state) of STEPS Adafactor steps with microbatches on `mesh_shape`; for MoE
     models the losses are the objective (cross entropy plus the weighted auxiliary losses)."""
     schedule = optimizers.learning_rate_schedule("constant", 0.01)
-    step = TrainStep.create(config, mesh_shape, optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(config)),
-                            schedule,                             seed=0, batch_size=BATCH, num_microbatches=MICROBATCHES, z_loss=1e-4,
-                            label_smoothing=0.0, devices=devices)
+    tx = optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(config))
+    step = TrainStep.create(config, mesh_shape, tx, schedule, seed=0, batch_size=BATCH, num_microbatches=MICROBATCHES,
+                            z_loss=1e-4, label_smoothing=0.0, devices=devices)
     partitioner = step.partitioner
     with partitioner.context():
         state = init_state(config, step.tx, jax.random.PRNGKey(0), step.state_shardings)

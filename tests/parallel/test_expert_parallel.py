@@ -49,7 +49,8 @@ def test_tokens_reach_their_experts_by_all_to_all():
     config = MOE_CONFIGS["switch"]
     schedule = optimizers.learning_rate_schedule("constant", 0.01)
     tx = optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(config))
-    step = TrainStep.create(config, EXPERT_MESHES["expert4_data2"], tx, schedule, seed=0, batch_size=BATCH, num_microbatches=1, z_loss=0.0, label_smoothing=0.0)
+    step = TrainStep.create(config, EXPERT_MESHES["expert4_data2"], tx, schedule, seed=0, batch_size=BATCH,
+                            num_microbatches=1, z_loss=0.0, label_smoothing=0.0)
     partitioner = step.partitioner
     batch = {name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=partitioner.sharding(BATCH_LOGICAL))
              for name, value in batches(config)[0].items()}

@@ -73,6 +73,24 @@ def test_compile_for_a_tpu_topology(capsys):
     assert kernels > 0  # flash attention forward and backward, compiled by Mosaic
 
 
+def test_compile_sizes_the_dpo_step_with_its_reference_model():
+    """`t5lite compile` compiles the step `t5lite train` runs: for DPO, the policy's train state and
+    the frozen reference model's parameters are both arguments of the step."""
+    pytest.importorskip("libtpu", reason="libtpu (in the test extras) compiles for TPU topologies")
+    from t5lite import config as t5config
+    from t5lite.models import abstract_params
+    from t5lite.train import aot
+    from t5lite.train.spec import RunSpec
+
+    t5config.parse_gin(["runs/dpo_instructions.gin"], ["train.batch_size = 8"])
+    spec = RunSpec.from_gin()
+    report = aot.compile_train_step("v5e:2x2", spec)
+    params = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_params(spec.model_config)))
+    assert report.reference_bytes == params  # replicated over the data-parallel chips
+    assert report.memory["argument"] >= 2 * params + report.optimizer_state_bytes  # policy + reference
+    assert "frozen reference model" in report.summary()
+
+
 def test_compile_reports_a_model_that_does_not_fit(capsys):
     pytest.importorskip("libtpu", reason="libtpu (in the test extras) compiles for TPU topologies")
     # T5 v1.1 XL replicated on each 16 GiB v5e chip: 3B float32 weights, gradients, Adafactor state.

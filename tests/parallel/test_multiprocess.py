@@ -1,7 +1,9 @@
 """Two processes on localhost (jax.distributed, gloo collectives, 4 CPU devices each) train, stop
 together when one is preempted, save and resume like one process fed the same global batches."""
 
+import dataclasses
 import functools
+import json
 import os
 import re
 import signal
@@ -14,13 +16,11 @@ import jax
 import numpy as np
 
 from t5lite import config as t5config
-from t5lite.data import DataStream
-from t5lite.models import param_axes
 from t5lite.sharding import MeshShape
-from t5lite.train import aot
 from t5lite.train.checkpoint import restore_params
 from t5lite.train.loop import TrainStep
 from t5lite.train.metrics import read_metrics
+from t5lite.train.spec import RunSpec
 from t5lite.train.step import init_state
 
 RUN = ["runs/t5_tiny_span_corruption.gin", "sharding/fsdp.gin"]
@@ -60,22 +60,17 @@ def one_process_reference(num_steps):
     """Losses and parameters of the same run on one device, fed each step the rows the two
     processes read (process 0's shard, then process 1's)."""
     t5config.parse_gin(RUN, BINDINGS + [f"train.num_steps = {num_steps}"])
-    args = aot.train_arguments()
-    shards = [DataStream(args["mixture_or_task_name"], split="train", task_feature_lengths=args["task_feature_lengths"],
-                         batch_size=args["batch_size"] // 2, model_kind="encoder_decoder", shard_index=index,
-                         num_shards=2, seed=args["seed"]) for index in range(2)]
-    tx = args["optimizer"](learning_rate=args["learning_rate"], param_axes=param_axes(args["model_config"]))
-    step = TrainStep.create(args["model_config"], MeshShape(), tx, args["learning_rate"], seed=args["seed"],
-                            batch_size=args["batch_size"], num_microbatches=1, z_loss=args["z_loss"],
-                            label_smoothing=0.0, devices=jax.devices()[:1])
+    spec = RunSpec.from_gin()
+    shards = [spec.data_stream("train", (index, 2)) for index in range(2)]
+    step = TrainStep.for_run(dataclasses.replace(spec, mesh_shape=MeshShape()), devices=jax.devices()[:1])
     with step.partitioner.context():
-        state = init_state(args["model_config"], step.tx, jax.random.PRNGKey(args["seed"]), step.state_shardings)
-        rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(args["seed"]), 1), step.partitioner.replicated)
+        state = init_state(spec.model_config, step.tx, jax.random.PRNGKey(spec.seed), step.state_shardings)
+        rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(spec.seed), 1), step.partitioner.replicated)
         losses = []
         for _ in range(num_steps):
             local = [next(shard) for shard in shards]
             batch = {name: np.concatenate([rows[name] for rows in local]) for name in local[0]}
-            state, metrics = step.fn(state, step.partitioner.global_batch(batch, args["batch_size"]), rng)
+            state, metrics = step.fn(state, step.partitioner.global_batch(batch, spec.batch_size), rng)
             losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
 
@@ -97,7 +92,8 @@ def test_two_processes_stop_together_save_and_resume_like_one(tmp_path):
     all_steps = stop + 2
     finish(start_two_processes(tmp_path, all_steps))  # resumes from the stop's checkpoint
     rows = read_metrics(tmp_path / "train_metrics.jsonl")
-    assert [row["step"] for row in rows] == list(range(1, all_steps + 1))
+    written = [json.loads(line)["step"] for line in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
+    assert written == list(range(1, all_steps + 1))  # no step twice
     evaluation = read_metrics(tmp_path / "eval_metrics.jsonl")  # both processes evaluated their shards together
     assert [row["step"] for row in evaluation] == [all_steps] and np.isfinite(evaluation[0]["loss"])
     reference_losses, reference_params = one_process_reference(all_steps)
