@@ -14,7 +14,7 @@ from t5lite import cli
 from t5lite.config import ModelConfig
 from t5lite.layers import moe
 from t5lite.models import active_param_count, build, get_config, init_params, param_count
-from t5lite.scaling import flops
+from t5lite.models import flops
 from t5lite.train.metrics import read_metrics
 
 

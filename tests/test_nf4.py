@@ -16,7 +16,7 @@ from flax import traverse_util
 from t5lite.config import ModelConfig
 from t5lite.layers.dense import DenseGeneral, Lora, WeightQuant
 from t5lite.models import abstract_params, build
-from t5lite.quantization.core import (NF4_LEVELS, Scheme, dequantize, dequantize_scales, fit, pack_int4, quantize,
+from t5lite.layers.quant import (NF4_LEVELS, Scheme, dequantize, dequantize_scales, fit, pack_int4, quantize,
                                       quantize_scales, unpack_int4)
 from t5lite.quantization.weights import quantize_weights
 from t5lite.train import checkpoint

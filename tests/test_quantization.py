@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from t5lite.decoding import DecodingOptions, generate
 from t5lite.models import abstract_params, build, get_config, init_params
-from t5lite.quantization.core import Scheme, dequantize, fit, pack_int4, quantize, unpack_int4
+from t5lite.layers.quant import Scheme, dequantize, fit, pack_int4, quantize, unpack_int4
 from t5lite.quantization.calibration import calibrate
 from t5lite.quantization.weights import quantize_weights
 

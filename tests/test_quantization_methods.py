@@ -9,10 +9,10 @@ import pytest
 
 from pallas_kernels.int8_matmul import quantize as quantize_absmax
 from t5lite.quantization.awq import awq
-from t5lite.quantization.core import Scheme, dequantize, fit, quantize
+from t5lite.layers.quant import Scheme, dequantize, fit, quantize
 from t5lite.quantization.gptq import gptq, hessian
-from t5lite.quantization.llm_int8 import llm_int8_matmul, vectorwise_matmul
-from t5lite.quantization.smoothquant import smoothing_factors, smoothquant_matmul, smoothquant_weights
+from t5lite.layers.int8_matmul import llm_int8_matmul, smoothquant_matmul, vectorwise_matmul
+from t5lite.quantization.smoothquant import smoothing_factors, smoothquant_weights
 
 K, N = 128, 128  # one shape for every int8_matmul call: the Pallas interpreter compiles per shape
 rng = np.random.default_rng(0)

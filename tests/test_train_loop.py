@@ -15,7 +15,7 @@ import pytest
 
 from t5lite import cli
 from t5lite.config import ModelConfig
-from t5lite.scaling import flops
+from t5lite.models import flops
 from t5lite.train.metrics import read_metrics
 
 TINY = ["ModelConfig.d_model = 64", "ModelConfig.d_ff = 128", "ModelConfig.num_heads = 2", "ModelConfig.head_dim = 32",

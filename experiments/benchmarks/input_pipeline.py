@@ -26,7 +26,8 @@ import numpy as np
 
 from t5lite.data import DataStream
 from t5lite.models import get_config
-from t5lite.scaling import flops
+from t5lite import hardware
+from t5lite.models import flops
 
 TINY_RUN = dict(name="t5lite_corpus_span_corruption", kind="encoder_decoder", lengths={"inputs": 128, "targets": 32},
                 batch=16)
@@ -86,7 +87,7 @@ def throughput(seconds):
         config = get_config(model)
         encoder = lengths["inputs"] if kind == "encoder_decoder" else 0
         per_sequence = flops.training_flops_per_sequence(config, encoder, lengths["targets"])
-        needed = V5P_HOST_CHIPS * flops.PEAK_BF16_FLOPS["tpu_v5p"] * MFU / per_sequence
+        needed = V5P_HOST_CHIPS * hardware.PEAK_BF16_FLOPS["tpu_v5p"] * MFU / per_sequence
         rows.append({"task": f"{name} {'/'.join(map(str, lengths.values()))}", "rows/s": count / elapsed,
                      "tokens/s": tokens / elapsed, "v5p_host_model": model, "v5p_host_rows/s": needed,
                      "fed_share": count / elapsed / needed})

@@ -11,10 +11,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.int8_matmul import int8_dense, weight_only_dense
-from t5lite.quantization.core import (Scheme, dequantize, dequantize_scales, fit, pack_int4, quantize,
+from t5lite.layers.quant import (Scheme, dequantize, dequantize_scales, fit, pack_int4, quantize,
                                       quantize_scales, unpack_int4)
-from t5lite.quantization.llm_int8 import llm_int8_matmul
-from t5lite.quantization.smoothquant import smoothquant_matmul
+from t5lite.layers.int8_matmul import llm_int8_matmul, smoothquant_matmul
 
 
 def fan_in_init(scale: float = 1.0, in_axes: int = 1):

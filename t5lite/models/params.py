@@ -28,6 +28,19 @@ def dummy_inputs(config: ModelConfig, batch_size: int = 1, length: int = 8) -> d
     return {"decoder_input_tokens": tokens}
 
 
+# seqio's model feature names, as each kind of model takes them (loss weights go to the loss).
+ENCODER_DECODER_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                            "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
+DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
+                    "decoder_causal_attention")
+
+
+def model_features(config: ModelConfig, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The features of a batch that `config`'s model takes."""
+    names = ENCODER_DECODER_FEATURES if config.is_encoder_decoder else DECODER_FEATURES
+    return {name: batch[name] for name in names if name in batch}
+
+
 def init_params(config: ModelConfig, rng: jax.Array, boxed: bool = False):
     """Parameters as a pytree; `boxed=True` keeps the logical axis names (nn.LogicallyPartitioned)."""
     variables = jax.jit(lambda key: build(config).init(key, **dummy_inputs(config), enable_dropout=False))(rng)

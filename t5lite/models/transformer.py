@@ -22,7 +22,7 @@ from t5lite.layers.embedding import Embed, SoftPrompt
 from t5lite.layers.mlp import Mlp
 from t5lite.layers.moe import MoeMlp
 from t5lite.layers.norm import NORMS
-from t5lite.quantization.core import Scheme
+from t5lite.layers.quant import Scheme
 
 REMAT_POLICIES = {
     "full": None,

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from t5lite.quantization.core import Scheme, dequantize, fit, quantize
+from t5lite.layers.quant import Scheme, dequantize, fit, quantize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

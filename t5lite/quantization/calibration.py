@@ -20,8 +20,7 @@ from flax import traverse_util
 
 from t5lite.config import ModelConfig
 from t5lite.layers.dense import DenseGeneral
-from t5lite.models.params import build, unstack_layers
-from t5lite.train.batch import model_features
+from t5lite.models.params import build, model_features, unstack_layers
 
 FAMILY_MODULES = {"attention": ("attention", "self_attention", "cross_attention"), "mlp": ("mlp",)}
 

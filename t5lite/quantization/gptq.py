@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from t5lite.quantization.core import Scheme, dequantize, fit, quantize
+from t5lite.layers.quant import Scheme, dequantize, fit, quantize
 
 
 def hessian(x):

@@ -2,7 +2,8 @@
 Activation outliers sit in a few fixed input channels, which per-token int8 cannot represent
 without crushing the other channels. Dividing each input channel by s and multiplying the
 weight's row by it, x @ w = (x / s) @ (diag(s) w), moves part of that range into the weight,
-which quantises per output column and tolerates it.
+which quantises per output column and tolerates it. The run-time product is
+`t5lite.layers.int8_matmul.smoothquant_matmul`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.int8_matmul import quantize
-from t5lite.quantization.llm_int8 import vectorwise_matmul
 
 
 def smoothing_factors(x_absmax, w, alpha=0.5):
@@ -33,12 +33,3 @@ def smoothquant_weights(w, s):
     if w.ndim != 2 or jnp.shape(s) != (w.shape[0],):
         raise ValueError(f"smoothquant_weights needs w [K, N] and s [K]; got {w.shape} and {jnp.shape(s)}")
     return quantize(w * jnp.asarray(s, jnp.float32)[:, None], axis=0)
-
-
-def smoothquant_matmul(x, q, w_scale, s, backend="auto"):
-    """x [..., K] @ w -> [..., N] in x's dtype, from `smoothquant_weights(w, s)`: x / s is
-    quantised to int8 per token at run time and multiplied in int8 with exact int32 accumulation."""
-    x = jnp.asarray(x)
-    if jnp.shape(s) != (x.shape[-1],):
-        raise ValueError(f"s must have one factor per input feature ({x.shape[-1]}); got shape {jnp.shape(s)}")
-    return vectorwise_matmul(x.astype(jnp.float32) / s, q, w_scale, x.dtype, backend)

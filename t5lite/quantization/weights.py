@@ -12,7 +12,7 @@ layers stay in float. Each kernel is quantised as a matrix [K inputs, N outputs]
   smoothquant  SmoothQuant's migration of activation outliers into the weights; W8A8.
 
 Round to nearest also stores `format="nf4"` (QLoRA's NormalFloat levels, 4 bits in groups) and,
-for grouped scales, `double_quant` (the scales in int8); see `t5lite.quantization.core`.
+for grouped scales, `double_quant` (the scales in int8); see `t5lite.layers.quant`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from t5lite.config import INT8_DENSE_FAMILIES, ModelConfig
 from t5lite.models.params import abstract_params, stack_layers
 from t5lite.quantization import awq, gptq, smoothquant
 from t5lite.quantization.calibration import LayerStats, unrolled
-from t5lite.quantization.core import Scheme, fit, pack_int4, quantize, quantize_scales
+from t5lite.layers.quant import Scheme, fit, pack_int4, quantize, quantize_scales
 
 METHODS = ("int8", "llm_int8", "gptq", "awq", "smoothquant")
 CALIBRATED = ("gptq", "awq", "smoothquant")

@@ -3,7 +3,7 @@
 Pure numpy/scipy, so fits run wherever the results CSV is. All inputs are 1-D arrays of
 positive numbers: N parameters, D training tokens, C training FLOPs, L final losses.
 Compute-optimal allocations assume C = k·N·D with k = 6 by default; an encoder-decoder
-whose D counts encoder plus decoder tokens has k ≈ 3 (see `t5lite.scaling.flops`).
+whose D counts encoder plus decoder tokens has k ≈ 3 (see `t5lite.models.flops`).
 """
 
 from __future__ import annotations

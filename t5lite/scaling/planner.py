@@ -14,7 +14,7 @@ ratio keeps the sweep a one-parameter family while depth tunes N finely.
 
 Sizes are centred on N* = sqrt(C / (6 · tokens_per_param)) (Chinchilla's 20 tokens per
 parameter unless told otherwise) and spread over N* · span^[-1, 1]. Tokens come from the
-exact FLOP count (`t5lite.scaling.flops`), not 6·N·D, so small models whose parameters are
+exact FLOP count (`t5lite.models.flops`), not 6·N·D, so small models whose parameters are
 mostly embeddings get the tokens their budget really buys.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 from t5lite.config import ModelConfig
 from t5lite.models.params import param_count
 from t5lite.models.registry import LLAMA, T5_1_1
-from t5lite.scaling import flops
+from t5lite.models import flops
 
 HEAD_DIM = 64
 ASPECT_RATIO = 64

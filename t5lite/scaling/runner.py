@@ -32,7 +32,8 @@ import t5lite.data  # noqa: F401  (registers the tasks a base run names)
 from t5lite import config as config_lib
 from t5lite.config import ModelConfig
 from t5lite.models.params import param_count
-from t5lite.scaling import flops, planner, results
+from t5lite.models import flops
+from t5lite.scaling import planner, results
 from t5lite.train import loop
 from t5lite.train.spec import RunSpec
 from t5lite.train.metrics import read_metrics

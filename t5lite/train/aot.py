@@ -16,15 +16,12 @@ import jax
 
 from pallas_kernels.backend import compiling_for
 from t5lite.models import abstract_params, active_param_count, param_count
-from t5lite.scaling import flops
+from t5lite import hardware
 from t5lite.sharding import BATCH_LOGICAL, abstract_with_shardings
 from t5lite.train import loop
 from t5lite.train.distillation import teacher_for
 from t5lite.train.spec import RunSpec
 
-GIB = 2 ** 30
-# HBM per chip (per JAX device: v4 and v5p run their two cores as one "megacore" device).
-HBM_BYTES = {"tpu_v4": 32 * GIB, "tpu_v5e": 16 * GIB, "tpu_v5p": 95 * GIB, "tpu_v6e": 32 * GIB}
 TOPOLOGY_EXAMPLES = "v4:2x2x2, v5e:2x2, v5e:4x4, v5p:2x2x2, v5p:4x4x8, v6e:4x4"
 
 
@@ -41,7 +38,7 @@ class CompileReport:
     reference_bytes: int = 0  # per device: a distillation teacher's or DPO reference's parameters, arguments too
     xla_flops: float | None = None  # XLA's cost analysis, per device (each loop body counted once)
     pallas_kernels: int = 0  # Mosaic kernel calls in the compiled step
-    model_flops: float = 0.0  # the exact model count (t5lite.scaling.flops), per device
+    model_flops: float = 0.0  # the exact model count (t5lite.models.flops), per device
     params: int = 0
     active_params: int = 0  # per token: mixtures of experts count the experts a token uses
     error: str | None = None
@@ -86,7 +83,8 @@ def shard_bytes(tree) -> int:
 
 
 def format_bytes(num_bytes: int) -> str:
-    return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2 ** 20:.1f} MiB"
+    gib = hardware.GIB
+    return f"{num_bytes / gib:.2f} GiB" if num_bytes >= gib / 10 else f"{num_bytes / 2 ** 20:.1f} MiB"
 
 
 def topology_devices(topology: str) -> list:
@@ -112,10 +110,10 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
     DPO reference included) for `topology`."""
     config = spec.model_config
     devices = topology_devices(topology)
-    chip = flops.chip_name(devices[0])
-    if chip not in HBM_BYTES:
-        raise ValueError(f"t5lite knows the HBM of {', '.join(HBM_BYTES)} chips, not of {devices[0].device_kind!r} "
-                         f"({topology}); add it to t5lite.train.aot.HBM_BYTES.")
+    chip = hardware.chip_name(devices[0])
+    if chip not in hardware.HBM_BYTES:
+        raise ValueError(f"t5lite knows the HBM of {', '.join(hardware.HBM_BYTES)} chips, not of "
+                         f"{devices[0].device_kind!r} ({topology}); add it to t5lite.hardware.HBM_BYTES.")
     teacher = teacher_for(spec.distillation, config, spec.num_steps) if spec.distillation else None
     reference_config = teacher.config if teacher else spec.reference_config
     with compiling_for("tpu"):
@@ -133,7 +131,7 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
             lowered = step.fn.lower(step.abstract_state, batch, rng, *references)
     report = CompileReport(
         topology=topology, device_kind=devices[0].device_kind, mesh=dict(partitioner.mesh.shape),
-        hbm_bytes=HBM_BYTES[chip], params=param_count(config), active_params=active_param_count(config),
+        hbm_bytes=hardware.HBM_BYTES[chip], params=param_count(config), active_params=active_param_count(config),
         optimizer_state_bytes=shard_bytes(step.abstract_state.opt_state), reference_bytes=shard_bytes(references),
         model_flops=spec.flops_per_step(reference_config) / len(devices))
     try:

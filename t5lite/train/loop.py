@@ -21,7 +21,7 @@ import tqdm
 
 from t5lite import data as t5data
 from t5lite.config import ModelConfig
-from t5lite.scaling import flops
+from t5lite import hardware
 from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
 from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
@@ -67,7 +67,7 @@ def train(model_dir: str, spec: RunSpec | None = None) -> dict[str, float]:
         (model_dir / ckpt.CONFIG_FILE).write_text(config.to_json())
     checkpoints = checkpoints or ckpt.TrainCheckpoints(model_dir, spec.checkpoint_every, spec.keep_checkpoints)
     # Measured (where no peak is known) on one local device, outside the mesh context.
-    peak = (spec.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
+    peak = (spec.peak_flops_per_device or hardware.peak_flops_per_device(jax.devices()[0])
             or metrics_lib.measure_peak_flops())
     with step.partitioner.context():
         key = jax.random.PRNGKey(spec.seed)

@@ -8,6 +8,13 @@ import jax
 import jax.numpy as jnp
 
 
+def loss_weights(batch):
+    """Which target tokens count: seqio's decoder_loss_weights, else every non-padding target."""
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"]
+    return batch["decoder_target_tokens"] > 0
+
+
 def cross_entropy(logits, targets, weights, z_loss: float = 1e-4, label_smoothing: float = 0.0):
     """Sums over weighted tokens (divide by `weights.sum()` for the mean).
 

@@ -1,6 +1,6 @@
 """Where training numbers go: JSONL and TensorBoard in the model dir, and a terminal progress bar.
 
-Throughput is derived on the host from step times; FLOPs come from `t5lite.scaling.flops`
+Throughput is derived on the host from step times; FLOPs come from `t5lite.models.flops`
 (3 x forward matmul FLOPs, attention halved under a causal mask), so MFU here and in
 sweeps is the same number.
 """

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from t5lite.config import ModelConfig
 from t5lite.models import build
-from t5lite.train.batch import loss_weights, model_features
-from t5lite.train.losses import dpo, pairwise_reward, sequence_log_probs
+from t5lite.models.params import model_features
+from t5lite.train.losses import dpo, loss_weights, pairwise_reward, sequence_log_probs
 
 OBJECTIVES = ("dpo", "reward")
 

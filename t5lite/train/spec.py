@@ -17,7 +17,7 @@ import jax
 from t5lite import data as t5data
 from t5lite.config import ModelConfig
 from t5lite.models.params import param_axes, trainable_pattern
-from t5lite.scaling import flops
+from t5lite.models import flops
 from t5lite.sharding import MeshShape
 from t5lite.train.distillation import Distillation
 from t5lite.train.preference import Preference

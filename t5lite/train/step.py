@@ -23,11 +23,10 @@ from t5lite.config import ModelConfig
 from t5lite.layers.moe import moe_summary
 from t5lite.models import build, dummy_inputs
 from t5lite.models.hidden import hidden_states
-from t5lite.models.params import merge_params, split_params
+from t5lite.models.params import merge_params, model_features, split_params
 from t5lite.sharding import BATCH_LOGICAL, Partitioner
-from t5lite.train.batch import loss_weights, model_features
 from t5lite.train.distillation import Teacher
-from t5lite.train.losses import cross_entropy, distillation, hidden_distance
+from t5lite.train.losses import cross_entropy, distillation, hidden_distance, loss_weights
 from t5lite.train.preference import Preference
 
 

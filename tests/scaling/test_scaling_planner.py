@@ -6,7 +6,8 @@ import pytest
 
 from t5lite.config import model_config_from_gin
 from t5lite.models import param_count
-from t5lite.scaling import flops, planner
+from t5lite.models import flops
+from t5lite.scaling import planner
 
 
 @pytest.mark.parametrize("family, activation, d_ff_ratio", [("decoder", "swiglu", 8 / 3),

@@ -6,7 +6,8 @@ import pytest
 
 from t5lite.config import ModelConfig
 from t5lite.models import abstract_params, build, get_config, param_count
-from t5lite.scaling import flops
+from t5lite import hardware
+from t5lite.models import flops
 
 # Decoder: vocab 100, d 16, 2 query heads and 1 key/value head of 8, SwiGLU d_ff 32, 2 layers, untied.
 SMALL_DECODER = ModelConfig(architecture="decoder", vocab_size=100, d_model=16, num_heads=2, num_kv_heads=1,
@@ -94,11 +95,11 @@ def test_non_embedding_params_by_hand():
 
 def test_mfu_and_peaks():
     assert flops.mfu(4e14, 2.0, 4, 1e14) == pytest.approx(0.5)
-    assert flops.peak_flops_per_device("TPU v5 lite") == 197e12
-    assert flops.peak_flops_per_device("TPU v4") == 275e12
-    assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
-    assert flops.peak_flops_per_device("NVIDIA A100-SXM4-40GB") == 312e12
-    assert flops.peak_flops_per_device(jax.devices("cpu")[0]) is None
+    assert hardware.peak_flops_per_device("TPU v5 lite") == 197e12
+    assert hardware.peak_flops_per_device("TPU v4") == 275e12
+    assert hardware.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert hardware.peak_flops_per_device("NVIDIA A100-SXM4-40GB") == 312e12
+    assert hardware.peak_flops_per_device(jax.devices("cpu")[0]) is None
 
 
 @pytest.mark.parametrize("call", [

@@ -1,7 +1,10 @@
-"""LLM.int8() (Dettmers et al. 2022): int8 inference that stays accurate when a few input
-features carry huge activations. Those outlier features go through a float matmul; the rest use
-vector-wise int8 (one scale per token and per output column), so the outliers no longer inflate
-every token's scale.
+"""The run-time int8 products of quantised layers.
+
+LLM.int8() (Dettmers et al. 2022): int8 inference that stays accurate when a few input features
+carry huge activations. Those outlier features go through a float matmul; the rest use vector-wise
+int8 (one scale per token and per output column), so the outliers no longer inflate every token's
+scale. SmoothQuant (Xiao et al. 2023): W8A8 on inputs divided by per-channel smoothing factors
+(made offline by `t5lite.quantization.smoothquant`).
 """
 
 from __future__ import annotations
@@ -48,3 +51,12 @@ def _operands(x, q, w_scale):
         raise ValueError(f"w_scale must hold one scale per output column ([1, {q.shape[1]}] or "
                          f"[{q.shape[1]}]); got shape {jnp.shape(w_scale)}")
     return jnp.asarray(x).reshape(-1, x.shape[-1]), jnp.reshape(w_scale, (1, q.shape[1]))
+
+
+def smoothquant_matmul(x, q, w_scale, s, backend="auto"):
+    """x [..., K] @ w -> [..., N] in x's dtype, from `smoothquant_weights(w, s)`: x / s is
+    quantised to int8 per token at run time and multiplied in int8 with exact int32 accumulation."""
+    x = jnp.asarray(x)
+    if jnp.shape(s) != (x.shape[-1],):
+        raise ValueError(f"s must have one factor per input feature ({x.shape[-1]}); got shape {jnp.shape(s)}")
+    return vectorwise_matmul(x.astype(jnp.float32) / s, q, w_scale, x.dtype, backend)
