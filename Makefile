@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: test demo clean
+.PHONY: test lint demo clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed: setup.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -n 2 --durations=15 tests
+
+lint: $(VENV)/.installed  # config in pyproject.toml; `ruff format . && ruff check --fix .` repairs most
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 demo: $(VENV)/.installed  # a fresh run each time: demo_run/ is the demo's own output
 	rm -rf demo_run

@@ -29,8 +29,16 @@ EXTRAS_REQUIRE = {
     # libtpu lets the CPU test suite compile the TPU kernels ahead of time for a v5e topology.
     # nbclient, nbformat and ipykernel run experiments/notebooks in tests/test_notebooks.py; babel is
     # what T5's preprocessors (the span-corruption reference, see the Makefile) import beyond ours.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "libtpu==0.0.42.1",
-             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "babel>=2.12"],
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "libtpu==0.0.42.1",
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+        "babel>=2.12",
+        "ruff==0.17.6",  # `make lint`; pinned, as each release formats a little differently
+    ],
 }
 
 setuptools.setup(

@@ -36,8 +36,16 @@ def zoo_and_parity() -> None:
     for name, config in named_configs().items():
         print(f"{name:<18}{config.architecture:<17}{param_count(config):>15,}")
     torch.manual_seed(0)
-    t5_config = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    t5_config = transformers.T5Config(
+        vocab_size=128,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
     t5_config.tie_word_embeddings = False
     t5 = transformers.T5ForConditionalGeneration(t5_config).eval()
     t5.set_input_embeddings(t5.shared)
@@ -74,8 +82,9 @@ def sample_decodes(run: inference.Run, count: int = 4) -> list[tuple[str, str, s
     vocab = run.vocabulary
     first_sentinel = vocab.vocab_size - vocab.extra_ids
     dataset = task.get_dataset(run.task_feature_lengths, split="validation", shuffle=False, seed=0)
-    examples = itertools.islice((ex for ex in dataset.as_numpy_iterator()
-                                 if np.sum(ex["inputs"] >= first_sentinel) >= 2), count)
+    examples = itertools.islice(
+        (ex for ex in dataset.as_numpy_iterator() if np.sum(ex["inputs"] >= first_sentinel) >= 2), count
+    )
     pairs = [(vocab.decode(ex["inputs"].tolist()), vocab.decode(ex["targets"].tolist())) for ex in examples]
     options = decoding.DecodingOptions(max_new_tokens=run.task_feature_lengths["targets"])
     predictions = inference.generate_texts(run, [inputs for inputs, _ in pairs], options)
@@ -86,17 +95,26 @@ def write_report(model_dir: pathlib.Path, results: dict, samples, seconds: float
     last = read_metrics(model_dir / "train_metrics.jsonl")[-1]
     first = read_metrics(model_dir / "train_metrics.jsonl")[0]
     lines = [
-        "# t5lite demo run", "",
+        "# t5lite demo run",
+        "",
         f"t5_1_1/tiny trained with span corruption on the embedded corpus for {last['step']} steps "
-        f"({seconds / 60:.1f} min on this machine). Vocabulary: `{vocab_path}`.", "",
-        "| | first logged step | last logged step |", "| --- | --- | --- |",
+        f"({seconds / 60:.1f} min on this machine). Vocabulary: `{vocab_path}`.",
+        "",
+        "| | first logged step | last logged step |",
+        "| --- | --- | --- |",
         f"| train loss | {first['loss']:.3f} | {last['loss']:.3f} |",
         f"| train token accuracy | {first['accuracy']:.3f} | {last['accuracy']:.3f} |",
         f"| tokens/s | | {last.get('tokens_per_s', float('nan')):,.0f} |",
-        f"| MFU (vs. measured CPU matmul peak) | | {last.get('mfu', float('nan')):.1%} |", "",
+        f"| MFU (vs. measured CPU matmul peak) | | {last.get('mfu', float('nan')):.1%} |",
+        "",
         f"Validation: perplexity **{results['validation']['perplexity']:.1f}**, "
-        f"token accuracy {results['validation']['accuracy']:.3f}.", "",
-        "![loss curve](loss.png)", "", "## Sample decodes (greedy)", ""]
+        f"token accuracy {results['validation']['accuracy']:.3f}.",
+        "",
+        "![loss curve](loss.png)",
+        "",
+        "## Sample decodes (greedy)",
+        "",
+    ]
     for inputs, target, prediction in samples:
         lines += [f"- **input**: {inputs}", f"  - **target**: {target}", f"  - **model**: {prediction}"]
     path = model_dir / "report.md"
@@ -115,16 +133,26 @@ def main() -> None:
     vocab_path = data.build_vocabulary()
     print(f"Vocabulary: {vocab_path} ({data.default_vocabulary().vocab_size} ids with sentinels)\n")
     start = time.perf_counter()
-    code = cli.main(["train", f"--gin_file={RUN_GIN}", f"--model_dir={model_dir}", f"--gin.train.num_steps={args.steps}",
-                     "--gin.train.log_every=25", f"--gin.train.eval_every={args.steps // 2}"])
+    code = cli.main(
+        [
+            "train",
+            f"--gin_file={RUN_GIN}",
+            f"--model_dir={model_dir}",
+            f"--gin.train.num_steps={args.steps}",
+            "--gin.train.log_every=25",
+            f"--gin.train.eval_every={args.steps // 2}",
+        ]
+    )
     if code:
         raise SystemExit(code)
     seconds = time.perf_counter() - start
     run = inference.load_run(model_dir)
     results = inference.evaluate_run(run, num_batches=10, max_examples=16)
     samples = sample_decodes(run)
-    print(f"\nValidation perplexity {results['validation']['perplexity']:.1f}, "
-          f"token accuracy {results['validation']['accuracy']:.3f}\n")
+    print(
+        f"\nValidation perplexity {results['validation']['perplexity']:.1f}, "
+        f"token accuracy {results['validation']['accuracy']:.3f}\n"
+    )
     for inputs, target, prediction in samples:
         print(f"input : {inputs}\ntarget: {target}\nmodel : {prediction}\n")
     plot_loss(model_dir)

@@ -22,6 +22,7 @@ def convert(args: argparse.Namespace) -> None:
     if checkpoint.is_checkpoint(source):
         config, params = checkpoint.load_params(source)
         from t5lite.models import build
+
         hf.save_pretrained(build(config), params, dest)
         print(f"Wrote a Hugging Face model ({config.architecture}) to {dest}")
     elif (source / "config.json").is_file():
@@ -29,8 +30,10 @@ def convert(args: argparse.Namespace) -> None:
         checkpoint.save_params(dest, model.config, params)
         print(f"Wrote a t5lite checkpoint ({model.config.architecture}) to {dest}")
     else:
-        raise FileNotFoundError(f"{source} is neither a t5lite checkpoint ({checkpoint.CONFIG_FILE}) nor a "
-                                f"Hugging Face save_pretrained directory (config.json).")
+        raise FileNotFoundError(
+            f"{source} is neither a t5lite checkpoint ({checkpoint.CONFIG_FILE}) nor a "
+            f"Hugging Face save_pretrained directory (config.json)."
+        )
 
 
 def parse_gin(files: list[str], bindings: list[str]) -> None:
@@ -89,8 +92,13 @@ def generate(args: argparse.Namespace) -> None:
         prompts += [line for line in pathlib.Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError("No prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
-    options = decoding.DecodingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams)
+    options = decoding.DecodingOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+    )
     run = inference.load_run(args.model_dir, args.step, args.int8_weights)
     for prompt, output in zip(prompts, inference.generate_texts(run, prompts, options, seed=args.seed)):
         print(f"> {prompt}\n{output}\n")
@@ -109,17 +117,26 @@ def quantize(args: argparse.Namespace) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"--output {output} is not an empty directory; quantize writes into a new or empty one.")
     run = inference.load_run(args.checkpoint, args.step)
-    recipe = dict(method=args.method, bits=args.bits, group_size=args.group_size, families=args.families,
-                  zero_points=args.zero_points, percentile=args.percentile, format=args.format,
-                  double_quant=args.double_quant)
+    recipe = dict(
+        method=args.method,
+        bits=args.bits,
+        group_size=args.group_size,
+        families=args.families,
+        zero_points=args.zero_points,
+        percentile=args.percentile,
+        format=args.format,
+        double_quant=args.double_quant,
+    )
     quantized_config(run.model.config, **recipe)  # refuses a bad recipe before calibrating
     stats = None
     if args.method in CALIBRATED:
         print(f"Calibrating on {args.calibration_batches} batches of {run.task} ...")
-        stats = calibrate(run.model.config, run.params, inference.calibration_batches(run, args.calibration_batches),
-                          args.families)
-    config, params = quantize_weights(run.model.config, run.params, stats=stats,
-                                      smoothquant_alpha=args.smoothquant_alpha, **recipe)
+        stats = calibrate(
+            run.model.config, run.params, inference.calibration_batches(run, args.calibration_batches), args.families
+        )
+    config, params = quantize_weights(
+        run.model.config, run.params, stats=stats, smoothquant_alpha=args.smoothquant_alpha, **recipe
+    )
     run = dataclasses.replace(run, model=build(config), params=params)
     inference.save_quantized(run, args.checkpoint, output, {**recipe, "smoothquant_alpha": args.smoothquant_alpha})
     print(f"Wrote the {args.method} ({args.bits}-bit) model of {args.checkpoint} (step {run.step}) to {output}")
@@ -171,21 +188,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=8, choices=[8, 4])
     p.add_argument("--group_size", type=int, default=None, help="a scale per this many inputs (default: per output)")
     p.add_argument("--zero_points", action="store_true", help="asymmetric ranges (weight-only methods)")
-    p.add_argument("--format", default="int", choices=["int", "nf4"],
-                   help="nf4: QLoRA's 4-bit NormalFloat levels (method int8, --bits=4, a --group_size)")
+    p.add_argument(
+        "--format",
+        default="int",
+        choices=["int", "nf4"],
+        help="nf4: QLoRA's 4-bit NormalFloat levels (method int8, --bits=4, a --group_size)",
+    )
     p.add_argument("--double_quant", action="store_true", help="the group scales in int8 (QLoRA's double quantisation)")
     p.add_argument("--families", type=_families, default=["attention", "mlp"], help="comma-separated: attention,mlp")
     p.add_argument("--calibration_batches", type=int, default=8, help="training batches for gptq, awq, smoothquant")
-    p.add_argument("--percentile", type=float, default=None,
-                   help="smoothquant: each input's range is this percentile of |x| (e.g. 99.9) instead of its abs-max")
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=None,
+        help="smoothquant: each input's range is this percentile of |x| (e.g. 99.9) instead of its abs-max",
+    )
     p.add_argument("--smoothquant_alpha", type=float, default=0.5, help="share of the activation range moved")
     p.add_argument("--output", required=True, help="a new or empty directory")
     p.set_defaults(run=quantize)
     p = commands.add_parser("vocab", help="Trains (or finds in the cache) a SentencePiece vocabulary.")
     from t5lite.data import add_vocab_arguments, vocab_command
+
     add_vocab_arguments(p)
     p.set_defaults(run=vocab_command)
     from t5lite.scaling.commands import add_sweep_commands
+
     add_sweep_commands(commands)
     return parser
 
@@ -200,14 +227,18 @@ def _families(text: str) -> list[str]:
 
 
 def _int8_weights_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--int8_weights", type=_families, default=[],
-                        help="comma-separated dense families (attention,mlp) to run with int8 weights")
+    parser.add_argument(
+        "--int8_weights",
+        type=_families,
+        default=[],
+        help="comma-separated dense families (attention,mlp) to run with int8 weights",
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Like argparse, but `--gin.NAME=VALUE` flags become gin bindings `NAME = VALUE` (T5X style)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    bindings = [a[len("--gin."):].replace("=", " = ", 1) for a in argv if a.startswith("--gin.")]
+    bindings = [a[len("--gin.") :].replace("=", " = ", 1) for a in argv if a.startswith("--gin.")]
     args = build_parser().parse_args([a for a in argv if not a.startswith("--gin.")])
     args.gin_bindings = bindings
     return args

@@ -12,7 +12,9 @@ import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any, Sequence
+import re
+from collections.abc import Sequence
+from typing import Any
 
 import gin
 
@@ -33,8 +35,186 @@ LORA_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 
 
 @dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Switch-MoE (0 experts: dense). The MLP of every k-th layer (layers k-1, 2k-1, ...) of a stack is a
+    mixture of experts, k = encoder_every / decoder_every (0: no experts in that stack)."""
+
+    num_experts: int = 0
+    encoder_every: int = 2
+    decoder_every: int = 2
+    experts_per_token: int = 1  # top-k of tokens-choose routing
+    # "tokens_choose": each token picks its top-k experts (Switch, GShard); in the causal decoder, experts
+    # fill their slots token by token, elsewhere all first choices go before any second choice.
+    # "experts_choose": each expert picks its top tokens of a group (Zhou et al. 2022); it sees the
+    # whole group, so it is not causal: encoder only (decoder_every=0).
+    router: str = "tokens_choose"
+    # Expert capacity per group: max(min_expert_capacity, ceil(capacity_factor * group * k / experts));
+    # factor 0 makes it exactly min_expert_capacity (a fixed capacity).
+    train_capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_expert_capacity: int = 4
+    # Routes every token (no capacity): tokens sorted by expert through grouped matmuls (ragged_dot).
+    dropless: bool = False
+    # Tokens routed together: each sequence splits into groups of at most this many tokens.
+    group_size: int = 4096
+    router_jitter: float = 0.0  # inputs times U(1 - jitter, 1 + jitter) while training
+    load_balance_loss: float = 0.01
+    router_z_loss: float = 1e-3
+    # Dropout inside the experts (Switch fine-tuning uses 0.4); None: ModelConfig.dropout_rate.
+    expert_dropout_rate: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"num_experts={self.num_experts!r} must be 0 (dense) or a positive integer.")
+        _check_choice("router", self.router, ROUTERS)
+        for name in ("experts_per_token", "min_expert_capacity", "group_size"):
+            _check_positive(name, getattr(self, name))
+        if self.num_experts and self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"experts_per_token={self.experts_per_token} is larger than num_experts="
+                f"{self.num_experts}: a token cannot pick more experts than there are."
+            )
+        if self.dropless and self.router != "tokens_choose":
+            raise ValueError(
+                "MoeConfig.dropless=True routes tokens to their top-k experts; set router='tokens_choose'."
+            )
+        if self.router == "experts_choose" and self.decoder_every:
+            raise ValueError(
+                "router='experts_choose' lets a token's routing depend on later tokens, which the causal "
+                "decoder must not see; use it in the encoder only (decoder_every=0), or use "
+                "router='tokens_choose'."
+            )
+        for name in ("train_capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: exactly min_expert_capacity).")
+        for name in ("router_jitter", "load_balance_loss", "router_z_loss"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+        if self.expert_dropout_rate is not None and not 0.0 <= self.expert_dropout_rate < 1.0:
+            raise ValueError(f"expert_dropout_rate={self.expert_dropout_rate} must be in [0, 1) or None.")
+        for name in ("encoder_every", "decoder_every"):
+            every = getattr(self, name)
+            if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+                raise ValueError(f"MoeConfig.{name}={every!r} must be 0 (no experts) or a positive integer.")
+
+    def replace(self, **changes: Any) -> MoeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuantConfig:
+    """Inference: dense families whose kernels are stored quantised, made from a float model by
+    `t5lite.quantization.weights` (`t5lite quantize`). By default int8 with a float32 scale per output
+    feature, weight-only (activations and the matmul stay in `ModelConfig.dtype`)."""
+
+    families: tuple[str, ...] = ()  # of INT8_DENSE_FAMILIES
+    bits: int = 8  # or 4, two values per byte
+    group_size: int | None = None  # a scale per this many inputs; None: per output feature
+    zero_points: bool = False  # asymmetric ranges
+    # "int" (the uniform grid) or "nf4": QLoRA's 4-bit NormalFloat, 16 levels at quantiles of N(0, 1)
+    # scaled by each group's abs-max (bits=4, a group_size, no zero points).
+    format: str = "int"
+    # The per-group scales stored in int8 with one float32 per output feature (QLoRA's double quantisation).
+    double_quant: bool = False
+    input_scaling: bool = False  # a per-input-channel divisor of the inputs (AWQ, SmoothQuant)
+    # "none" (weight-only), "int8" (per-token int8 activations: W8A8), "llm_int8" (int8 except input
+    # features holding a value of magnitude >= outlier_threshold, which stay in `dtype`).
+    activations: str = "none"
+    outlier_threshold: float = 6.0
+
+    def __post_init__(self):
+        _check_families(self, "families", "WeightQuantConfig.families")
+        _check_choice("activations", self.activations, ACTIVATION_QUANTS)
+        if self.bits not in (8, 4):
+            raise ValueError(f"WeightQuantConfig.bits={self.bits!r}: only 8 and 4 are supported.")
+        group = self.group_size
+        if group is not None and (not isinstance(group, int) or group < 1):
+            raise ValueError(f"group_size={group!r} must be a positive int, or None for a scale per output.")
+        _check_choice("format", self.format, ("int", "nf4"))
+        if self.format == "nf4" and (self.bits != 4 or self.zero_points or group is None):
+            raise ValueError(
+                f"format='nf4' stores 4-bit indices of 16 levels scaled by each group's abs-max: set "
+                f"bits=4, zero_points=False and a group_size (QLoRA uses 64), or format='int'; got "
+                f"bits={self.bits}, zero_points={self.zero_points}, group_size={group}."
+            )
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant={self.double_quant!r} must be True or False.")
+        if self.double_quant and group is None:
+            raise ValueError(
+                "double_quant=True stores the scales of groups of inputs in int8; set group_size "
+                "(with one scale per output feature there is nothing to save)."
+            )
+        simple = self.bits == 8 and group is None and not self.zero_points
+        if self.activations != "none" and not simple:
+            raise ValueError(
+                f"activations={self.activations!r} runs int8 x int8 matmuls, which need 8-bit "
+                f"symmetric weights with a scale per output: set bits=8, group_size=None, "
+                f"zero_points=False, or activations='none'."
+            )
+
+    def replace(self, **changes: Any) -> WeightQuantConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """What parameter-efficient fine-tuning adds to a model, and a reward model's head.
+
+    LoRA (Hu et al. 2021): adapters W + s·A·B of rank `lora_rank` (0: none) on `lora_targets`, B zero at
+    initialisation; s = lora_alpha / rank, or lora_alpha / sqrt(rank) with rslora (Kalajdzievska 2023).
+    `lora_dropout` drops the adapter's inputs while training. On a quantised base this is QLoRA-style.
+    BitFit (Ben Zaken et al. 2022) trains biases only: our projections have none, so `bitfit` adds
+    zero-initialised ones to every attention and MLP projection. Prompt tuning (Lester et al. 2021) trains
+    `prompt_length` vectors prepended to the encoder's input embeddings (encoder-decoders, unpacked
+    inputs); fine-tuned from a checkpoint they start as the embeddings of sampled vocabulary tokens.
+    `reward_head`: a scalar head on the decoder's final hidden states (its value at a response's last
+    token is the response's reward), trained with train.preference = @Preference(objective='reward')."""
+
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("query", "value")
+    lora_dropout: float = 0.0
+    rslora: bool = False
+    bitfit: bool = False
+    prompt_length: int = 0
+    reward_head: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be 0 (no adapters) or a positive integer.")
+        targets = self.lora_targets
+        if not isinstance(targets, (tuple, list)) or not targets or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"lora_targets={targets!r} must be a non-empty tuple of distinct projections from: "
+                f"{', '.join(LORA_TARGETS)}."
+            )
+        for target in targets:
+            _check_choice("lora_targets", target, LORA_TARGETS)
+        object.__setattr__(self, "lora_targets", tuple(targets))  # JSON and gin give lists
+        if not isinstance(self.prompt_length, int) or self.prompt_length < 0:
+            raise ValueError(f"prompt_length={self.prompt_length!r} must be 0 (no prompt) or a positive integer.")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+
+    @property
+    def trains_added_params(self) -> bool:
+        """Whether fine-tuning trains only what the adapters add (LoRA, BitFit, a soft prompt)."""
+        return bool(self.lora_rank or self.bitfit or self.prompt_length)
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The sub-configs, by the ModelConfig field that holds them.
+SUBCONFIGS = {"moe": MoeConfig, "weight_quant": WeightQuantConfig, "adapters": AdapterConfig}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hyperparameters of a Transformer; names follow T5X where T5X has one."""
+    """Hyperparameters of a Transformer; names follow T5X where T5X has one. The architecture is flat;
+    mixture of experts, stored quantised weights and adapters are sub-configs."""
 
     architecture: str = "encoder_decoder"
     vocab_size: int = 32128
@@ -78,66 +258,9 @@ class ModelConfig:
     # Dense families whose matmuls run in int8 (straight-through gradients): "attention" (q, k, v,
     # out projections), "mlp". Query-key products and the output logits stay in `dtype`.
     int8_dense: tuple[str, ...] = ()
-    # Inference: dense families whose kernels are stored quantised (int8 bytes), made from a float
-    # model by `t5lite.quantization.weights` (`t5lite quantize`). By default int8 with a float32
-    # scale per output feature, weight-only (activations and the matmul stay in `dtype`).
-    int8_weights: tuple[str, ...] = ()
-    weight_bits: int = 8  # or 4, two values per byte
-    weight_group_size: int | None = None  # a scale per this many inputs; None: per output feature
-    weight_zero_points: bool = False  # asymmetric ranges
-    # "int" (the uniform grid) or "nf4": QLoRA's 4-bit NormalFloat, 16 levels at quantiles of N(0, 1)
-    # scaled by each group's abs-max (weight_bits=4, a weight_group_size, no zero points).
-    weight_format: str = "int"
-    # The per-group scales stored in int8 with one float32 per output feature (QLoRA's double quantisation).
-    weight_double_quant: bool = False
-    input_scaling: bool = False  # a per-input-channel divisor of the inputs (AWQ, SmoothQuant)
-    # "none" (weight-only), "int8" (per-token int8 activations: W8A8), "llm_int8" (int8 except
-    # input features holding a value of magnitude >= llm_int8_threshold, which stay in `dtype`).
-    activation_quant: str = "none"
-    llm_int8_threshold: float = 6.0
-    # LoRA (Hu et al. 2021): adapters W + s·A·B of rank `lora_rank` (0: none) on `lora_targets`, B zero at
-    # initialisation; s = lora_alpha / rank, or lora_alpha / sqrt(rank) with rslora (Kalajdzievska 2023).
-    # `lora_dropout` drops the adapter's inputs while training. On an int8_weights base this is QLoRA-style.
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("query", "value")
-    lora_dropout: float = 0.0
-    rslora: bool = False
-    # Cheaper parameter-efficient fine-tuning. BitFit (Ben Zaken et al. 2022) trains biases only: our
-    # projections have none, so `bitfit` adds zero-initialised ones to every attention and MLP projection.
-    # Prompt tuning (Lester et al. 2021) trains `prompt_length` vectors prepended to the encoder's
-    # input embeddings (encoder-decoders, unpacked inputs); fine-tuned from a checkpoint they start as
-    # the embeddings of sampled vocabulary tokens.
-    bitfit: bool = False
-    prompt_length: int = 0
-    # A reward model: a scalar head on the decoder's final hidden states (its value at a response's
-    # last token is the response's reward), trained with train.preference = @Preference(objective='reward').
-    reward_head: bool = False
-    # Switch-MoE (0 experts: dense). The MLP of every k-th layer (layers k-1, 2k-1, ...) of a stack
-    # is a mixture of experts, k = encoder_moe_every / decoder_moe_every (0: no experts in that stack).
-    num_experts: int = 0
-    encoder_moe_every: int = 2
-    decoder_moe_every: int = 2
-    experts_per_token: int = 1  # top-k of tokens-choose routing
-    # "tokens_choose": each token picks its top-k experts (Switch, GShard); in the causal decoder, experts
-    # fill their slots token by token, elsewhere all first choices go before any second choice.
-    # "experts_choose": each expert picks its top tokens of a group (Zhou et al. 2022); it sees the
-    # whole group, so it is not causal: encoder only (decoder_moe_every=0).
-    router: str = "tokens_choose"
-    # Expert capacity per group: max(min_expert_capacity, ceil(capacity_factor * group * k / experts));
-    # factor 0 makes it exactly min_expert_capacity (a fixed capacity).
-    train_capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_expert_capacity: int = 4
-    # Routes every token (no capacity): tokens sorted by expert through grouped matmuls (ragged_dot).
-    moe_dropless: bool = False
-    # Tokens routed together: each sequence splits into groups of at most this many tokens.
-    moe_group_size: int = 4096
-    router_jitter: float = 0.0  # inputs times U(1 - jitter, 1 + jitter) while training
-    load_balance_loss: float = 0.01
-    router_z_loss: float = 1e-3
-    # Dropout inside the experts (Switch fine-tuning uses 0.4); None: dropout_rate.
-    expert_dropout_rate: float | None = None
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+    weight_quant: WeightQuantConfig = dataclasses.field(default_factory=WeightQuantConfig)
+    adapters: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
 
     def __post_init__(self):
         _check_choice("architecture", self.architecture, ARCHITECTURES)
@@ -150,16 +273,31 @@ class ModelConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        for name in ("int8_dense", "int8_weights"):
-            _check_families(self, name)
-        both = set(self.int8_dense) & set(self.int8_weights)
+        _check_families(self, "int8_dense")
+        for name, cls in SUBCONFIGS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(
+                    f"ModelConfig.{name}={getattr(self, name)!r} must be a {cls.__name__} "
+                    f"(gin: ModelConfig.{name} = @{cls.__name__}())."
+                )
+        both = set(self.int8_dense) & set(self.weight_quant.families)
         if both:
-            raise ValueError(f"{sorted(both)} are in both int8_dense (int8 matmuls for training) and int8_weights "
-                             f"(stored int8 weights for inference); pick one per family.")
-        _check_weight_quant(self)
-        _check_adapters(self)
-        for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_decoder_layers",
-                     "relative_num_buckets", "relative_max_distance", "max_length"):
+            raise ValueError(
+                f"{sorted(both)} are in both int8_dense (int8 matmuls for training) and "
+                f"WeightQuantConfig.families (stored quantised weights for inference); pick one per "
+                f"family."
+            )
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_heads",
+            "head_dim",
+            "d_ff",
+            "num_decoder_layers",
+            "relative_num_buckets",
+            "relative_max_distance",
+            "max_length",
+        ):
             _check_positive(name, getattr(self, name))
         if self.architecture == "encoder_decoder":
             _check_positive("num_encoder_layers", self.num_encoder_layers)
@@ -169,7 +307,8 @@ class ModelConfig:
                 raise ValueError(
                     f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}: each "
                     f"key/value head serves a whole group of query heads. Allowed values: "
-                    f"{divisors(self.num_heads)}.")
+                    f"{divisors(self.num_heads)}."
+                )
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even with position_encoding='rope'.")
         if self.position_encoding == "sinusoidal" and self.d_model % 2:
@@ -188,49 +327,47 @@ class ModelConfig:
             raise ValueError(f"norm_epsilon={self.norm_epsilon} must be > 0.")
         if self.rescale_tied_logits and not self.tie_embeddings:
             raise ValueError("rescale_tied_logits=True needs tie_embeddings=True (it rescales the tied projection).")
-        self._check_moe()
+        self._check_moe_stacks()
+        _check_quantised_kernels(self)
+        self._check_adapters()
 
-    def _check_moe(self):
-        if not isinstance(self.num_experts, int) or self.num_experts < 0:
-            raise ValueError(f"num_experts={self.num_experts!r} must be 0 (dense) or a positive integer.")
-        if not self.num_experts:
+    def _check_moe_stacks(self):
+        if not self.moe.num_experts:
             return
-        _check_choice("router", self.router, ROUTERS)
-        for name in ("experts_per_token", "min_expert_capacity", "moe_group_size"):
-            _check_positive(name, getattr(self, name))
-        if self.experts_per_token > self.num_experts:
-            raise ValueError(f"experts_per_token={self.experts_per_token} is larger than num_experts="
-                             f"{self.num_experts}: a token cannot pick more experts than there are.")
-        if self.moe_dropless and self.router != "tokens_choose":
-            raise ValueError("moe_dropless=True routes tokens to their top-k experts; set router='tokens_choose'.")
-        if self.router == "experts_choose" and self.decoder_moe_every:
-            raise ValueError("router='experts_choose' lets a token's routing depend on later tokens, which the causal "
-                             "decoder must not see; use it in the encoder only (decoder_moe_every=0), or use "
-                             "router='tokens_choose'.")
-        for name in ("train_capacity_factor", "eval_capacity_factor"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: exactly min_expert_capacity).")
-        for name in ("router_jitter", "load_balance_loss", "router_z_loss"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        if self.expert_dropout_rate is not None and not 0.0 <= self.expert_dropout_rate < 1.0:
-            raise ValueError(f"expert_dropout_rate={self.expert_dropout_rate} must be in [0, 1) or None.")
-        stacks = {"decoder": (self.decoder_moe_every, self.num_decoder_layers)}
+        stacks = {"decoder": (self.moe.decoder_every, self.num_decoder_layers)}
         if self.is_encoder_decoder:
-            stacks["encoder"] = (self.encoder_moe_every, self.num_encoder_layers)
+            stacks["encoder"] = (self.moe.encoder_every, self.num_encoder_layers)
         for stack, (every, layers) in stacks.items():
-            if not isinstance(every, int) or every < 0 or (every and layers % every):
-                raise ValueError(f"{stack}_moe_every={every!r} must be 0 (no experts) or a positive integer "
-                                 f"dividing num_{stack}_layers={layers}; choose from {divisors(layers)}.")
+            if every and layers % every:
+                raise ValueError(
+                    f"MoeConfig.{stack}_every={every} must be 0 (no experts) or divide "
+                    f"num_{stack}_layers={layers}; choose from {divisors(layers)}."
+                )
         if not any(every for every, _ in stacks.values()):
-            raise ValueError(f"num_experts={self.num_experts} but no stack has MoE layers; set "
-                             f"{' or '.join(f'{stack}_moe_every' for stack in stacks)} to a positive integer.")
+            raise ValueError(
+                f"num_experts={self.moe.num_experts} but no stack has MoE layers; set "
+                f"{' or '.join(f'MoeConfig.{stack}_every' for stack in stacks)} to a positive integer."
+            )
+
+    def _check_adapters(self):
+        adapters = self.adapters
+        if adapters.prompt_length and not self.is_encoder_decoder:
+            raise ValueError(
+                f"prompt_length={adapters.prompt_length}: prompt tuning prepends to the encoder's "
+                f"inputs, and architecture={self.architecture!r} has no encoder. Use LoRA (lora_rank) "
+                f"or BitFit (bitfit=True) on a decoder."
+            )
+        if adapters.lora_rank and self.moe.num_experts and {"mlp_in", "mlp_out"} & set(adapters.lora_targets):
+            raise ValueError(
+                "LoRA on the MLPs of a mixture of experts is not supported; adapt attention projections "
+                "only (lora_targets without mlp_in, mlp_out)."
+            )
 
     def moe_every(self, stack: str) -> int:
         """k when every k-th layer of the stack ("encoder" or "decoder") is MoE, else 0."""
-        if not self.num_experts or (stack == "encoder" and not self.is_encoder_decoder):
+        if not self.moe.num_experts or (stack == "encoder" and not self.is_encoder_decoder):
             return 0
-        return self.encoder_moe_every if stack == "encoder" else self.decoder_moe_every
+        return self.moe.encoder_every if stack == "encoder" else self.moe.decoder_every
 
     def num_moe_layers(self, stack: str) -> int:
         every = self.moe_every(stack)
@@ -245,98 +382,136 @@ class ModelConfig:
     def is_encoder_decoder(self) -> bool:
         return self.architecture == "encoder_decoder"
 
-    def differences(self, other: "ModelConfig", ignore: Sequence[str] = ()) -> str:
-        """The fields (but `ignore`) where `self` (there) and `other` (here) differ, for error messages;
-        empty when none."""
-        return ", ".join(f"{f.name}: {getattr(self, f.name)!r} there, {getattr(other, f.name)!r} here"
-                         for f in dataclasses.fields(self)
-                         if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name))
+    def differences(self, other: ModelConfig, ignore: Sequence[str] = ()) -> str:
+        """The fields (but `ignore`: names, or a sub-config's "moe.router" / whole "adapters") where `self`
+        (there) and `other` (here) differ, for error messages; empty when none."""
+        mine, theirs = _flat_fields(self), _flat_fields(other)
+        return ", ".join(
+            f"{name}: {value!r} there, {theirs[name]!r} here"
+            for name, value in mine.items()
+            if name not in ignore and name.split(".")[0] not in ignore and value != theirs[name]
+        )
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
-        fields = json.loads(text)
+    def from_json(cls, text: str) -> ModelConfig:
+        """Reads `to_json`'s output, or a flat config of t5lite before the sub-configs (migrated)."""
+        fields = nest_flat_fields(json.loads(text))
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        for name, sub in SUBCONFIGS.items():
+            unknown |= {
+                f"{name}.{key}" for key in set(fields.get(name, {})) - {f.name for f in dataclasses.fields(sub)}
+            }
         if unknown:
             raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}; was this written by a newer t5lite?")
-        return cls(**fields)
+        return cls(**{key: SUBCONFIGS[key](**value) if key in SUBCONFIGS else value for key, value in fields.items()})
 
 
-def _check_families(config: ModelConfig, name: str) -> None:
+# Flat ModelConfig fields of t5lite before the sub-configs: old name -> (sub-config field, its name).
+FLAT_FIELDS = {
+    **{
+        old: ("moe", old.replace("moe_", ""))
+        for old in (
+            "num_experts",
+            "encoder_moe_every",
+            "decoder_moe_every",
+            "experts_per_token",
+            "router",
+            "train_capacity_factor",
+            "eval_capacity_factor",
+            "min_expert_capacity",
+            "moe_dropless",
+            "moe_group_size",
+            "router_jitter",
+            "load_balance_loss",
+            "router_z_loss",
+            "expert_dropout_rate",
+        )
+    },
+    "int8_weights": ("weight_quant", "families"),
+    "weight_bits": ("weight_quant", "bits"),
+    "weight_group_size": ("weight_quant", "group_size"),
+    "weight_zero_points": ("weight_quant", "zero_points"),
+    "weight_format": ("weight_quant", "format"),
+    "weight_double_quant": ("weight_quant", "double_quant"),
+    "input_scaling": ("weight_quant", "input_scaling"),
+    "activation_quant": ("weight_quant", "activations"),
+    "llm_int8_threshold": ("weight_quant", "outlier_threshold"),
+    **{
+        old: ("adapters", old)
+        for old in (
+            "lora_rank",
+            "lora_alpha",
+            "lora_targets",
+            "lora_dropout",
+            "rslora",
+            "bitfit",
+            "prompt_length",
+            "reward_head",
+        )
+    },
+}
+
+
+def nest_flat_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A flat field dict of the old layout moved into sub-config dicts (new layouts pass unchanged)."""
+    nested = {key: dict(value) if key in SUBCONFIGS else value for key, value in fields.items()}
+    for old, (sub, name) in FLAT_FIELDS.items():
+        if old in nested:
+            nested.setdefault(sub, {})[name] = nested.pop(old)
+    return nested
+
+
+def _flat_fields(config) -> dict[str, Any]:
+    """A config's fields, sub-config fields as "moe.num_experts"."""
+    flat = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            flat.update({f"{field.name}.{name}": sub for name, sub in _flat_fields(value).items()})
+        else:
+            flat[field.name] = value
+    return flat
+
+
+def _check_families(config, name: str, label: str | None = None) -> None:
     families = getattr(config, name)
+    label = label or name
     if not isinstance(families, (tuple, list)) or len(set(families)) != len(families):
-        raise ValueError(f"{name}={families!r} must be a tuple of distinct families from: "
-                         f"{', '.join(INT8_DENSE_FAMILIES)} (e.g. ('attention', 'mlp')).")
+        raise ValueError(
+            f"{label}={families!r} must be a tuple of distinct families from: "
+            f"{', '.join(INT8_DENSE_FAMILIES)} (e.g. ('attention', 'mlp'))."
+        )
     for family in families:
-        _check_choice(name, family, INT8_DENSE_FAMILIES)
+        _check_choice(label, family, INT8_DENSE_FAMILIES)
     object.__setattr__(config, name, tuple(families))  # JSON and gin give lists
 
 
-def _check_weight_quant(config: ModelConfig) -> None:
-    _check_choice("activation_quant", config.activation_quant, ACTIVATION_QUANTS)
-    if config.weight_bits not in (8, 4):
-        raise ValueError(f"weight_bits={config.weight_bits!r}: only 8 and 4 are supported.")
-    group = config.weight_group_size
-    if group is not None and (not isinstance(group, int) or group < 1):
-        raise ValueError(f"weight_group_size={group!r} must be a positive int, or None for a scale per output.")
+def _check_quantised_kernels(config: ModelConfig) -> None:
+    """Groups of inputs and packed 4-bit pairs must fit every quantised kernel of this model."""
+    quant = config.weight_quant
     # Each quantised family's kernels: (inputs K, last input axis), e.g. `out` takes [heads, head_dim].
-    kernels = {"attention": [(config.d_model, config.d_model), (config.num_heads * config.head_dim, config.head_dim)],
-               "mlp": [(config.d_model, config.d_model), (config.d_ff, config.d_ff)]}
-    shapes = [shape for family in config.int8_weights for shape in kernels[family]]
-    if group is not None and any(k % group for k, _ in shapes):
-        raise ValueError(f"weight_group_size={group} must divide the inputs of every quantised kernel "
-                         f"({sorted({k for k, _ in shapes})}); pick a common divisor, or None for a scale per output.")
-    _check_choice("weight_format", config.weight_format, ("int", "nf4"))
-    if config.weight_format == "nf4" and (config.weight_bits != 4 or config.weight_zero_points or group is None):
-        raise ValueError(f"weight_format='nf4' stores 4-bit indices of 16 levels scaled by each group's abs-max: set "
-                         f"weight_bits=4, weight_zero_points=False and a weight_group_size (QLoRA uses 64), or "
-                         f"weight_format='int'; got weight_bits={config.weight_bits}, weight_zero_points="
-                         f"{config.weight_zero_points}, weight_group_size={group}.")
-    if not isinstance(config.weight_double_quant, bool):
-        raise ValueError(f"weight_double_quant={config.weight_double_quant!r} must be True or False.")
-    if config.weight_double_quant and group is None:
-        raise ValueError("weight_double_quant=True stores the scales of groups of inputs in int8; set "
-                         "weight_group_size (with one scale per output feature there is nothing to save).")
-    if config.weight_bits == 4 and any(last % 2 for _, last in shapes):
-        raise ValueError(f"4-bit weights pack two values per byte along each kernel's last input axis "
-                         f"({sorted({last for _, last in shapes})}), which must be even; use weight_bits=8.")
-    simple = config.weight_bits == 8 and group is None and not config.weight_zero_points
-    if config.activation_quant != "none" and not simple:
-        raise ValueError(f"activation_quant={config.activation_quant!r} runs int8 x int8 matmuls, which need 8-bit "
-                         f"symmetric weights with a scale per output: set weight_bits=8, weight_group_size=None, "
-                         f"weight_zero_points=False, or activation_quant='none'.")
-
-
-def _check_adapters(config: ModelConfig) -> None:
-    if not isinstance(config.lora_rank, int) or config.lora_rank < 0:
-        raise ValueError(f"lora_rank={config.lora_rank!r} must be 0 (no adapters) or a positive integer.")
-    targets = config.lora_targets
-    if not isinstance(targets, (tuple, list)) or not targets or len(set(targets)) != len(targets):
-        raise ValueError(f"lora_targets={targets!r} must be a non-empty tuple of distinct projections from: "
-                         f"{', '.join(LORA_TARGETS)}.")
-    for target in targets:
-        _check_choice("lora_targets", target, LORA_TARGETS)
-    object.__setattr__(config, "lora_targets", tuple(targets))  # JSON and gin give lists
-    if not isinstance(config.prompt_length, int) or config.prompt_length < 0:
-        raise ValueError(f"prompt_length={config.prompt_length!r} must be 0 (no prompt) or a positive integer.")
-    if config.prompt_length and not config.is_encoder_decoder:
-        raise ValueError(f"prompt_length={config.prompt_length}: prompt tuning prepends to the encoder's inputs, "
-                         f"and architecture={config.architecture!r} has no encoder. Use LoRA (lora_rank) or "
-                         f"BitFit (bitfit=True) on a decoder.")
-    if not config.lora_rank:
-        return
-    if not config.lora_alpha > 0:
-        raise ValueError(f"lora_alpha={config.lora_alpha} must be > 0.")
-    if not 0.0 <= config.lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout={config.lora_dropout} must be in [0, 1).")
-    if config.num_experts and {"mlp_in", "mlp_out"} & set(targets):
-        raise ValueError("LoRA on the MLPs of a mixture of experts is not supported; adapt attention projections "
-                         "only (lora_targets without mlp_in, mlp_out).")
+    kernels = {
+        "attention": [(config.d_model, config.d_model), (config.num_heads * config.head_dim, config.head_dim)],
+        "mlp": [(config.d_model, config.d_model), (config.d_ff, config.d_ff)],
+    }
+    shapes = [shape for family in quant.families for shape in kernels[family]]
+    if quant.group_size is not None and any(k % quant.group_size for k, _ in shapes):
+        raise ValueError(
+            f"WeightQuantConfig.group_size={quant.group_size} must divide the inputs of every quantised "
+            f"kernel ({sorted({k for k, _ in shapes})}); pick a common divisor, or None for a scale per "
+            f"output."
+        )
+    if quant.bits == 4 and any(last % 2 for _, last in shapes):
+        raise ValueError(
+            f"4-bit weights pack two values per byte along each kernel's last input axis "
+            f"({sorted({last for _, last in shapes})}), which must be even; use bits=8."
+        )
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -353,34 +528,78 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer.")
 
 
-# Gin binds `ModelConfig.<field>`; the class itself stays free of gin so that configs
-# built in Python (the registry, checkpoints) never pick up a user's gin bindings.
+# Gin binds `ModelConfig.<field>` and `MoeConfig.<field>`, ...; the classes themselves stay free of gin so
+# that configs built in Python (the registry, checkpoints) never pick up a user's gin bindings.
 GinModelConfig = gin.external_configurable(ModelConfig, name="ModelConfig", module="t5lite")
+GIN_SUBCONFIGS = {
+    name: gin.external_configurable(cls, name=cls.__name__, module="t5lite") for name, cls in SUBCONFIGS.items()
+}
+# Parsed before any file, so that `MoeConfig.num_experts = 8` alone configures the model's experts.
+SUBCONFIG_BINDINGS = [f"ModelConfig.{name} = @{cls.__name__}()" for name, cls in SUBCONFIGS.items()]
 
 # The gin files of a source checkout; `include 'models/t5_1_1/base.gin'` resolves against it.
 GIN_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
-    """Replaces the gin state with these files (looked up as given, then under gin_configs/) and bindings."""
+    """Replaces the gin state with these files (looked up as given, then under gin_configs/) and bindings.
+    Flat bindings of the old layout (`ModelConfig.num_experts = 8`, as runs saved them) are migrated."""
     search = [pathlib.Path.cwd(), GIN_CONFIG_DIR]
-    paths = []
+    texts = []
     for name in files:
         found = [root / name for root in search if (root / name).is_file()]
         if not found:
-            raise FileNotFoundError(f"Gin file {name!r} not found in {', '.join(map(str, search))}. Shipped configs: "
-                                    f"runs/*.gin, models/<family>/<size>.gin and sharding/*.gin under "
-                                    f"{GIN_CONFIG_DIR}.")
-        # Absolute: gin would otherwise try `runs/x.gin` as a resource of a Python package named `runs`.
-        paths.append(str(found[0]))
+            raise FileNotFoundError(
+                f"Gin file {name!r} not found in {', '.join(map(str, search))}. Shipped configs: "
+                f"runs/*.gin, models/<family>/<size>.gin and sharding/*.gin under "
+                f"{GIN_CONFIG_DIR}."
+            )
+        texts.append(migrate_gin(found[0].read_text()))
     if GIN_CONFIG_DIR.is_dir():
         gin.add_config_file_search_path(str(GIN_CONFIG_DIR))
     gin.clear_config()
     with _quiet_gin_search():
         try:
-            gin.parse_config_files_and_bindings(paths, list(bindings))
+            gin.parse_config(SUBCONFIG_BINDINGS + texts + [migrate_gin(binding) for binding in bindings])
+            gin.finalize()
         except (ValueError, KeyError) as error:
-            raise ValueError(f"Bad gin configuration: {error}") from error
+            raise ValueError(f"Bad gin configuration: {error}{_moved_hint(str(error))}") from error
+
+
+def gin_bindings(config: ModelConfig, relative_to: ModelConfig | None = None, always: Sequence[str] = ()) -> list[str]:
+    """`config`'s fields as gin binding lines: all of them (a run's gin file pins the whole model), or
+    those that differ from `relative_to`'s and those named in `always` ("d_model", "moe.router")."""
+    lines = []
+    for name, value in _flat_fields(config).items():
+        if relative_to is None or name in always or value != _flat_fields(relative_to)[name]:
+            sub, _, field = name.rpartition(".")
+            lines.append(f"{SUBCONFIGS[sub].__name__ if sub else 'ModelConfig'}.{field} = {value!r}")
+    return lines
+
+
+def migrate_gin(text: str) -> str:
+    """Gin text with each `ModelConfig.<old flat field> = ...` binding moved to its sub-config."""
+
+    def move(match: re.Match) -> str:
+        sub, name = FLAT_FIELDS[match.group(2)]
+        return f"{match.group(1)}{SUBCONFIGS[sub].__name__}.{name}"
+
+    return _FLAT_BINDING.sub(move, text)
+
+
+_FLAT_BINDING = re.compile(
+    r"^(\s*(?:[\w.]*/)?(?:t5lite\.)?)ModelConfig\.(" + "|".join(FLAT_FIELDS) + r")\b", re.MULTILINE
+)
+
+
+def _moved_hint(message: str) -> str:
+    """Where an old flat field named in a gin error (say, from an included file) lives now."""
+    moved = [
+        f"{old} is now {SUBCONFIGS[sub].__name__}.{name}"
+        for old, (sub, name) in FLAT_FIELDS.items()
+        if re.search(rf"\b{old}\b", message)
+    ]
+    return f" ({'; '.join(moved)})" if moved and "ModelConfig" in message else ""
 
 
 def model_config_from_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> ModelConfig:

@@ -28,7 +28,8 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -62,23 +63,45 @@ class DecodingOptions:
     eos_id: int | None = 1  # None: always generate max_new_tokens
 
     def __post_init__(self):
-        _require("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens > 0,
-                 "a positive integer")
-        _require("temperature", self.temperature, _is_real(self.temperature) and self.temperature >= 0,
-                 "a finite number >= 0 (0 is greedy)")
+        _require(
+            "max_new_tokens",
+            self.max_new_tokens,
+            _is_int(self.max_new_tokens) and self.max_new_tokens > 0,
+            "a positive integer",
+        )
+        _require(
+            "temperature",
+            self.temperature,
+            _is_real(self.temperature) and self.temperature >= 0,
+            "a finite number >= 0 (0 is greedy)",
+        )
         _require("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 turns it off)")
         _require("top_p", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 turns it off)")
-        _require("num_beams", self.num_beams, self.num_beams is None or _is_int(self.num_beams) and self.num_beams >= 1,
-                 "None (no beam search) or an integer >= 1")
-        _require("length_penalty", self.length_penalty, _is_real(self.length_penalty) and self.length_penalty >= 0,
-                 "a finite number >= 0 (0 ranks beams by log-probability alone)")
+        _require(
+            "num_beams",
+            self.num_beams,
+            self.num_beams is None or _is_int(self.num_beams) and self.num_beams >= 1,
+            "None (no beam search) or an integer >= 1",
+        )
+        _require(
+            "length_penalty",
+            self.length_penalty,
+            _is_real(self.length_penalty) and self.length_penalty >= 0,
+            "a finite number >= 0 (0 ranks beams by log-probability alone)",
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             _require(name, getattr(self, name), _is_real(getattr(self, name)), "a finite number")
-        _require("eos_id", self.eos_id, self.eos_id is None or _is_int(self.eos_id) and self.eos_id > 0,
-                 "None or a positive token id (0 is padding)")
+        _require(
+            "eos_id",
+            self.eos_id,
+            self.eos_id is None or _is_int(self.eos_id) and self.eos_id > 0,
+            "None or a positive token id (0 is padding)",
+        )
         if self.num_beams is not None and (self.temperature > 0 or self.top_k or self.top_p < 1):
-            raise ValueError(f"num_beams={self.num_beams} asks for beam search, which does not sample: leave "
-                             "temperature=0, top_k=0 and top_p=1, or num_beams=None to sample.")
+            raise ValueError(
+                f"num_beams={self.num_beams} asks for beam search, which does not sample: leave "
+                "temperature=0, top_k=0 and top_p=1, or num_beams=None to sample."
+            )
 
 
 def _is_int(value) -> bool:
@@ -168,8 +191,9 @@ class _SampleState(NamedTuple):
     done: jax.Array  # [B]
 
 
-def sample(step: Step, cache, logits, prompt, lengths, position: int, options: DecodingOptions,
-           keys=None) -> Generation:
+def sample(
+    step: Step, cache, logits, prompt, lengths, position: int, options: DecodingOptions, keys=None
+) -> Generation:
     """Greedy (temperature 0) or sampled decoding from any step function.
 
     `logits` [B, V] predict the token at `position` (the number of tokens already in the cache);
@@ -192,15 +216,27 @@ def sample(step: Step, cache, logits, prompt, lengths, position: int, options: D
         token = jnp.where(rows.forced, rows.prompt_token, jnp.where(emit, picked, 0)).astype(jnp.int32)
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(penalized), token[:, None], axis=-1)[:, 0]
         return state._replace(
-            token=token, tokens=jnp.where(emit[:, None], _write(state.tokens, rows.slot, token), state.tokens),
+            token=token,
+            tokens=jnp.where(emit[:, None], _write(state.tokens, rows.slot, token), state.tokens),
             counts=state.counts + emit[:, None] * jax.nn.one_hot(token, vocab, dtype=jnp.int32),
             scores=state.scores + jnp.where(emit, log_prob, 0.0),
-            done=state.done | emit & (_is_eos(token, options.eos_id) | (rows.slot == n - 1)))
+            done=state.done | emit & (_is_eos(token, options.eos_id) | (rows.slot == n - 1)),
+        )
 
-    state = _loop(step, choose, _SampleState(
-        position=jnp.asarray(position, jnp.int32), logits=logits, cache=cache, token=jnp.zeros(batch, jnp.int32),
-        tokens=jnp.zeros((batch, n), jnp.int32), counts=jnp.zeros((batch, vocab), jnp.int32),
-        scores=jnp.zeros(batch, jnp.float32), done=jnp.zeros(batch, bool)))
+    state = _loop(
+        step,
+        choose,
+        _SampleState(
+            position=jnp.asarray(position, jnp.int32),
+            logits=logits,
+            cache=cache,
+            token=jnp.zeros(batch, jnp.int32),
+            tokens=jnp.zeros((batch, n), jnp.int32),
+            counts=jnp.zeros((batch, vocab), jnp.int32),
+            scores=jnp.zeros(batch, jnp.float32),
+            done=jnp.zeros(batch, bool),
+        ),
+    )
     return Generation(state.tokens, state.scores)
 
 
@@ -222,8 +258,16 @@ def _take(x, index):
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def beam_search(step: Step, cache, logits, prompt, lengths, position: int, options: DecodingOptions,
-                reorder_cache: Callable[[Any, jax.Array], Any]) -> Generation:
+def beam_search(
+    step: Step,
+    cache,
+    logits,
+    prompt,
+    lengths,
+    position: int,
+    options: DecodingOptions,
+    reorder_cache: Callable[[Any, jax.Array], Any],
+) -> Generation:
     """Beam search with a length penalty from any step function; returns each row's best sequence.
 
     Arguments as for `sample`, except that `cache` and `logits` have batch B while `step` runs on
@@ -240,8 +284,9 @@ def beam_search(step: Step, cache, logits, prompt, lengths, position: int, optio
     def choose(state):
         rows = _rows(state.position, prompt, lengths)
         active = ~rows.forced & ~state.done
-        penalized = apply_penalties(state.logits.reshape(batch, k, vocab), state.counts,
-                                    options.presence_penalty, options.frequency_penalty)
+        penalized = apply_penalties(
+            state.logits.reshape(batch, k, vocab), state.counts, options.presence_penalty, options.frequency_penalty
+        )
         extended = state.alive_log_probs[..., None] + jax.nn.log_softmax(penalized)
         top_log_probs, top = lax.top_k(extended.reshape(batch, k * vocab), 2 * k)
         beam, token = top // vocab, top % vocab
@@ -268,16 +313,28 @@ def beam_search(step: Step, cache, logits, prompt, lengths, position: int, optio
             alive=update(_take(sequences, best), state.alive),
             alive_log_probs=update(alive_log_probs, state.alive_log_probs),
             counts=update(_take(state.counts, beam) + jax.nn.one_hot(token, vocab, dtype=jnp.int32), state.counts),
-            finished=update(finished, state.finished), finished_scores=update(finished_scores, state.finished_scores),
-            done=state.done | active & ((rows.slot == n - 1) | hopeless))
+            finished=update(finished, state.finished),
+            finished_scores=update(finished_scores, state.finished_scores),
+            done=state.done | active & ((rows.slot == n - 1) | hopeless),
+        )
 
     first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)  # a row's K copies are one beam so far
-    state = _loop(step, choose, _BeamState(
-        position=jnp.asarray(position, jnp.int32), logits=jnp.repeat(logits, k, axis=0),
-        cache=reorder_cache(cache, jnp.repeat(jnp.arange(batch), k)), token=jnp.zeros(batch * k, jnp.int32),
-        alive=jnp.zeros((batch, k, n), jnp.int32), alive_log_probs=jnp.broadcast_to(first_beam_only, (batch, k)),
-        counts=jnp.zeros((batch, k, vocab), jnp.int32), finished=jnp.zeros((batch, k, n), jnp.int32),
-        finished_scores=jnp.full((batch, k), NEG_INF), done=jnp.zeros(batch, bool)))
+    state = _loop(
+        step,
+        choose,
+        _BeamState(
+            position=jnp.asarray(position, jnp.int32),
+            logits=jnp.repeat(logits, k, axis=0),
+            cache=reorder_cache(cache, jnp.repeat(jnp.arange(batch), k)),
+            token=jnp.zeros(batch * k, jnp.int32),
+            alive=jnp.zeros((batch, k, n), jnp.int32),
+            alive_log_probs=jnp.broadcast_to(first_beam_only, (batch, k)),
+            counts=jnp.zeros((batch, k, vocab), jnp.int32),
+            finished=jnp.zeros((batch, k, n), jnp.int32),
+            finished_scores=jnp.full((batch, k), NEG_INF),
+            done=jnp.zeros(batch, bool),
+        ),
+    )
     return Generation(state.finished[:, 0], state.finished_scores[:, 0])
 
 
@@ -287,8 +344,16 @@ def _model_step(model: nn.Module, params, encoder_args: tuple):
 
     def apply(cache, tokens, **features):
         variables = {"params": params} if cache is None else {"params": params, "cache": cache}
-        logits, mutated = model.apply(variables, *encoder_args, tokens, enable_dropout=False, decode=True,
-                                      mutable=["cache"], method=method, **features)
+        logits, mutated = model.apply(
+            variables,
+            *encoder_args,
+            tokens,
+            enable_dropout=False,
+            decode=True,
+            mutable=["cache"],
+            method=method,
+            **features,
+        )
         return logits, mutated["cache"]
 
     return apply
@@ -313,8 +378,9 @@ def _batch_axes(allocate, *inputs) -> list[int | None]:
 
 def _reorder(cache, index, axes):
     leaves, treedef = jax.tree.flatten(cache)
-    return jax.tree.unflatten(treedef, [x if axis is None else jnp.take(x, index, axis=axis)
-                                        for x, axis in zip(leaves, axes)])
+    return jax.tree.unflatten(
+        treedef, [x if axis is None else jnp.take(x, index, axis=axis) for x, axis in zip(leaves, axes)]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "options", "prefilled", "prefix_lm"))
@@ -343,8 +409,16 @@ def _generate(model, params, encoder_input_tokens, prompt, lengths, keys, *, opt
     return beam_search(beam_step, cache, logits, prompt, lengths, prefilled, options, reorder)
 
 
-def generate(model: nn.Module, params, *, encoder_input_tokens=None, prompt_tokens=None, prefix_lm: bool = False,
-             options: DecodingOptions = DecodingOptions(), rng: jax.Array | None = None) -> Generation:
+def generate(
+    model: nn.Module,
+    params,
+    *,
+    encoder_input_tokens=None,
+    prompt_tokens=None,
+    prefix_lm: bool = False,
+    options: DecodingOptions = DecodingOptions(),
+    rng: jax.Array | None = None,
+) -> Generation:
     """Generates up to `options.max_new_tokens` tokens per row, compiled with the KV cache.
 
     encoder_input_tokens [B, S]: the encoder-decoder's inputs (0 is padding).
@@ -364,14 +438,24 @@ def generate(model: nn.Module, params, *, encoder_input_tokens=None, prompt_toke
         raise ValueError(
             f"The longest prompt ({lengths.max() - 1} tokens, plus the start token) and max_new_tokens="
             f"{options.max_new_tokens} need {lengths.max() + options.max_new_tokens - 1} learned positions, "
-            f"but the model has max_length={config.max_length}; shorten the prompt or max_new_tokens.")
+            f"but the model has max_length={config.max_length}; shorten the prompt or max_new_tokens."
+        )
     row_keys = None if rng is None else jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(batch))
     groups = [np.flatnonzero(lengths == n) for n in np.unique(lengths)] if prefix_lm else [np.arange(batch)]
     outputs = [
-        _generate(model, params, None if inputs.encoder is None else inputs.encoder[rows],
-                  prompt[rows, :lengths[rows].max()], lengths[rows], None if row_keys is None else row_keys[rows],
-                  options=options, prefilled=int(lengths[rows].min()), prefix_lm=prefix_lm)
-        for rows in groups]
+        _generate(
+            model,
+            params,
+            None if inputs.encoder is None else inputs.encoder[rows],
+            prompt[rows, : lengths[rows].max()],
+            lengths[rows],
+            None if row_keys is None else row_keys[rows],
+            options=options,
+            prefilled=int(lengths[rows].min()),
+            prefix_lm=prefix_lm,
+        )
+        for rows in groups
+    ]
     if len(outputs) == 1:
         return outputs[0]
     order = np.argsort(np.concatenate(groups))
@@ -390,14 +474,18 @@ def _checked_inputs(config, encoder_input_tokens, prompt_tokens, prefix_lm, opti
     if not config.is_encoder_decoder and encoder_input_tokens is not None:
         raise ValueError("A decoder-only model takes prompt_tokens, not encoder_input_tokens.")
     if prefix_lm and config.is_encoder_decoder:
-        raise ValueError("prefix_lm=True is for decoder-only models; an encoder-decoder attends to its inputs "
-                         "through the encoder.")
+        raise ValueError(
+            "prefix_lm=True is for decoder-only models; an encoder-decoder attends to its inputs through the encoder."
+        )
     if not config.is_encoder_decoder and prompt_tokens is None:
         raise ValueError("A decoder-only model needs prompt_tokens [batch, length] (length may be 0).")
     if options.temperature > 0 and rng is None:
         raise ValueError(f"Sampling (temperature={options.temperature}) needs rng, a jax.random key.")
-    encoder = None if encoder_input_tokens is None else _token_array("encoder_input_tokens", encoder_input_tokens,
-                                                                     config.vocab_size)
+    encoder = (
+        None
+        if encoder_input_tokens is None
+        else _token_array("encoder_input_tokens", encoder_input_tokens, config.vocab_size)
+    )
     if prompt_tokens is None:
         prompt = np.zeros((len(encoder), 0), np.int32)
     else:
@@ -417,11 +505,11 @@ def _checked_inputs(config, encoder_input_tokens, prompt_tokens, prefix_lm, opti
 def _token_array(name: str, tokens, vocab_size: int) -> np.ndarray:
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{name} must be integer token ids shaped [batch, length]; got {tokens.dtype} "
-                         f"{tokens.shape}.")
+        raise ValueError(f"{name} must be integer token ids shaped [batch, length]; got {tokens.dtype} {tokens.shape}.")
     if not len(tokens):
         raise ValueError(f"{name} has no rows; pass at least one example.")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): min {tokens.min()}, "
-                         f"max {tokens.max()}.")
+        raise ValueError(
+            f"{name} holds ids outside [0, vocab_size={vocab_size}): min {tokens.min()}, max {tokens.max()}."
+        )
     return tokens.astype(np.int32)

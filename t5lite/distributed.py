@@ -20,8 +20,9 @@ def cluster_environment() -> str | None:
     return None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Starts JAX's multi-controller runtime; True if this process is part of a multi-process run.
 
     With all three arguments (`--coordinator_address host:port --num_processes N --process_id i`)
@@ -32,8 +33,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if any(value is not None for value in given.values()):
         missing = [f"--{name}" for name, value in given.items() if value is None]
         if missing:
-            raise ValueError(f"A hand-set multi-process run needs --coordinator_address, --num_processes and "
-                             f"--process_id together; {', '.join(missing)} missing.")
+            raise ValueError(
+                f"A hand-set multi-process run needs --coordinator_address, --num_processes and "
+                f"--process_id together; {', '.join(missing)} missing."
+            )
         if not 0 <= process_id < num_processes:
             raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
     elif cluster_environment() is None:

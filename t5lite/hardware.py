@@ -3,7 +3,7 @@ keyed by chip name; `chip_name` reads it off a `jax.Device` or its `device_kind`
 
 from __future__ import annotations
 
-GIB = 2 ** 30
+GIB = 2**30
 # Advertised dense bf16 peak per chip / GPU (H100 and H200: SXM parts).
 PEAK_BF16_FLOPS = {
     "tpu_v4": 275e12,
@@ -18,8 +18,15 @@ PEAK_BF16_FLOPS = {
 HBM_BYTES = {"tpu_v4": 32 * GIB, "tpu_v5e": 16 * GIB, "tpu_v5p": 95 * GIB, "tpu_v6e": 32 * GIB}
 
 # `jax.Device.device_kind` of each TPU; NVIDIA kinds carry memory sizes, so they match by substring.
-_TPU_KINDS = {"tpu v4": "tpu_v4", "tpu v5 lite": "tpu_v5e", "tpu v5e": "tpu_v5e", "tpu v5": "tpu_v5p",
-              "tpu v5p": "tpu_v5p", "tpu v6 lite": "tpu_v6e", "tpu v6e": "tpu_v6e"}
+_TPU_KINDS = {
+    "tpu v4": "tpu_v4",
+    "tpu v5 lite": "tpu_v5e",
+    "tpu v5e": "tpu_v5e",
+    "tpu v5": "tpu_v5p",
+    "tpu v5p": "tpu_v5p",
+    "tpu v6 lite": "tpu_v6e",
+    "tpu v6e": "tpu_v6e",
+}
 _GPU_KINDS = ("a100", "h100", "h200")
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -22,7 +22,6 @@ from t5lite import data as t5data
 from t5lite import decoding
 from t5lite.models import build
 from t5lite.quantization.weights import quantize_weights
-
 from t5lite.train import checkpoint
 from t5lite.train.evaluation import evaluate
 from t5lite.train.spec import RunSpec
@@ -67,8 +66,10 @@ def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weight
     model_dir = pathlib.Path(model_dir)
     gin_file = model_dir / "config.gin"
     if not gin_file.is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.gin; is it the --model_dir of a `t5lite train` run "
-                                f"or the --output of `t5lite quantize`?")
+        raise FileNotFoundError(
+            f"{model_dir} has no config.gin; is it the --model_dir of a `t5lite train` run "
+            f"or the --output of `t5lite quantize`?"
+        )
     import t5lite.train.loop  # noqa: F401  (the configurables config.gin binds)
 
     config_lib.parse_gin([str(gin_file)])
@@ -102,8 +103,9 @@ def save_quantized(run: Run, source_dir: str | pathlib.Path, output: str | pathl
     (output / QUANTIZATION_FILE).write_text(json.dumps(provenance, indent=2))
 
 
-def generate_texts(run: Run, texts: Sequence[str], options: decoding.DecodingOptions, seed: int = 0,
-                   batch_size: int = 16) -> list[str]:
+def generate_texts(
+    run: Run, texts: Sequence[str], options: decoding.DecodingOptions, seed: int = 0, batch_size: int = 16
+) -> list[str]:
     """Continues (decoder) or answers (encoder-decoder) each text; inputs longer than the trained
     input length are cut from the left so that the end of the text, nearest the answer, is kept."""
     vocabulary = run.vocabulary
@@ -114,22 +116,23 @@ def generate_texts(run: Run, texts: Sequence[str], options: decoding.DecodingOpt
     eos = [1] if encoder_decoder or run.kind in t5data.PROMPTED_KINDS else []
     outputs = []
     for start in range(0, len(texts), batch_size):
-        chunk = [vocabulary.encode(text)[-(limit - len(eos)):] + eos for text in texts[start:start + batch_size]]
+        chunk = [vocabulary.encode(text)[-(limit - len(eos)) :] + eos for text in texts[start : start + batch_size]]
         tokens = np.zeros((len(chunk), max(1, max(map(len, chunk)))), np.int32)
         for row, ids in enumerate(chunk):
-            tokens[row, :len(ids)] = ids
+            tokens[row, : len(ids)] = ids
         if encoder_decoder:
             kwargs = {"encoder_input_tokens": tokens}
         else:
             kwargs = {"prompt_tokens": tokens, "prefix_lm": run.kind == "prefix_lm"}
-        result = decoding.generate(run.model, run.params, options=options, rng=jax.random.PRNGKey(seed + start),
-                                   **kwargs)
+        result = decoding.generate(
+            run.model, run.params, options=options, rng=jax.random.PRNGKey(seed + start), **kwargs
+        )
         outputs += [vocabulary.decode(_until_eos(row)) for row in np.asarray(result.tokens).tolist()]
     return outputs
 
 
 def _until_eos(ids: list[int]) -> list[int]:
-    return ids[:ids.index(1)] if 1 in ids else ids
+    return ids[: ids.index(1)] if 1 in ids else ids
 
 
 def validation_metrics(run: Run, num_batches: int = 20) -> dict[str, float]:
@@ -138,14 +141,19 @@ def validation_metrics(run: Run, num_batches: int = 20) -> dict[str, float]:
     return evaluate(run.params, run.spec, eval_fn, num_batches)
 
 
-def evaluate_run(run: Run, num_batches: int = 20, max_examples: int = 64,
-                 options: decoding.DecodingOptions | None = None) -> dict:
+def evaluate_run(
+    run: Run, num_batches: int = 20, max_examples: int = 64, options: decoding.DecodingOptions | None = None
+) -> dict:
     """Validation perplexity and token accuracy, plus the task's seqio metrics (exact match, ...)
     on greedy decodes of up to `max_examples` validation examples per task."""
     results = {"step": run.step, "validation": validation_metrics(run, num_batches)}
     options = options or decoding.DecodingOptions(max_new_tokens=run.task_feature_lengths["targets"])
     if run.kind == "encoder_decoder" or run.kind in t5data.PROMPTED_KINDS:
         results["metrics"] = t5data.evaluate_predictions(
-            run.task, "validation", lambda texts: generate_texts(run, texts, options),
-            task_feature_lengths=run.task_feature_lengths, max_examples=max_examples)
+            run.task,
+            "validation",
+            lambda texts: generate_texts(run, texts, options),
+            task_feature_lengths=run.task_feature_lengths,
+            max_examples=max_examples,
+        )
     return results

@@ -25,7 +25,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import gin
@@ -33,7 +34,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backend as kernel_backend
 from t5lite.config import ModelConfig, divisors
@@ -73,12 +75,16 @@ class MeshShape:
             sizes[free[0]] = num_devices // fixed
         if math.prod(sizes.values()) != num_devices:
             given = ", ".join(f"{axis}={getattr(self, axis)}" for axis in MESH_AXES)
-            raise ValueError(f"The mesh axes ({given}) need {'a multiple of ' if free else ''}{fixed} devices, but "
-                             f"there are {num_devices}. Choose sizes that multiply to {num_devices}, or set one "
-                             f"axis to -1.")
+            raise ValueError(
+                f"The mesh axes ({given}) need {'a multiple of ' if free else ''}{fixed} devices, but "
+                f"there are {num_devices}. Choose sizes that multiply to {num_devices}, or set one "
+                f"axis to -1."
+            )
         if not isinstance(self.slices, int) or self.slices < 1 or sizes["data"] % self.slices:
-            raise ValueError(f"MeshShape.slices={self.slices} must be a positive integer dividing the data axis "
-                             f"(data={sizes['data']}): each slice holds an equal part of it.")
+            raise ValueError(
+                f"MeshShape.slices={self.slices} must be a positive integer dividing the data axis "
+                f"(data={sizes['data']}): each slice holds an equal part of it."
+            )
         return sizes
 
 
@@ -93,11 +99,14 @@ def make_mesh(shape: MeshShape, devices: Sequence[Any] | None = None) -> Mesh:
     dims = tuple(sizes[axis] for axis in MESH_AXES)
     if shape.slices > 1:
         if getattr(devices[0], "slice_index", None) is None:
-            raise ValueError(f"MeshShape.slices={shape.slices} needs multi-slice TPU devices, but these "
-                             f"{devices[0].platform} devices belong to no slice; set MeshShape.slices=1.")
+            raise ValueError(
+                f"MeshShape.slices={shape.slices} needs multi-slice TPU devices, but these "
+                f"{devices[0].platform} devices belong to no slice; set MeshShape.slices=1."
+            )
         within_slice = (sizes["data"] // shape.slices,) + dims[1:]
-        array = mesh_utils.create_hybrid_device_mesh(within_slice, (shape.slices, 1, 1, 1), devices,
-                                                     allow_split_physical_axes=True)
+        array = mesh_utils.create_hybrid_device_mesh(
+            within_slice, (shape.slices, 1, 1, 1), devices, allow_split_physical_axes=True
+        )
     else:
         array = mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=True)
     return Mesh(array, MESH_AXES)
@@ -110,9 +119,17 @@ def axis_rules(config: ModelConfig, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
     keeps the small K/V projections whole on every tensor device).
     """
     # expert_batch before embed: tokens dispatched to experts keep their groups split over data and fsdp.
-    rules = [("batch", BATCH_AXES), ("expert_batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
-             ("mlp", "tensor"), ("joined_kv", "tensor"), ("vocab", "tensor"), ("expert", "expert"),
-             ("expert_mlp", "tensor")]
+    rules = [
+        ("batch", BATCH_AXES),
+        ("expert_batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("joined_kv", "tensor"),
+        ("vocab", "tensor"),
+        ("expert", "expert"),
+        ("expert_mlp", "tensor"),
+    ]
     if config.kv_heads % mesh.shape["tensor"] == 0:
         rules.append(("kv_heads", "tensor"))
     return tuple(rules)
@@ -126,25 +143,34 @@ class Partitioner:
     rules: tuple[tuple[str, Any], ...]
 
     @classmethod
-    def create(cls, config: ModelConfig, shape: MeshShape, devices: Sequence[Any] | None = None) -> "Partitioner":
+    def create(cls, config: ModelConfig, shape: MeshShape, devices: Sequence[Any] | None = None) -> Partitioner:
         mesh = make_mesh(shape, devices)
         tensor = mesh.shape["tensor"]
         if config.num_heads % tensor:
-            raise ValueError(f"The tensor axis (tensor={tensor}) must divide ModelConfig.num_heads="
-                             f"{config.num_heads}; choose MeshShape.tensor from {divisors(config.num_heads)}.")
-        experts = mesh.shape["expert"]
-        if config.num_experts and config.num_experts % experts:
-            raise ValueError(f"The expert axis (expert={experts}) must divide ModelConfig.num_experts="
-                             f"{config.num_experts}: each device group holds whole experts. Choose MeshShape.expert "
-                             f"from {divisors(config.num_experts)}.")
-        if config.moe_dropless and experts > 1:
-            raise ValueError("ModelConfig.moe_dropless=True sorts tokens by expert on each device and does not split "
-                             "experts over devices; set MeshShape.expert=1 or use capacity-based routing.")
-        int8_kernels = config.int8_dense or (config.int8_weights and config.activation_quant != "none")
+            raise ValueError(
+                f"The tensor axis (tensor={tensor}) must divide ModelConfig.num_heads="
+                f"{config.num_heads}; choose MeshShape.tensor from {divisors(config.num_heads)}."
+            )
+        experts, moe = mesh.shape["expert"], config.moe
+        if moe.num_experts and moe.num_experts % experts:
+            raise ValueError(
+                f"The expert axis (expert={experts}) must divide MoeConfig.num_experts="
+                f"{moe.num_experts}: each device group holds whole experts. Choose MeshShape.expert "
+                f"from {divisors(moe.num_experts)}."
+            )
+        if moe.dropless and experts > 1:
+            raise ValueError(
+                "MoeConfig.dropless=True sorts tokens by expert on each device and does not split "
+                "experts over devices; set MeshShape.expert=1 or use capacity-based routing."
+            )
+        quant = config.weight_quant
+        int8_kernels = config.int8_dense or (quant.families and quant.activations != "none")
         if int8_kernels and mesh.size > 1 and kernel_backend.platform() in ("tpu", "gpu"):
-            raise ValueError(f"ModelConfig.int8_dense={config.int8_dense} / activation_quant="
-                             f"{config.activation_quant!r} run Pallas int8 matmul kernels that are not sharded yet; "
-                             f"use one device, or weight-only int8 / no int8_dense on this mesh.")
+            raise ValueError(
+                f"ModelConfig.int8_dense={config.int8_dense} / WeightQuantConfig.activations="
+                f"{quant.activations!r} run Pallas int8 matmul kernels that are not sharded yet; "
+                f"use one device, or weight-only int8 / no int8_dense on this mesh."
+            )
         return cls(mesh, axis_rules(config, mesh))
 
     @contextlib.contextmanager
@@ -185,8 +211,10 @@ class Partitioner:
         def place(subtree):
             if jax.tree.structure(subtree) != params_def:
                 return self.replicated
-            leaves = [_like_param(leaf, param, sharding) for leaf, param, sharding
-                      in zip(jax.tree.leaves(subtree), abstract_params, shardings)]
+            leaves = [
+                _like_param(leaf, param, sharding)
+                for leaf, param, sharding in zip(jax.tree.leaves(subtree), abstract_params, shardings)
+            ]
             return jax.tree.unflatten(params_def, leaves)
 
         placed = jax.tree.map(place, abstract_state.opt_state, is_leaf=lambda x: jax.tree.structure(x) == params_def)
@@ -196,9 +224,11 @@ class Partitioner:
         shards = self.batch_shards
         if (batch_size // num_microbatches) % shards:
             sizes = ", ".join(f"{axis}={self.mesh.shape[axis]}" for axis in BATCH_AXES)
-            raise ValueError(f"The batch is split over {shards} devices ({sizes}), so each microbatch of "
-                             f"batch_size={batch_size} / num_microbatches={num_microbatches} rows must be a "
-                             f"multiple of {shards}. Change train.batch_size, num_microbatches or the mesh.")
+            raise ValueError(
+                f"The batch is split over {shards} devices ({sizes}), so each microbatch of "
+                f"batch_size={batch_size} / num_microbatches={num_microbatches} rows must be a "
+                f"multiple of {shards}. Change train.batch_size, num_microbatches or the mesh."
+            )
 
     def data_shard(self, batch_size: int, process_index: int | None = None) -> tuple[int, int]:
         """(index, count) of the data shard a process reads (batch_size / count rows a step).
@@ -212,9 +242,11 @@ class Partitioner:
             held.setdefault(device.process_index, set()).add(index[0].indices(batch_size)[0])
         groups = sorted({frozenset(starts) for starts in held.values()}, key=min)
         if sum(map(len, groups)) != len(set().union(*groups)) or len(set(map(len, groups))) != 1:
-            raise ValueError(f"On this mesh ({dict(self.mesh.shape)}) processes hold overlapping or unequal sets of "
-                             f"batch rows, so they cannot feed their own rows; change MeshShape (e.g. a smaller "
-                             f"tensor axis, kept within hosts).")
+            raise ValueError(
+                f"On this mesh ({dict(self.mesh.shape)}) processes hold overlapping or unequal sets of "
+                f"batch rows, so they cannot feed their own rows; change MeshShape (e.g. a smaller "
+                f"tensor axis, kept within hosts)."
+            )
         return groups.index(frozenset(held[process_index])), len(groups)
 
     def global_batch(self, local_batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
@@ -224,11 +256,15 @@ class Partitioner:
 
         def assemble(value):
             shape = (batch_size, *value.shape[1:])
-            rows = {device: index[0].indices(batch_size)[:2]
-                    for device, index in sharding.addressable_devices_indices_map(shape).items()}
+            rows = {
+                device: index[0].indices(batch_size)[:2]
+                for device, index in sharding.addressable_devices_indices_map(shape).items()
+            }
             local = {start: i * (stop - start) for i, (start, stop) in enumerate(sorted(set(rows.values())))}
-            arrays = [jax.device_put(value[local[start]:local[start] + stop - start], device)
-                      for device, (start, stop) in rows.items()]
+            arrays = [
+                jax.device_put(value[local[start] : local[start] + stop - start], device)
+                for device, (start, stop) in rows.items()
+            ]
             return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
         return {name: assemble(value) for name, value in local_batch.items()}
@@ -240,9 +276,11 @@ class Partitioner:
             devices = math.prod(self.mesh.shape[axis] for axis in mesh_axes)
             if size % devices:
                 split = ", ".join(f"{axis}={self.mesh.shape[axis]}" for axis in mesh_axes)
-                raise ValueError(f"Parameter {name} has {size} entries along its {logical!r} axis, which the mesh "
-                                 f"splits over {split} ({devices} devices); {devices} must divide {size}. Change "
-                                 f"the mesh or the model dimension.")
+                raise ValueError(
+                    f"Parameter {name} has {size} entries along its {logical!r} axis, which the mesh "
+                    f"splits over {split} ({devices} devices); {devices} must divide {size}. Change "
+                    f"the mesh or the model dimension."
+                )
 
 
 def abstract_with_shardings(tree, shardings):
@@ -257,5 +295,6 @@ def _like_param(leaf, param, sharding: NamedSharding) -> NamedSharding:
     if leaf.ndim != param.ndim or leaf.size == 1 < param.size:
         return NamedSharding(sharding.mesh, P())
     spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
-    return NamedSharding(sharding.mesh, P(*(axes if kept == full else None
-                                            for axes, kept, full in zip(spec, leaf.shape, param.shape))))
+    return NamedSharding(
+        sharding.mesh, P(*(axes if kept == full else None for axes, kept, full in zip(spec, leaf.shape, param.shape)))
+    )

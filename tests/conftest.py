@@ -25,4 +25,3 @@ def t5lite_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("T5LITE_CACHE", str(root))
         yield root
-

@@ -44,19 +44,19 @@ def reference_adafactor(x, grads, factored):
     clipped = 0
     for t, g in enumerate(grads, start=1):
         g = g.astype(np.float64).reshape(x.shape)
-        beta2 = 1.0 - t ** -0.8
+        beta2 = 1.0 - t**-0.8
         if factored:
-            r = beta2 * r + (1 - beta2) * np.sum(g ** 2 + 1e-30, axis=1)  # row sums, [n]
-            c = beta2 * c + (1 - beta2) * np.sum(g ** 2 + 1e-30, axis=0)  # column sums, [m]
+            r = beta2 * r + (1 - beta2) * np.sum(g**2 + 1e-30, axis=1)  # row sums, [n]
+            c = beta2 * c + (1 - beta2) * np.sum(g**2 + 1e-30, axis=0)  # column sums, [m]
             v_hat = np.outer(r, c) / np.sum(r)
         else:
-            v = beta2 * v + (1 - beta2) * (g ** 2 + 1e-30)
+            v = beta2 * v + (1 - beta2) * (g**2 + 1e-30)
             v_hat = v
         u = g / np.sqrt(v_hat)
-        rms_u = np.sqrt(np.mean(u ** 2))
+        rms_u = np.sqrt(np.mean(u**2))
         clipped += rms_u > 1.0
         u = u / max(1.0, rms_u / 1.0)
-        alpha = max(1e-3, np.sqrt(np.mean(x ** 2))) * learning_rate(t - 1)
+        alpha = max(1e-3, np.sqrt(np.mean(x**2))) * learning_rate(t - 1)
         x = x - alpha * u
     return x, clipped
 
@@ -70,7 +70,7 @@ def as_matrices(array, axes, matrix):
         rest = sorted(rest, key=lambda i: axes[i] != "embed")
     moved = np.transpose(array, batch + rest)
     count = int(np.prod([array.shape[i] for i in batch]))
-    return moved.reshape(count, *(matrix or moved.shape[len(batch):])) if batch else moved[None]
+    return moved.reshape(count, *(matrix or moved.shape[len(batch) :])) if batch else moved[None]
 
 
 def test_adafactor_matches_a_float64_reference_per_layer_and_expert():
@@ -95,14 +95,15 @@ def test_adafactor_matches_a_float64_reference_per_layer_and_expert():
     for step in range(STEPS):
         ours, state = update(ours, state, grads[step])
     clipped = 0
-    for name, (axes, shape, matrix) in PARAMS.items():
+    for name, (axes, _, matrix) in PARAMS.items():
         start, final = as_matrices(params[name], axes, matrix), as_matrices(np.asarray(ours[name]), axes, matrix)
         steps = [as_matrices(g[name], axes, matrix) for g in grads]
         for index in range(len(start)):
             expected, times = reference_adafactor(start[index], [g[index] for g in steps], matrix is not None)
             clipped += times
-            np.testing.assert_allclose(final[index], expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max(),
-                                       err_msg=f"{name}[{index}]")
+            np.testing.assert_allclose(
+                final[index], expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max(), err_msg=f"{name}[{index}]"
+            )
     assert clipped > 0  # the reference's clipping was exercised
 
 
@@ -116,9 +117,18 @@ def test_attention_kernels_keep_factored_moments_per_layer():
 
 
 # Every side of every kernel at least 128: the rules factor them all (heads x head_dim = 128).
-SCAN_CONFIG = ModelConfig(architecture="decoder", vocab_size=256, d_model=128, num_heads=2, head_dim=64,
-                          d_ff=256, num_decoder_layers=3, mlp_activation="geglu",
-                          dtype="float32", tie_embeddings=False)
+SCAN_CONFIG = ModelConfig(
+    architecture="decoder",
+    vocab_size=256,
+    d_model=128,
+    num_heads=2,
+    head_dim=64,
+    d_ff=256,
+    num_decoder_layers=3,
+    mlp_activation="geglu",
+    dtype="float32",
+    tie_embeddings=False,
+)
 
 
 def scanned_start():
@@ -127,8 +137,12 @@ def scanned_start():
     params = init_params(SCAN_CONFIG, jax.random.PRNGKey(0))
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
     layer_scale = np.array([0.5, 1.0, 2.0], np.float32)
-    return {path: value * layer_scale.reshape(-1, *(1,) * (value.ndim - 1))
-            if re.search(r"/layers/.*/(out|wo)/", path) else value for path, value in flat.items()}
+    return {
+        path: value * layer_scale.reshape(-1, *(1,) * (value.ndim - 1))
+        if re.search(r"/layers/.*/(out|wo)/", path)
+        else value
+        for path, value in flat.items()
+    }
 
 
 def train_steps(config, flat, steps=8):
@@ -139,8 +153,10 @@ def train_steps(config, flat, steps=8):
     step = jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=schedule))
     rs = np.random.RandomState(0)
     targets = rs.randint(1, 256, (4, 12))
-    batch = {"decoder_target_tokens": targets,
-             "decoder_input_tokens": np.concatenate([np.zeros((4, 1), int), targets[:, :-1]], 1)}
+    batch = {
+        "decoder_target_tokens": targets,
+        "decoder_input_tokens": np.concatenate([np.zeros((4, 1), int), targets[:, :-1]], 1),
+    }
     losses = []
     for _ in range(steps):  # memorising one batch
         state, metrics = step(state, batch, jax.random.PRNGKey(1))
@@ -178,20 +194,37 @@ def test_runs_saved_with_optax_adafactor_resume_with_their_statistics(tmp_path):
         updates, old = old_tx.update(grads, old, params)
         params = optax.apply_updates(params, updates)
     checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
-    checkpoints.manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(
-        TrainState(step=jnp.asarray(2, jnp.int32), params=params, opt_state=old))))
+    checkpoints.manager.save(
+        2,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(TrainState(step=jnp.asarray(2, jnp.int32), params=params, opt_state=old))
+        ),
+    )
     checkpoints.close()
 
     tx = optimizers.optimizer("adafactor", 1e-2, param_axes=param_axes(SCAN_CONFIG))
-    step = TrainStep.create(SCAN_CONFIG, MeshShape(), tx, lambda s: 1e-2, seed=0, batch_size=4, num_microbatches=1,
-                            z_loss=0.0, label_smoothing=0.0, devices=jax.devices()[:1])
+    step = TrainStep.create(
+        SCAN_CONFIG,
+        MeshShape(),
+        tx,
+        lambda s: 1e-2,
+        seed=0,
+        batch_size=4,
+        num_microbatches=1,
+        z_loss=0.0,
+        label_smoothing=0.0,
+        devices=jax.devices()[:1],
+    )
     checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
     restored = checkpoints.restore(step.abstract_state)
     # Saved again as this run saves it (factored kernels, the same field names), it restores as it is.
     checkpoints.manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(restored)))
     checkpoints.manager.wait_until_finished()
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(checkpoints.restore(step.abstract_state, 3)),
-                 jax.device_get(restored))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(checkpoints.restore(step.abstract_state, 3)),
+        jax.device_get(restored),
+    )
     checkpoints.close()
     assert int(restored.step) == 2 and int(restored.opt_state.count) == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(params))
@@ -199,15 +232,20 @@ def test_runs_saved_with_optax_adafactor_resume_with_their_statistics(tmp_path):
     # optax kept the query kernel's [3, 128, 2, 64] moments whole: ours are their means.
     query = ("decoder", "layers", "self_attention", "query", "kernel")
     whole = np.asarray(functools.reduce(lambda t, k: t[k], query, factored.v))
-    ours = {name: np.asarray(functools.reduce(lambda t, k: t[k], query, getattr(restored.opt_state, name)))
-            for name in ("v_row", "v_col")}
+    ours = {
+        name: np.asarray(functools.reduce(lambda t, k: t[k], query, getattr(restored.opt_state, name)))
+        for name in ("v_row", "v_col")
+    }
     np.testing.assert_allclose(ours["v_row"], whole.mean(axis=(2, 3), keepdims=True), rtol=1e-6)
     np.testing.assert_allclose(ours["v_col"], whole.mean(axis=1, keepdims=True), rtol=1e-6)
     # optax factored the MLP kernel [3, 128, 256] along its two axes, as ours does: the same moments.
     wi = ("decoder", "layers", "mlp", "wi_0", "kernel")
     row, col = (np.asarray(functools.reduce(lambda t, k: t[k], wi, getattr(factored, n))) for n in ("v_row", "v_col"))
-    ours = {name: np.asarray(functools.reduce(lambda t, k: t[k], wi, getattr(restored.opt_state, name)))
-            for name in ("v_row", "v_col")}
-    np.testing.assert_allclose(ours["v_row"][..., 0], row * col.mean(-1, keepdims=True) / row.mean(-1, keepdims=True),
-                               rtol=1e-5)
+    ours = {
+        name: np.asarray(functools.reduce(lambda t, k: t[k], wi, getattr(restored.opt_state, name)))
+        for name in ("v_row", "v_col")
+    }
+    np.testing.assert_allclose(
+        ours["v_row"][..., 0], row * col.mean(-1, keepdims=True) / row.mean(-1, keepdims=True), rtol=1e-5
+    )
     np.testing.assert_allclose(ours["v_col"][:, 0], col, rtol=1e-5)

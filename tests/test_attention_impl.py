@@ -23,9 +23,23 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 def small(architecture="decoder", **changes):
-    base = dict(architecture=architecture, vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                d_ff=48, num_encoder_layers=2, num_decoder_layers=2, mlp_activation="swiglu", dtype="float32",
-                max_length=64, tie_embeddings=False, relative_num_buckets=8, relative_max_distance=16)
+    base = dict(
+        architecture=architecture,
+        vocab_size=64,
+        d_model=32,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        d_ff=48,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        mlp_activation="swiglu",
+        dtype="float32",
+        max_length=64,
+        tie_embeddings=False,
+        relative_num_buckets=8,
+        relative_max_distance=16,
+    )
     return ModelConfig(**{**base, **changes})
 
 
@@ -38,21 +52,21 @@ def packed(lengths, prefixes=None):
     segments, positions, region = (np.zeros(LENGTH, np.int32) for _ in range(3))
     start = 0
     for i, n in enumerate(lengths):
-        segments[start:start + n] = i + 1
-        positions[start:start + n] = np.arange(n)
-        region[start:start + (prefixes[i] if prefixes else 0)] = 1
+        segments[start : start + n] = i + 1
+        positions[start : start + n] = np.arange(n)
+        region[start : start + (prefixes[i] if prefixes else 0)] = 1
         start += n
     return tuple(jnp.asarray(a)[None] for a in (segments, positions, region))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def params_of(config):
     """Random parameters of the config's shapes and usual scales (initialisers would compile)."""
     rng = np.random.RandomState(0)
 
     def fill(path, leaf):
         name = path[-1].key
-        scale = {"kernel": config.d_model ** -0.5, "scale": 0.1}.get(name, 1.0)  # norm scales near 1
+        scale = {"kernel": config.d_model**-0.5, "scale": 0.1}.get(name, 1.0)  # norm scales near 1
         return jnp.asarray((name == "scale") + scale * rng.normal(size=leaf.shape), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
@@ -84,11 +98,11 @@ def decoder_case(lengths, prefixes=None):
         features = dict(decoder_input_tokens=y, decoder_target_tokens=target)
         if prefixes:
             features["decoder_causal_attention"] = jnp.broadcast_to(jnp.arange(LENGTH) < prefixes, y.shape).astype(
-                jnp.int32)
+                jnp.int32
+            )
         return features, target > 0
     segments, positions, region = packed(lengths, prefixes)
-    features = dict(decoder_input_tokens=y * (segments > 0), decoder_segment_ids=segments,
-                    decoder_positions=positions)
+    features = dict(decoder_input_tokens=y * (segments > 0), decoder_segment_ids=segments, decoder_positions=positions)
     if prefixes:
         features["decoder_causal_attention"] = region
     return features, segments > 0
@@ -98,10 +112,14 @@ def encoder_decoder_case(packed_rows):
     if packed_rows:
         x_segments, x_positions, _ = packed([5, 6])
         y_segments, y_positions, _ = packed([4, 7])
-        features = dict(encoder_input_tokens=tokens((1, LENGTH), 1) * (x_segments > 0),
-                        decoder_input_tokens=tokens((1, LENGTH), 2) * (y_segments > 0),
-                        encoder_segment_ids=x_segments, decoder_segment_ids=y_segments,
-                        encoder_positions=x_positions, decoder_positions=y_positions)
+        features = dict(
+            encoder_input_tokens=tokens((1, LENGTH), 1) * (x_segments > 0),
+            decoder_input_tokens=tokens((1, LENGTH), 2) * (y_segments > 0),
+            encoder_segment_ids=x_segments,
+            decoder_segment_ids=y_segments,
+            encoder_positions=x_positions,
+            decoder_positions=y_positions,
+        )
         return features, y_segments > 0
     x = tokens((2, LENGTH), 1).at[1, 7:].set(0)  # encoder padding
     return dict(encoder_input_tokens=x, decoder_input_tokens=tokens((2, LENGTH), 2)), jnp.ones((2, LENGTH), bool)
@@ -110,16 +128,25 @@ def encoder_decoder_case(packed_rows):
 CASES = {
     "decoder-relative-causal-padded": (small(), lambda: decoder_case(None)),
     "decoder-alibi-prefix-window-sinks-mqa-scaled": (
-        small(position_encoding="alibi", sliding_window=4, attention_sinks=2, num_kv_heads=1,
-              scale_attention_by_head_dim=True), lambda: decoder_case(None, prefixes=5)),
+        small(
+            position_encoding="alibi",
+            sliding_window=4,
+            attention_sinks=2,
+            num_kv_heads=1,
+            scale_attention_by_head_dim=True,
+        ),
+        lambda: decoder_case(None, prefixes=5),
+    ),
     "decoder-rope-packed-prefix-window-remat": (
         small(position_encoding="rope", sliding_window=5, remat_policy="dots"),
-        lambda: decoder_case([4, 5, 2], prefixes=[2, 3, 0])),
-    "decoder-relative-packed-window-sinks": (
-        small(sliding_window=3, attention_sinks=1), lambda: decoder_case([7, 4])),
+        lambda: decoder_case([4, 5, 2], prefixes=[2, 3, 0]),
+    ),
+    "decoder-relative-packed-window-sinks": (small(sliding_window=3, attention_sinks=1), lambda: decoder_case([7, 4])),
     "encoder_decoder-relative-padded": (small("encoder_decoder"), lambda: encoder_decoder_case(False)),
     "encoder_decoder-rope-packed": (
-        small("encoder_decoder", position_encoding="rope", num_kv_heads=None), lambda: encoder_decoder_case(True)),
+        small("encoder_decoder", position_encoding="rope", num_kv_heads=None),
+        lambda: encoder_decoder_case(True),
+    ),
 }
 
 
@@ -168,28 +195,46 @@ def test_auto_picks_xla_on_cpu_and_while_attention_dropout_is_on():
 def shapes(config, features, enable_dropout=False):
     model = build(config)
     params = jax.eval_shape(lambda: init_params(config.replace(attention_impl="xla"), jax.random.PRNGKey(0)))
-    return jax.eval_shape(lambda p: model.apply({"params": p}, **features, enable_dropout=enable_dropout,
-                                                rngs={"dropout": jax.random.PRNGKey(0)}), params)
+    return jax.eval_shape(
+        lambda p: model.apply(
+            {"params": p}, **features, enable_dropout=enable_dropout, rngs={"dropout": jax.random.PRNGKey(0)}
+        ),
+        params,
+    )
 
 
-@pytest.mark.parametrize("config, features, enable_dropout, match", [
-    (small(attention_impl="cudnn"), decoder_case(None)[0], False, "cudnn.*needs a CUDA GPU.*'cpu'"),
-    (small(attention_impl="pallas", dropout_rate=0.1), decoder_case(None)[0], True,
-     "no dropout on attention probabilities"),
-    (small(attention_impl="pallas", sliding_window=3, attention_sinks=1), decoder_case([4, 5], [2, 2])[0], False,
-     "attention_sinks with packed prefix-LM"),
-])
+@pytest.mark.parametrize(
+    "config, features, enable_dropout, match",
+    [
+        (small(attention_impl="cudnn"), decoder_case(None)[0], False, "cudnn.*needs a CUDA GPU.*'cpu'"),
+        (
+            small(attention_impl="pallas", dropout_rate=0.1),
+            decoder_case(None)[0],
+            True,
+            "no dropout on attention probabilities",
+        ),
+        (
+            small(attention_impl="pallas", sliding_window=3, attention_sinks=1),
+            decoder_case([4, 5], [2, 2])[0],
+            False,
+            "attention_sinks with packed prefix-LM",
+        ),
+    ],
+)
 def test_unsupported_combinations_fail_clearly_at_trace_time(config, features, enable_dropout, match):
     with pytest.raises(ValueError, match=match):
         shapes(config, features, enable_dropout)
 
 
-@pytest.mark.parametrize("changes, allowed", [
-    ({"attention_impl": "flash"}, "xla, pallas, cudnn, auto"),
-    ({"int8_dense": ("attention", "embedding")}, "attention, mlp"),
-    ({"int8_dense": "mlp"}, "attention, mlp"),
-    ({"int8_dense": ("mlp", "mlp")}, "attention, mlp"),
-])
+@pytest.mark.parametrize(
+    "changes, allowed",
+    [
+        ({"attention_impl": "flash"}, "xla, pallas, cudnn, auto"),
+        ({"int8_dense": ("attention", "embedding")}, "attention, mlp"),
+        ({"int8_dense": "mlp"}, "attention, mlp"),
+        ({"int8_dense": ("mlp", "mlp")}, "attention, mlp"),
+    ],
+)
 def test_bad_choices_name_field_and_allowed_values(changes, allowed):
     with pytest.raises(ValueError) as error:
         ModelConfig(**changes)

@@ -26,7 +26,7 @@ ENCODER_INPUTS = np.array([[5, 6, 7, 8, 0], [9, 10, 0, 0, 0], [11, 12, 13, 14, 1
 OUTPUT_STARTS = np.array([[7, 0], [0, 0], [9, 10]], np.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_and_params(config):
     """The model and random parameters. Filling in the abstract shapes takes well under a second;
     compiling the initialiser (init_params) takes several on a 2-core CPU, and decoding cares
@@ -36,7 +36,7 @@ def model_and_params(config):
     return build(config), params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward(config):
     """The jitted full (non-cached) forward pass."""
     model, params = model_and_params(config)
@@ -49,14 +49,21 @@ def prompts(config, prefix_lm=False):
     return PREFIX_PROMPTS if prefix_lm else PROMPTS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run(config, options, prefix_lm=False, seed=None):
     """generate() on the shared inputs, cached: each options value compiles once per test session."""
     model, params = model_and_params(config)
     encoder_inputs = ENCODER_INPUTS if config.is_encoder_decoder else None
     rng = None if seed is None else jax.random.PRNGKey(seed)
-    return generate(model, params, encoder_input_tokens=encoder_inputs, prompt_tokens=prompts(config, prefix_lm),
-                    prefix_lm=prefix_lm, options=options, rng=rng)
+    return generate(
+        model,
+        params,
+        encoder_input_tokens=encoder_inputs,
+        prompt_tokens=prompts(config, prefix_lm),
+        prefix_lm=prefix_lm,
+        options=options,
+        rng=rng,
+    )
 
 
 def full_forward_log_probs(config, tokens, prefix_lm=False):
@@ -66,8 +73,8 @@ def full_forward_log_probs(config, tokens, prefix_lm=False):
     lengths = 1 + np.count_nonzero(prompts_, axis=1)
     y = np.zeros((len(tokens), lengths.max() + tokens.shape[1]), np.int32)
     for row, (n, prompt) in enumerate(zip(lengths, prompts_)):
-        y[row, 1:n] = prompt[:n - 1]
-        y[row, n:n + tokens.shape[1]] = tokens[row]
+        y[row, 1:n] = prompt[: n - 1]
+        y[row, n : n + tokens.shape[1]] = tokens[row]
     features = {}
     if prefix_lm:
         features["decoder_causal_attention"] = (np.arange(y.shape[1]) < lengths[:, None]).astype(np.int32)
@@ -92,11 +99,18 @@ def sequence_log_probs(log_probs, tokens, eos_id=None):
     return np.where(up_to_eos(tokens, eos_id), chosen, 0.0).sum(axis=1)
 
 
-@pytest.mark.parametrize("config, prefix_lm", [
-    (DECODER, False), (DECODER, True), (ENCODER_DECODER, False),
-    # The flash kernel (interpreted) over the cache: causal by positions, the unwritten cache skipped.
-    (DECODER.replace(attention_impl="pallas"), False), (DECODER.replace(attention_impl="pallas"), True),
-    (ENCODER_DECODER.replace(attention_impl="pallas"), False)])
+@pytest.mark.parametrize(
+    "config, prefix_lm",
+    [
+        (DECODER, False),
+        (DECODER, True),
+        (ENCODER_DECODER, False),
+        # The flash kernel (interpreted) over the cache: causal by positions, the unwritten cache skipped.
+        (DECODER.replace(attention_impl="pallas"), False),
+        (DECODER.replace(attention_impl="pallas"), True),
+        (ENCODER_DECODER.replace(attention_impl="pallas"), False),
+    ],
+)
 def test_greedy_equals_argmax_of_full_forward(config, prefix_lm):
     out = run(config, GREEDY, prefix_lm)
     log_probs = full_forward_log_probs(config.replace(attention_impl="xla"), np.asarray(out.tokens), prefix_lm)
@@ -112,7 +126,8 @@ def test_eos_stops_rows_and_pads():
     assert (expected == 0).any() and (expected[:, -1] != 0).any()  # some rows stop early, some do not
     np.testing.assert_array_equal(out.tokens, expected)
     np.testing.assert_allclose(
-        out.scores, sequence_log_probs(full_forward_log_probs(DECODER, expected), expected, eos_id), rtol=1e-5)
+        out.scores, sequence_log_probs(full_forward_log_probs(DECODER, expected), expected, eos_id), rtol=1e-5
+    )
 
 
 def test_seeded_sampler_is_deterministic_and_seeds_differ():
@@ -131,7 +146,8 @@ def test_beam_width_one_is_greedy():
     greedy = until_eos(np.asarray(run(DECODER, GREEDY).tokens), eos_id)
     np.testing.assert_array_equal(beam.tokens, greedy)
     np.testing.assert_allclose(
-        beam.scores, sequence_log_probs(full_forward_log_probs(DECODER, greedy), greedy, eos_id), rtol=1e-5)
+        beam.scores, sequence_log_probs(full_forward_log_probs(DECODER, greedy), greedy, eos_id), rtol=1e-5
+    )
 
 
 def test_beam_search_with_every_beam_is_exhaustive():
@@ -187,10 +203,14 @@ def search_table(table, options, prompt=jnp.zeros((1, 1), jnp.int32), rng=jax.ra
     return decoding.beam_search(step, (), logits, prompt, lengths, 1, options, lambda cache, index: cache)
 
 
-@pytest.mark.parametrize("options", [
-    DecodingOptions(max_new_tokens=8, temperature=1.0, top_k=1),
-    DecodingOptions(max_new_tokens=8, temperature=1e-4),
-], ids=["top_k=1", "temperature=1e-4"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        DecodingOptions(max_new_tokens=8, temperature=1.0, top_k=1),
+        DecodingOptions(max_new_tokens=8, temperature=1e-4),
+    ],
+    ids=["top_k=1", "temperature=1e-4"],
+)
 def test_sampling_that_can_only_pick_the_top_token_is_greedy(options):
     table = jax.random.normal(jax.random.PRNGKey(0), (32, 32))
     prompt = jnp.stack([jnp.zeros(16, jnp.int32), jnp.arange(16)], axis=1)  # 16 different rows
@@ -199,8 +219,9 @@ def test_sampling_that_can_only_pick_the_top_token_is_greedy(options):
     np.testing.assert_array_equal(sampled.tokens, greedy.tokens)
     np.testing.assert_allclose(sampled.scores, greedy.scores, rtol=1e-6)
     # The same table at temperature 1 does sample something else.
-    assert not np.array_equal(search_table(table, DecodingOptions(max_new_tokens=8, temperature=1.0), prompt).tokens,
-                              greedy.tokens)
+    assert not np.array_equal(
+        search_table(table, DecodingOptions(max_new_tokens=8, temperature=1.0), prompt).tokens, greedy.tokens
+    )
 
 
 START, EOS, A, B, C, D = range(6)
@@ -227,8 +248,10 @@ def test_length_penalty_decides_between_short_and_long(alpha, expected):
 def test_penalties_follow_the_formula_and_count_only_generated_tokens():
     logits = jnp.array([2.0, 1.5, 1.0, 0.2, 0.0, -1.0])
     counts = jnp.array([3, 1, 0, 0, 2, 0])
-    np.testing.assert_allclose(decoding.apply_penalties(logits, counts, presence_penalty=0.5, frequency_penalty=0.25),
-                               logits - 0.25 * counts - 0.5 * (counts > 0))
+    np.testing.assert_allclose(
+        decoding.apply_penalties(logits, counts, presence_penalty=0.5, frequency_penalty=0.25),
+        logits - 0.25 * counts - 0.5 * (counts > 0),
+    )
     table = jnp.broadcast_to(logits, (6, 6))
     options = DecodingOptions(max_new_tokens=8, eos_id=None, presence_penalty=0.3, frequency_penalty=0.4)
     # The prompt holds the top token (0) twice, force-fed after the start token; it must not be penalised.
@@ -267,33 +290,39 @@ def test_nucleus_sampling_draws_from_the_renormalised_nucleus():
     np.testing.assert_allclose(frequencies[:3], probs[:3] / probs[:3].sum(), atol=0.03)
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(temperature=-0.5), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(num_beams=0), "num_beams"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(length_penalty=-1.0), "length_penalty"),
-    (dict(presence_penalty=float("nan")), "presence_penalty"),
-    (dict(eos_id=0), "eos_id"),
-    (dict(num_beams=4, temperature=0.7), "num_beams"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(num_beams=0), "num_beams"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(length_penalty=-1.0), "length_penalty"),
+        (dict(presence_penalty=float("nan")), "presence_penalty"),
+        (dict(eos_id=0), "eos_id"),
+        (dict(num_beams=4, temperature=0.7), "num_beams"),
+    ],
+)
 def test_bad_options_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
         DecodingOptions(**changes)
 
 
-@pytest.mark.parametrize("config, inputs, options, message", [
-    (ENCODER_DECODER, dict(prompt_tokens=PROMPTS), GREEDY, "needs encoder_input_tokens"),
-    (DECODER, dict(), GREEDY, "needs prompt_tokens"),
-    (DECODER, dict(prompt_tokens=[[0, 5]]), GREEDY, "right-padded"),
-    (DECODER, dict(prompt_tokens=[[70]]), GREEDY, "outside"),
-    (DECODER, dict(prompt_tokens=PROMPTS), DecodingOptions(temperature=1.0), "needs rng"),
-    (DECODER, dict(prompt_tokens=PROMPTS), DecodingOptions(eos_id=64), "eos_id"),
-    (DECODER.replace(position_encoding="learned", max_length=8), dict(prompt_tokens=PROMPTS), GREEDY, "max_length"),
-    (ENCODER_DECODER, dict(encoder_input_tokens=ENCODER_INPUTS, prefix_lm=True), GREEDY, "prefix_lm"),
-])
+@pytest.mark.parametrize(
+    "config, inputs, options, message",
+    [
+        (ENCODER_DECODER, dict(prompt_tokens=PROMPTS), GREEDY, "needs encoder_input_tokens"),
+        (DECODER, dict(), GREEDY, "needs prompt_tokens"),
+        (DECODER, dict(prompt_tokens=[[0, 5]]), GREEDY, "right-padded"),
+        (DECODER, dict(prompt_tokens=[[70]]), GREEDY, "outside"),
+        (DECODER, dict(prompt_tokens=PROMPTS), DecodingOptions(temperature=1.0), "needs rng"),
+        (DECODER, dict(prompt_tokens=PROMPTS), DecodingOptions(eos_id=64), "eos_id"),
+        (DECODER.replace(position_encoding="learned", max_length=8), dict(prompt_tokens=PROMPTS), GREEDY, "max_length"),
+        (ENCODER_DECODER, dict(encoder_input_tokens=ENCODER_INPUTS, prefix_lm=True), GREEDY, "prefix_lm"),
+    ],
+)
 def test_bad_inputs_fail_before_compiling(config, inputs, options, message):
     with pytest.raises(ValueError, match=message):
         generate(build(config), None, **inputs, options=options)

@@ -16,7 +16,7 @@ from flax import traverse_util
 from scipy.special import log_softmax
 
 from t5lite import data
-from t5lite.config import ModelConfig
+from t5lite.config import AdapterConfig, ModelConfig, MoeConfig, WeightQuantConfig
 from t5lite.models import abstract_params, build, init_params, param_count
 from t5lite.models.lora import merge_lora
 from t5lite.models.params import ADAPTERS, BIASES, PROMPT, PROMPT_PATH, split_params, trainable_pattern
@@ -25,18 +25,31 @@ from t5lite.train.pretrained import pretrained_params
 from t5lite.train.step import eval_step, init_state, train_step
 
 ALL = ("query", "key", "value", "out", "mlp_in", "mlp_out")
-BASE = ModelConfig(architecture="encoder_decoder", vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=64,
-                   num_encoder_layers=1, num_decoder_layers=2, mlp_activation="geglu", dtype="float32",
-                   tie_embeddings=False)
-ADAPTED = BASE.replace(lora_rank=4, lora_targets=ALL)
+BASE = ModelConfig(
+    architecture="encoder_decoder",
+    vocab_size=64,
+    d_model=32,
+    num_heads=2,
+    head_dim=16,
+    d_ff=64,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+    mlp_activation="geglu",
+    dtype="float32",
+    tie_embeddings=False,
+)
+LORA = AdapterConfig(lora_rank=4, lora_targets=ALL)
+ADAPTED = BASE.replace(adapters=LORA)
 
 
 def batch(size=4, seed=0):
     rs = np.random.RandomState(seed)
     targets = rs.randint(1, 64, (size, 6))
-    return {"encoder_input_tokens": jnp.asarray(rs.randint(1, 64, (size, 7))),
-            "decoder_input_tokens": jnp.asarray(np.concatenate([np.zeros((size, 1), int), targets[:, :-1]], 1)),
-            "decoder_target_tokens": jnp.asarray(targets)}
+    return {
+        "encoder_input_tokens": jnp.asarray(rs.randint(1, 64, (size, 7))),
+        "decoder_input_tokens": jnp.asarray(np.concatenate([np.zeros((size, 1), int), targets[:, :-1]], 1)),
+        "decoder_target_tokens": jnp.asarray(targets),
+    }
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -64,8 +77,9 @@ def adapted_params():
 
 
 def test_lora_starts_as_its_base_and_counts_r_times_in_plus_out(adapted_params):
-    np.testing.assert_array_equal(logits(ADAPTED, adapted_params, batch()),
-                                  logits(BASE, base_of(adapted_params), batch()))
+    np.testing.assert_array_equal(
+        logits(ADAPTED, adapted_params, batch()), logits(BASE, base_of(adapted_params), batch())
+    )
     pairs = {p.removesuffix("/lora_a"): p for p in flat(adapted_params) if p.endswith("/lora_a")}
     assert len(pairs) == 3 * 4 + 2 * 3  # q, k, v, o of 3 attentions; wi_0, wi_1, wo of 2 MLPs (scanned)
     params = flat(adapted_params)
@@ -83,13 +97,14 @@ def test_lora_starts_as_its_base_and_counts_r_times_in_plus_out(adapted_params):
 
 def adapter_step(config, tx, **kwargs):
     schedule = optimizers.learning_rate_schedule("constant", 1e-2)
-    return jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=schedule, trainable=ADAPTERS,
-                                     **kwargs))
+    return jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=schedule, trainable=ADAPTERS, **kwargs))
 
 
 @pytest.mark.parametrize("int8_weights", [(), ("attention", "mlp")], ids=["float_base", "int8_base"])
 def test_lora_trains_adapters_only_and_merges(int8_weights, tmp_path):
-    config = ADAPTED.replace(int8_weights=int8_weights, rslora=bool(int8_weights))
+    config = BASE.replace(
+        weight_quant=WeightQuantConfig(families=int8_weights), adapters=LORA.replace(rslora=bool(int8_weights))
+    )
     tx = optimizers.optimizer("adamw", 1e-2)
     state = init_state(config, tx, jax.random.PRNGKey(0), trainable=ADAPTERS)
     # The optimizer state holds the adapters' moments, nothing of the base.
@@ -110,9 +125,10 @@ def test_lora_trains_adapters_only_and_merges(int8_weights, tmp_path):
             merge_lora(config, trained.params)
         return
     merged_config, merged = merge_lora(config, trained.params)
-    assert merged_config.lora_rank == 0 and not any("lora_" in p for p in flat(merged))
-    np.testing.assert_allclose(logits(merged_config, merged, batch()), logits(config, trained.params, batch()),
-                               atol=1e-5, rtol=0)
+    assert merged_config.adapters.lora_rank == 0 and not any("lora_" in p for p in flat(merged))
+    np.testing.assert_allclose(
+        logits(merged_config, merged, batch()), logits(config, trained.params, batch()), atol=1e-5, rtol=0
+    )
     # Adapters alone on disk, and the base + them computes the same logits.
     checkpoint.save_adapters(tmp_path / "adapters", config, trained.params)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -122,14 +138,15 @@ def test_lora_trains_adapters_only_and_merges(int8_weights, tmp_path):
     assert loaded_config == config
     np.testing.assert_array_equal(logits(config, loaded, batch()), logits(config, trained.params, batch()))
     with pytest.raises(ValueError, match="do not fit the adapters' model"):
-        checkpoint.load_adapters(tmp_path / "adapters", base_of(init_params(BASE.replace(d_ff=32),
-                                                                             jax.random.PRNGKey(0))))
+        checkpoint.load_adapters(
+            tmp_path / "adapters", base_of(init_params(BASE.replace(d_ff=32), jax.random.PRNGKey(0)))
+        )
 
 
 def test_bitfit_and_prompt_tuning_train_what_they_add(tmp_path):
     """BitFit's zero biases leave the outputs as they were; together with a soft prompt, only what
     the two add trains (counted by param_count), and it saves and loads alone."""
-    config = BASE.replace(bitfit=True, prompt_length=3)
+    config = BASE.replace(adapters=AdapterConfig(bitfit=True, prompt_length=3))
     pattern = trainable_pattern(config, None)
     assert pattern == f"{BIASES}|{PROMPT}"
     tx = optimizers.optimizer("adamw", 3e-2)
@@ -143,10 +160,11 @@ def test_bitfit_and_prompt_tuning_train_what_they_add(tmp_path):
     assert sum(x.size for x in biases.values()) == 5 * (4 * 32) + 3 * (2 * 64 + 32)
     assert added[PROMPT_PATH].shape == (3, 32)
     prompted = traverse_util.unflatten_dict({p: x for p, x in flat(state.params).items() if p not in biases}, sep="/")
-    np.testing.assert_array_equal(logits(config, state.params, batch()),
-                                  logits(config.replace(bitfit=False), prompted, batch()))
-    encoded = build(config).apply({"params": state.params}, batch()["encoder_input_tokens"], enable_dropout=False,
-                                  method="encode")
+    without_biases = config.replace(adapters=config.adapters.replace(bitfit=False))
+    np.testing.assert_array_equal(logits(config, state.params, batch()), logits(without_biases, prompted, batch()))
+    encoded = build(config).apply(
+        {"params": state.params}, batch()["encoder_input_tokens"], enable_dropout=False, method="encode"
+    )
     assert encoded.shape[1] == 3 + batch()["encoder_input_tokens"].shape[1]
     assert jax.tree.structure(state.opt_state[0].mu) == jax.tree.structure(split_params(state.params, pattern)[0])
     step = jax.jit(functools.partial(train_step, config=config, tx=tx, schedule=lambda step: 3e-2, trainable=pattern))
@@ -165,46 +183,62 @@ def test_prompt_tuning_starts_from_token_embeddings_and_refuses_what_it_cannot_d
     params = init_params(BASE, jax.random.PRNGKey(0))
     checkpoint.save_params(tmp_path / "base", BASE, params)
     table = flat(params)["token_embedder/embedding"]
-    prompt = pretrained_params(BASE.replace(prompt_length=4), str(tmp_path / "base"))[PROMPT_PATH]
+    prompt = pretrained_params(BASE.replace(adapters=AdapterConfig(prompt_length=4)), str(tmp_path / "base"))[
+        PROMPT_PATH
+    ]
     rows = [int(np.flatnonzero((table == row).all(1))[0]) for row in prompt]
     assert len(set(rows)) == 4 and all(3 <= r < 64 for r in rows)
     with pytest.raises(ValueError, match="has no encoder"):
-        BASE.replace(architecture="decoder", prompt_length=4)
-    prompted = BASE.replace(prompt_length=2)
+        BASE.replace(architecture="decoder", adapters=AdapterConfig(prompt_length=4))
+    prompted = BASE.replace(adapters=AdapterConfig(prompt_length=2))
     packed = dict(batch(), encoder_segment_ids=jnp.ones((4, 7), jnp.int32))
     with pytest.raises(ValueError, match="train.pack=False"):
         jax.eval_shape(functools.partial(eval_step, config=prompted), abstract_params(prompted), packed)
 
 
 def test_lora_dropout_and_bad_configs():
-    config = ADAPTED.replace(lora_dropout=0.5, lora_targets=("query",))
+    config = BASE.replace(adapters=LORA.replace(lora_dropout=0.5, lora_targets=("query",)))
     params = init_params(config, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: x + 0.1, params)  # nonzero B, so the adapter path shows
     features = {k: v for k, v in batch().items() if k != "decoder_target_tokens"}
-    dropped = jax.jit(lambda key: build(config).apply({"params": params}, **features, enable_dropout=True,
-                                                      rngs={"dropout": key}))
+    dropped = jax.jit(
+        lambda key: build(config).apply({"params": params}, **features, enable_dropout=True, rngs={"dropout": key})
+    )
     a, b = (dropped(key) for key in jax.random.split(jax.random.PRNGKey(0)))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(logits(config, params, batch()), logits(config, params, batch()))
-    for changes, message in [(dict(lora_targets=("queries",)), "lora_targets"), (dict(lora_rank=-1), "lora_rank"),
-                             (dict(lora_dropout=1.0), "lora_dropout"),
-                             (dict(num_experts=2, encoder_moe_every=1, decoder_moe_every=1), "mixture of experts")]:
+    for changes, message in [
+        (dict(lora_targets=("queries",)), "lora_targets"),
+        (dict(lora_rank=-1), "lora_rank"),
+        (dict(lora_dropout=1.0), "lora_dropout"),
+    ]:
         with pytest.raises(ValueError, match=message):
-            ADAPTED.replace(**changes)
+            ADAPTED.replace(adapters=LORA.replace(**changes))
+    with pytest.raises(ValueError, match="mixture of experts"):
+        ADAPTED.replace(moe=MoeConfig(num_experts=2, encoder_every=1, decoder_every=1))
 
 
 def test_sft_loss_falls_on_response_tokens_only(tmp_path):
     """Two prompts of the same length with one response: the same loss mask and target tokens; the
     loss itself differs, because the instruction conditions the response."""
-    records = [{"instruction": "Is 12 even or odd?", "response": "even"},
-               {"instruction": "Is 13 even or odd?", "response": "even"}]
+    records = [
+        {"instruction": "Is 12 even or odd?", "response": "even"},
+        {"instruction": "Is 13 even or odd?", "response": "even"},
+    ]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     data.register_instruction_task("t5lite_test_sft", str(path), str(path))
     config = BASE.replace(architecture="decoder", vocab_size=4224)
     lengths = {"inputs": 24, "targets": 6}
-    stream = data.DataStream("t5lite_test_sft", split="validation", task_feature_lengths=lengths, batch_size=2,
-                             model_kind="prefix_lm", pack=False, shuffle=False)
+    stream = data.DataStream(
+        "t5lite_test_sft",
+        split="validation",
+        task_feature_lengths=lengths,
+        batch_size=2,
+        model_kind="prefix_lm",
+        pack=False,
+        shuffle=False,
+    )
     rows = next(stream)
     weights, targets, inputs = rows["decoder_loss_weights"], rows["decoder_target_tokens"], rows["decoder_input_tokens"]
     np.testing.assert_array_equal(weights[0], weights[1])
@@ -215,20 +249,38 @@ def test_sft_loss_falls_on_response_tokens_only(tmp_path):
     prompt_end = int(np.argmax(weights[0]))
     assert prompt_end > 8 and rows["decoder_causal_attention"][0][:prompt_end].all()
     # A causal prefix: the same rows and loss weights, and no bidirectional region.
-    causal = next(data.DataStream("t5lite_test_sft", split="validation", task_feature_lengths=lengths, batch_size=2,
-                                  model_kind="causal_prefix_lm", pack=False, shuffle=False))
+    causal = next(
+        data.DataStream(
+            "t5lite_test_sft",
+            split="validation",
+            task_feature_lengths=lengths,
+            batch_size=2,
+            model_kind="causal_prefix_lm",
+            pack=False,
+            shuffle=False,
+        )
+    )
     assert sorted(causal) == sorted(set(rows) - {"decoder_causal_attention"})
     for name, value in causal.items():
         np.testing.assert_array_equal(value, rows[name])
     params = init_params(config, jax.random.PRNGKey(0))
-    per_row = [float(loss_sum(config, params, {k: v[i:i + 1] for k, v in rows.items()})) for i in range(2)]
+    per_row = [float(loss_sum(config, params, {k: v[i : i + 1] for k, v in rows.items()})) for i in range(2)]
     assert per_row[0] != per_row[1]
     # A prompt longer than its feature length keeps its end: the template's response marker.
     long = {"instruction": "word " * 40, "response": "even"}
     path.write_text(json.dumps(long) + "\n")
     data.register_instruction_task("t5lite_test_sft", str(path), str(path))
-    row = next(data.DataStream("t5lite_test_sft", split="validation", task_feature_lengths=lengths,
-                               batch_size=1, model_kind="encoder_decoder", pack=False, shuffle=False))
+    row = next(
+        data.DataStream(
+            "t5lite_test_sft",
+            split="validation",
+            task_feature_lengths=lengths,
+            batch_size=1,
+            model_kind="encoder_decoder",
+            pack=False,
+            shuffle=False,
+        )
+    )
     assert stream.vocabulary.decode(row["encoder_input_tokens"][0].tolist()).endswith("### Response:")
     with pytest.raises(ValueError, match="needs the keys 'instruction', 'response'"):
         path.write_text(json.dumps({"prompt": "x"}) + "\n")
@@ -257,7 +309,7 @@ def test_distillation_loss():
     q = log_softmax(student.astype(np.float64) / temperature, -1)
     kl64 = np.sum(p * (np.log(p) - q), -1)
     ce64 = -np.take_along_axis(log_softmax(student.astype(np.float64), -1), targets[..., None], -1)[..., 0]
-    expected = np.sum((alpha * temperature ** 2 * kl64 + (1 - alpha) * ce64) * weights)
+    expected = np.sum((alpha * temperature**2 * kl64 + (1 - alpha) * ce64) * weights)
     loss, _ = losses.distillation(student, teacher, targets, weights, temperature, alpha)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     # The soft term's gradient pulls the student's logits towards the teacher's.
@@ -289,7 +341,10 @@ def test_hidden_state_distillation_in_the_step():
     teacher_config = BASE.replace(num_decoder_layers=4)
     # Default map: student decoder layers 0, 1 onto teacher layers 1, 3; encoder 0 onto 0.
     assert hidden_layer_map(Distillation("t", hidden_weight=1.0), BASE, teacher_config) == (
-        ("decoder", 0, 1), ("decoder", 1, 3), ("encoder", 0, 0))
+        ("decoder", 0, 1),
+        ("decoder", 1, 3),
+        ("encoder", 0, 0),
+    )
     with pytest.raises(ValueError, match=r"teacher layer in 0..3"):
         hidden_layer_map(Distillation("t", hidden_weight=1.0, layer_map={"decoder": [(0, 4)]}), BASE, teacher_config)
     with pytest.raises(ValueError, match="d_model"):
@@ -300,14 +355,19 @@ def test_hidden_state_distillation_in_the_step():
     rs = np.random.RandomState(0)
     student, teacher, valid = rs.randn(2, 5, 8), 3.0 * rs.randn(2, 5, 8), rs.rand(2, 5) > 0.3
     cosine = np.sum(student * teacher, -1) / np.linalg.norm(student, axis=-1) / np.linalg.norm(teacher, axis=-1)
-    np.testing.assert_allclose(losses.hidden_distance(student, teacher, valid), np.mean((1 - cosine)[valid]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(losses.hidden_distance(student, teacher, valid), np.mean((1 - cosine)[valid]), rtol=1e-5)
     tx = optax.sgd(0.5)
     state = init_state(BASE, tx, jax.random.PRNGKey(0))
-    hidden_only = Teacher(BASE, alpha=0.0, temperature=lambda step: 1.0, hidden_weight=1.0,
-                          layer_map=(("decoder", 1, 1), ("encoder", 0, 0)))
-    step = jax.jit(functools.partial(train_step, config=BASE, tx=tx, schedule=lambda step: 0.5, teacher=hidden_only,
-                                     z_loss=0.0))
+    hidden_only = Teacher(
+        BASE,
+        alpha=0.0,
+        temperature=lambda step: 1.0,
+        hidden_weight=1.0,
+        layer_map=(("decoder", 1, 1), ("encoder", 0, 0)),
+    )
+    step = jax.jit(
+        functools.partial(train_step, config=BASE, tx=tx, schedule=lambda step: 0.5, teacher=hidden_only, z_loss=0.0)
+    )
     _, metrics = step(state, batch(), jax.random.PRNGKey(1), state.params)
     assert abs(float(metrics["distill_hidden"])) < 1e-5 and abs(float(metrics["distill_kl"])) < 1e-5
     other = init_params(BASE, jax.random.PRNGKey(7))
@@ -330,8 +390,11 @@ def test_dpo_and_reward_losses():
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     grad = jax.grad(lambda c: losses.dpo(c, rejected, ref_c, ref_r, 0.5)[0].sum())(chosen)
     assert (np.asarray(grad) < 0).all()  # raising the chosen log-probability lowers the loss
-    np.testing.assert_allclose(losses.pairwise_reward(jnp.asarray([2.0, 0.0]), jnp.asarray([0.0, 0.0])),
-                               [np.log1p(np.exp(-2.0)), np.log(2.0)], rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.pairwise_reward(jnp.asarray([2.0, 0.0]), jnp.asarray([0.0, 0.0])),
+        [np.log1p(np.exp(-2.0)), np.log(2.0)],
+        rtol=1e-6,
+    )
 
 
 def test_preference_pairs_are_neighbouring_rows_after_one_prompt():
@@ -340,20 +403,35 @@ def test_preference_pairs_are_neighbouring_rows_after_one_prompt():
 
     pairs = builtin_pairs("validation")
     assert all(p["chosen"] != p["rejected"] for p in pairs)
-    stream = DataStream("t5lite_preferences", split="validation", task_feature_lengths={"inputs": 32, "targets": 16},
-                        batch_size=8, model_kind="prefix_lm", pack=False, shuffle=False)
+    stream = DataStream(
+        "t5lite_preferences",
+        split="validation",
+        task_feature_lengths={"inputs": 32, "targets": 16},
+        batch_size=8,
+        model_kind="prefix_lm",
+        pack=False,
+        shuffle=False,
+    )
     rows = next(stream)
     targets, weights = rows["decoder_target_tokens"], rows["decoder_loss_weights"]
     prompt = rows["decoder_causal_attention"]
     for i in range(0, 8, 2):
         np.testing.assert_array_equal(prompt[i], prompt[i + 1])
         np.testing.assert_array_equal(targets[i][prompt[i] > 0], targets[i + 1][prompt[i + 1] > 0])
-        chosen, rejected = (stream.vocabulary.decode([int(t) for t, w in zip(targets[r], weights[r]) if w and t > 1])
-                            for r in (i, i + 1))
+        chosen, rejected = (
+            stream.vocabulary.decode([int(t) for t, w in zip(targets[r], weights[r]) if w and t > 1])
+            for r in (i, i + 1)
+        )
         assert (chosen, rejected) == (pairs[i // 2]["chosen"], pairs[i // 2]["rejected"])
     with pytest.raises(ValueError, match="train.pack=False"):
-        DataStream("t5lite_preferences", split="validation", task_feature_lengths={"inputs": 32, "targets": 8},
-                   batch_size=8, model_kind="prefix_lm", pack=True)
+        DataStream(
+            "t5lite_preferences",
+            split="validation",
+            task_feature_lengths={"inputs": 32, "targets": 8},
+            batch_size=8,
+            model_kind="prefix_lm",
+            pack=True,
+        )
     from t5lite.train.preference import Preference
 
     with pytest.raises(ValueError, match="needs the head"):

@@ -4,19 +4,38 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from t5lite.config import ModelConfig
-from t5lite.models import abstract_params, build, get_config, param_count
 from t5lite import hardware
-from t5lite.models import flops
+from t5lite.config import ModelConfig
+from t5lite.models import abstract_params, build, flops, get_config, param_count
 
 # Decoder: vocab 100, d 16, 2 query heads and 1 key/value head of 8, SwiGLU d_ff 32, 2 layers, untied.
-SMALL_DECODER = ModelConfig(architecture="decoder", vocab_size=100, d_model=16, num_heads=2, num_kv_heads=1,
-                            head_dim=8, d_ff=32, num_encoder_layers=0, num_decoder_layers=2,
-                            mlp_activation="swiglu", position_encoding="rope", tie_embeddings=False)
+SMALL_DECODER = ModelConfig(
+    architecture="decoder",
+    vocab_size=100,
+    d_model=16,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    d_ff=32,
+    num_encoder_layers=0,
+    num_decoder_layers=2,
+    mlp_activation="swiglu",
+    position_encoding="rope",
+    tie_embeddings=False,
+)
 # Encoder-decoder: vocab 50, d 8, 2 heads of 4, ReLU d_ff 16, 2 encoder layers and 1 decoder layer, tied.
-SMALL_ENCODER_DECODER = ModelConfig(architecture="encoder_decoder", vocab_size=50, d_model=8, num_heads=2,
-                                    head_dim=4, d_ff=16, num_encoder_layers=2, num_decoder_layers=1,
-                                    mlp_activation="relu", tie_embeddings=True)
+SMALL_ENCODER_DECODER = ModelConfig(
+    architecture="encoder_decoder",
+    vocab_size=50,
+    d_model=8,
+    num_heads=2,
+    head_dim=4,
+    d_ff=16,
+    num_encoder_layers=2,
+    num_decoder_layers=1,
+    mlp_activation="relu",
+    tie_embeddings=True,
+)
 
 
 def test_decoder_matches_hand_count():
@@ -30,8 +49,9 @@ def test_decoder_matches_hand_count():
 
 
 def test_decoder_ignores_inputs_length():
-    assert (flops.training_flops_per_sequence(SMALL_DECODER, 77, 10)
-            == flops.training_flops_per_sequence(SMALL_DECODER, 0, 10))
+    assert flops.training_flops_per_sequence(SMALL_DECODER, 77, 10) == flops.training_flops_per_sequence(
+        SMALL_DECODER, 0, 10
+    )
 
 
 def test_encoder_decoder_matches_hand_count():
@@ -48,8 +68,7 @@ def test_encoder_decoder_matches_hand_count():
     assert flops.tokens_per_sequence(SMALL_ENCODER_DECODER, 6, 4) == 10
 
 
-@pytest.mark.parametrize("name, inputs_length, targets_length",
-                         [("llama/tiny", 0, 64), ("t5_1_1/tiny", 48, 32)])
+@pytest.mark.parametrize("name, inputs_length, targets_length", [("llama/tiny", 0, 64), ("t5_1_1/tiny", 48, 32)])
 def test_agrees_with_xla_cost_analysis(name, inputs_length, targets_length):
     """XLA counts every op of the compiled forward pass, with dense (unhalved) causal attention;
     add the masked half back and allow ~1% for elementwise ops (norms, softmax, activations)."""
@@ -61,7 +80,7 @@ def test_agrees_with_xla_cost_analysis(name, inputs_length, targets_length):
     forward = jax.jit(lambda params, batch: model.apply({"params": params}, **batch, enable_dropout=False))
     cost = forward.lower(abstract_params(config), inputs).compile().cost_analysis()
     xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
-    masked_half = config.num_decoder_layers * 2 * targets_length ** 2 * config.num_heads * config.head_dim
+    masked_half = config.num_decoder_layers * 2 * targets_length**2 * config.num_heads * config.head_dim
     dense = flops.forward_flops_per_sequence(config, inputs_length, targets_length) + masked_half
     assert 1.0 <= xla_flops / dense < 1.01
 
@@ -102,13 +121,16 @@ def test_mfu_and_peaks():
     assert hardware.peak_flops_per_device(jax.devices("cpu")[0]) is None
 
 
-@pytest.mark.parametrize("call", [
-    lambda: flops.mfu(1e12, 0.0, 1, 1e12),
-    lambda: flops.mfu(1e12, 1.0, 0, 1e12),
-    lambda: flops.six_n_d(-1, 10),
-    lambda: flops.training_flops_per_sequence(SMALL_DECODER, 0, 0),
-    lambda: flops.training_flops_per_sequence(SMALL_ENCODER_DECODER, 0, 4),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: flops.mfu(1e12, 0.0, 1, 1e12),
+        lambda: flops.mfu(1e12, 1.0, 0, 1e12),
+        lambda: flops.six_n_d(-1, 10),
+        lambda: flops.training_flops_per_sequence(SMALL_DECODER, 0, 0),
+        lambda: flops.training_flops_per_sequence(SMALL_ENCODER_DECODER, 0, 4),
+    ],
+)
 def test_bad_input_raises(call):
     with pytest.raises(ValueError, match="must be positive"):
         call()

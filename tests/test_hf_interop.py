@@ -19,10 +19,21 @@ from t5lite.models.hidden import hidden_states
 def t5(feed_forward_proj="relu", tied=True, cls=transformers.T5ForConditionalGeneration, **changes):
     """A random-initialised HF T5. Untied (v1.1) models share their input embeddings as published ones do."""
     torch.manual_seed(0)
-    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
-                                   num_heads=4, feed_forward_proj=feed_forward_proj, dropout_rate=0.0,
-                                   relative_attention_num_buckets=8, relative_attention_max_distance=24,
-                                   tie_word_embeddings=tied, **changes)
+    config = transformers.T5Config(
+        vocab_size=99,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        feed_forward_proj=feed_forward_proj,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=24,
+        tie_word_embeddings=tied,
+        **changes,
+    )
     config.tie_word_embeddings = tied  # transformers 5 ignores the constructor argument
     model = cls(config).eval()
     model.set_input_embeddings(model.shared)
@@ -31,10 +42,18 @@ def t5(feed_forward_proj="relu", tied=True, cls=transformers.T5ForConditionalGen
 
 def llama(tied=False, kv_heads=2, rope=None):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                                      num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=8,
-                                      rope_parameters=rope or {"rope_type": "default", "rope_theta": 500.0},
-                                      tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    config = transformers.LlamaConfig(
+        vocab_size=99,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": 500.0},
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -43,8 +62,9 @@ HF_MODELS = {
     "t5_v1_1": functools.partial(t5, "gated-gelu", tied=False),
     "mt5": functools.partial(t5, "gated-gelu", tied=False, cls=transformers.MT5ForConditionalGeneration),
     "llama_gqa_untied": functools.partial(llama, tied=False, kv_heads=2),
-    "llama_mqa_tied_linear_rope": functools.partial(llama, tied=True, kv_heads=1,
-                                                    rope={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+    "llama_mqa_tied_linear_rope": functools.partial(
+        llama, tied=True, kv_heads=1, rope={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}
+    ),
 }
 
 
@@ -61,8 +81,12 @@ def hf_logits(hf_model, x, y):
 
 def t5lite_logits(model, params, x, y):
     if model.config.is_encoder_decoder:
-        return model.apply({"params": params}, encoder_input_tokens=jnp.asarray(x), decoder_input_tokens=jnp.asarray(y),
-                           enable_dropout=False)
+        return model.apply(
+            {"params": params},
+            encoder_input_tokens=jnp.asarray(x),
+            decoder_input_tokens=jnp.asarray(y),
+            enable_dropout=False,
+        )
     return model.apply({"params": params}, decoder_input_tokens=jnp.asarray(y), enable_dropout=False)
 
 
@@ -96,8 +120,11 @@ def test_hidden_states_match_hugging_face(name, scan_layers):
     hf_model = HF_MODELS[name]()
     model, params = hf.from_torch(hf_model, scan_layers=scan_layers)
     x, y = ids((2, 6), 5), ids((2, 4), 6)
-    features = dict(encoder_input_tokens=x, decoder_input_tokens=y) if model.config.is_encoder_decoder else \
-        dict(decoder_input_tokens=y)
+    features = (
+        dict(encoder_input_tokens=x, decoder_input_tokens=y)
+        if model.config.is_encoder_decoder
+        else dict(decoder_input_tokens=y)
+    )
     _, state = model.apply({"params": params}, **features, enable_dropout=False, mutable=["intermediates"])
     ours = hidden_states(state["intermediates"], model.config)
     with torch.no_grad():
@@ -127,8 +154,10 @@ def test_export_then_import_round_trips_exactly(name):
     assert exported.config.tie_word_embeddings == hf_model.config.tie_word_embeddings
 
 
-@pytest.mark.parametrize("name", ["t5_1_1/small", "t5_1_1/base", "t5_1_1/large", "t5_1_1/xl", "t5_1_1/xxl",
-                                  "mt5/small", "llama/1b", "llama/7b"])
+@pytest.mark.parametrize(
+    "name",
+    ["t5_1_1/small", "t5_1_1/base", "t5_1_1/large", "t5_1_1/xl", "t5_1_1/xxl", "mt5/small", "llama/1b", "llama/7b"],
+)
 def test_param_count_matches_hugging_face(name):
     config = get_config(name)
     hf_config = hf.hf_config_from(config)
@@ -189,10 +218,23 @@ def switch(sparse_step=2, expert_capacity=64, **changes):
     """A random-initialised HF Switch Transformer with 4 experts in every (step 1) or every other layer."""
     torch.manual_seed(0)
     config = transformers.SwitchTransformersConfig(
-        vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4, num_heads=4, num_experts=4,
-        expert_capacity=expert_capacity, num_sparse_encoder_layers=4 // sparse_step, num_sparse_decoder_layers=4 // sparse_step,
-        dropout_rate=0.0, router_jitter_noise=0.0, relative_attention_num_buckets=8,
-        relative_attention_max_distance=24, **changes)
+        vocab_size=99,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=4,
+        num_decoder_layers=4,
+        num_heads=4,
+        num_experts=4,
+        expert_capacity=expert_capacity,
+        num_sparse_encoder_layers=4 // sparse_step,
+        num_sparse_decoder_layers=4 // sparse_step,
+        dropout_rate=0.0,
+        router_jitter_noise=0.0,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=24,
+        **changes,
+    )
     model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
     model.set_input_embeddings(model.shared)
     return model
@@ -203,7 +245,7 @@ def switch(sparse_step=2, expert_capacity=64, **changes):
 def test_switch_transformers_logits_match_hugging_face(sparse_step, scan_layers):
     hf_model = switch(sparse_step)
     model, params = hf.from_torch(hf_model, scan_layers=scan_layers)
-    assert model.config.num_experts == 4 and model.config.encoder_moe_every == sparse_step
+    assert model.config.moe.num_experts == 4 and model.config.moe.encoder_every == sparse_step
     forward = jax.jit(lambda params, x, y: model.apply({"params": params}, x, y, enable_dropout=False, mutable=["moe"]))
     for batch, x_len, y_len in [(2, 7, 5), (1, 40, 33)]:
         x, y = ids((batch, x_len), 1), ids((batch, y_len), 2)
@@ -224,8 +266,9 @@ def test_switch_transformers_drop_the_tokens_hugging_face_drops():
     hf_model = switch(sparse_step=1, expert_capacity=2)
     model, params = hf.from_torch(hf_model)
     x, y = ids((2, 24), 7), ids((2, 17), 8)
-    logits, sown = model.apply({"params": params}, jnp.asarray(x), jnp.asarray(y), enable_dropout=False,
-                               mutable=["moe"])
+    logits, sown = model.apply(
+        {"params": params}, jnp.asarray(x), jnp.asarray(y), enable_dropout=False, mutable=["moe"]
+    )
     assert float(moe_summary(sown["moe"])["dropped_fraction"]) > 0.3
     np.testing.assert_allclose(logits, hf_logits(hf_model, x, y), atol=1e-4)
 

@@ -49,8 +49,12 @@ def test_no_module_imports_a_package_above_its_own():
 
 
 def test_kernels_know_nothing_of_t5lite():
-    found = [f"{path.relative_to(ROOT)}:{line} {module}" for path in sorted((ROOT / "pallas_kernels").rglob("*.py"))
-             for line, module in imported_modules(path) if module.startswith("t5lite")]
+    found = [
+        f"{path.relative_to(ROOT)}:{line} {module}"
+        for path in sorted((ROOT / "pallas_kernels").rglob("*.py"))
+        for line, module in imported_modules(path)
+        if module.startswith("t5lite")
+    ]
     assert not found, found
 
 
@@ -59,3 +63,14 @@ def test_the_readme_draws_the_levels():
     for level, packages in enumerate(LEVELS):
         for name in packages:
             assert f"{level}  {name.replace('.', '/')}" in layout, name
+
+
+def test_no_function_is_longer_than_80_lines():
+    """A longer function is two stories; split it where the second begins."""
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted((ROOT / "t5lite").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80
+    ]
+    assert not long, "\n".join(long)

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from t5lite import cli
-from t5lite.config import ModelConfig
+from t5lite.config import ModelConfig, MoeConfig
 from t5lite.layers import moe
-from t5lite.models import active_param_count, build, get_config, init_params, param_count
-from t5lite.models import flops
+from t5lite.models import active_param_count, build, flops, get_config, init_params, param_count
 from t5lite.train.metrics import read_metrics
 
 
@@ -32,8 +31,11 @@ def loop_tokens_choose(probs, k, capacity, causal=False):
     for g in range(groups):
         filled = [0] * experts
         ranked = [np.argsort(-probs[g, s])[:k] for s in range(tokens)]
-        order = ([(s, c) for s in range(tokens) for c in range(k)] if causal
-                 else [(s, c) for c in range(k) for s in range(tokens)])
+        order = (
+            [(s, c) for s in range(tokens) for c in range(k)]
+            if causal
+            else [(s, c) for c in range(k) for s in range(tokens)]
+        )
         for s, choice in order:
             e = ranked[s][choice]
             if filled[e] < capacity:
@@ -55,8 +57,9 @@ def loop_experts_choose(probs, capacity):
     return dispatch, combine
 
 
-@pytest.mark.parametrize("k, capacity, causal", [(1, 3, False), (1, 16, False), (2, 5, False), (3, 2, False),
-                                                (2, 5, True), (3, 2, True)])
+@pytest.mark.parametrize(
+    "k, capacity, causal", [(1, 3, False), (1, 16, False), (2, 5, False), (3, 2, False), (2, 5, True), (3, 2, True)]
+)
 def test_tokens_choose_equals_the_loop(k, capacity, causal):
     probs = random_probs()
     routing = moe.tokens_choose(jnp.asarray(probs), k, capacity, causal)
@@ -110,17 +113,32 @@ def test_router_z_loss_matches_its_formula():
 
 
 def gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-@pytest.mark.parametrize("router, k, activation, dropless", [
-    ("tokens_choose", 1, "relu", False), ("tokens_choose", 2, "geglu", False),
-    ("experts_choose", 1, "relu", False), ("tokens_choose", 2, "geglu", True)])
+@pytest.mark.parametrize(
+    "router, k, activation, dropless",
+    [
+        ("tokens_choose", 1, "relu", False),
+        ("tokens_choose", 2, "geglu", False),
+        ("experts_choose", 1, "relu", False),
+        ("tokens_choose", 2, "geglu", True),
+    ],
+)
 def test_moe_mlp_equals_a_float64_token_loop(router, k, activation, dropless):
     """Every token's output is the probability-weighted sum of the expert MLPs that kept it (zero if none)."""
     experts, d_model, d_ff, batch, length = 4, 8, 16, 2, 12
-    layer = moe.MoeMlp(num_experts=experts, d_ff=d_ff, activation=activation, experts_per_token=k, router=router,
-                       capacity_factor=1.0, min_capacity=1, dropless=dropless, group_size=6)
+    layer = moe.MoeMlp(
+        num_experts=experts,
+        d_ff=d_ff,
+        activation=activation,
+        experts_per_token=k,
+        router=router,
+        capacity_factor=1.0,
+        min_capacity=1,
+        dropless=dropless,
+        group_size=6,
+    )
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, d_model))
     params = flax.linen.unbox(layer.init(jax.random.PRNGKey(1), x)["params"])
     params["router"]["kernel"] = params["router"]["kernel"] * 30  # decisive routing, so capacity binds
@@ -149,19 +167,22 @@ def test_moe_mlp_equals_a_float64_token_loop(router, k, activation, dropless):
     assert float(summary["expert_fraction"].sum()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(num_experts=4, experts_per_token=5), "experts_per_token=5 is larger than num_experts=4"),
-    (dict(num_experts=4, num_encoder_layers=3), r"encoder_moe_every=2 must be 0 .* dividing num_encoder_layers=3"),
-    (dict(num_experts=4, encoder_moe_every=0, decoder_moe_every=0), "no stack has MoE layers"),
-    (dict(num_experts=4, moe_dropless=True, router="experts_choose"), "moe_dropless=True.*tokens_choose"),
-    (dict(num_experts=4, router="hash"), "router='hash' is not supported"),
-    (dict(num_experts=4, train_capacity_factor=-1.0), "train_capacity_factor=-1.0 must be >= 0"),
-    (dict(num_experts=4, router="experts_choose"), "experts_choose.*decoder_moe_every=0"),
-    (dict(num_experts=-1), "num_experts=-1 must be 0"),
-])
-def test_bad_moe_configs_fail_clearly(changes, message):
+@pytest.mark.parametrize(
+    "changes, layers, message",
+    [
+        (dict(num_experts=4, experts_per_token=5), {}, "experts_per_token=5 is larger than num_experts=4"),
+        (dict(num_experts=4), dict(num_encoder_layers=3), r"encoder_every=2 must be 0 .* divide num_encoder_layers=3"),
+        (dict(num_experts=4, encoder_every=0, decoder_every=0), {}, "no stack has MoE layers"),
+        (dict(num_experts=4, dropless=True, router="experts_choose"), {}, "dropless=True.*tokens_choose"),
+        (dict(num_experts=4, router="hash"), {}, "router='hash' is not supported"),
+        (dict(num_experts=4, train_capacity_factor=-1.0), {}, "train_capacity_factor=-1.0 must be >= 0"),
+        (dict(num_experts=4, router="experts_choose"), {}, "experts_choose.*decoder_every=0"),
+        (dict(num_experts=-1), {}, "num_experts=-1 must be 0"),
+    ],
+)
+def test_bad_moe_configs_fail_clearly(changes, layers, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**{"num_encoder_layers": 2, "num_decoder_layers": 2, **changes})
+        ModelConfig(**{"num_encoder_layers": 2, "num_decoder_layers": 2, **layers}, moe=MoeConfig(**changes))
 
 
 @pytest.mark.parametrize("name", ["switch/tiny", "switch_decoder/tiny"])
@@ -171,13 +192,13 @@ def test_param_counts_equal_initialised_and_active_counts_one_expert(name):
     assert param_count(config) == sum(leaf.size for leaf in jax.tree.leaves(params))
     mlp = (3 if config.mlp_activation in ("geglu", "swiglu") else 2) * config.d_model * config.d_ff
     moe_layers = config.num_moe_layers("encoder") + config.num_moe_layers("decoder")
-    assert param_count(config) - active_param_count(config) == moe_layers * (config.num_experts - 1) * mlp
+    assert param_count(config) - active_param_count(config) == moe_layers * (config.moe.num_experts - 1) * mlp
 
 
 def test_moe_flops_count_the_router_and_the_active_experts():
-    dense = get_config("switch/tiny").replace(num_experts=0)
-    top1, top2 = get_config("switch/tiny"), get_config("switch/tiny").replace(experts_per_token=2)
-    d, e, inputs, targets = dense.d_model, top1.num_experts, 48, 16
+    top1 = get_config("switch/tiny")
+    dense, top2 = top1.replace(moe=MoeConfig()), top1.replace(moe=top1.moe.replace(experts_per_token=2))
+    d, e, inputs, targets = dense.d_model, top1.moe.num_experts, 48, 16
     mlp = 2 * 2 * d * dense.d_ff  # relu: wi and wo
     base = flops.forward_flops_per_sequence(dense, inputs, targets)
     router = 2 * d * e * (inputs + targets)  # one MoE layer per stack
@@ -185,11 +206,19 @@ def test_moe_flops_count_the_router_and_the_active_experts():
     assert flops.forward_flops_per_sequence(top2, inputs, targets) == base + router + mlp * (inputs + targets)
 
 
+@pytest.mark.slow
 def test_switch_trains_on_cpu_with_every_expert_used(tmp_path):
-    bindings = ["ModelConfig.dtype='float32'", "ModelConfig.dropout_rate=0.0", "train.batch_size=8",
-                "train.num_steps=20", "train.log_every=1", "train.progress=False", "train.checkpoint_every=20",
-                "train.task_feature_lengths={'inputs': 64, 'targets': 16}",
-                "learning_rate_schedule.warmup_steps=5"]
+    bindings = [
+        "ModelConfig.dtype='float32'",
+        "ModelConfig.dropout_rate=0.0",
+        "train.batch_size=8",
+        "train.num_steps=20",
+        "train.log_every=1",
+        "train.progress=False",
+        "train.checkpoint_every=20",
+        "train.task_feature_lengths={'inputs': 64, 'targets': 16}",
+        "learning_rate_schedule.warmup_steps=5",
+    ]
     args = ["train", "--gin_file=runs/switch_tiny_span_corruption.gin", f"--model_dir={tmp_path}"]
     assert cli.main(args + [f"--gin.{b}" for b in bindings]) == 0
     rows = read_metrics(pathlib.Path(tmp_path) / "train_metrics.jsonl")
@@ -226,9 +255,10 @@ def test_expert_dropout_rate_overrides_dropout_inside_experts_only():
     params = init_params(config, jax.random.PRNGKey(0))
 
     def logits(cfg, enable_dropout):
-        return build(cfg).apply({"params": params}, x, x, enable_dropout=enable_dropout,
-                                rngs={"dropout": jax.random.PRNGKey(1)})
+        return build(cfg).apply(
+            {"params": params}, x, x, enable_dropout=enable_dropout, rngs={"dropout": jax.random.PRNGKey(1)}
+        )
 
     np.testing.assert_allclose(logits(config, True), logits(config, False), rtol=1e-6)
-    expert_dropout = config.replace(expert_dropout_rate=0.4)
+    expert_dropout = config.replace(moe=config.moe.replace(expert_dropout_rate=0.4))
     assert not np.allclose(logits(expert_dropout, True), logits(expert_dropout, False))

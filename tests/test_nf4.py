@@ -13,26 +13,60 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from t5lite.config import ModelConfig
+from t5lite.config import AdapterConfig, ModelConfig, WeightQuantConfig
 from t5lite.layers.dense import DenseGeneral, Lora, WeightQuant
+from t5lite.layers.quant import (
+    NF4_LEVELS,
+    Scheme,
+    dequantize,
+    dequantize_scales,
+    fit,
+    pack_int4,
+    quantize,
+    quantize_scales,
+    unpack_int4,
+)
 from t5lite.models import abstract_params, build
-from t5lite.layers.quant import (NF4_LEVELS, Scheme, dequantize, dequantize_scales, fit, pack_int4, quantize,
-                                      quantize_scales, unpack_int4)
 from t5lite.quantization.weights import quantize_weights
 from t5lite.train import checkpoint
 from t5lite.train.pretrained import pretrained_params
 
 # bitsandbytes' NF4 table, `get_4bit_type("nf4")` in bitsandbytes/functional.py (as published).
-BNB_NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                    0.7229568362236023, 1.0])
-BASE = ModelConfig(architecture="encoder_decoder", vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=64,
-                   num_encoder_layers=1, num_decoder_layers=2, mlp_activation="geglu", dtype="float32",
-                   tie_embeddings=False)
+BNB_NF4 = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
+BASE = ModelConfig(
+    architecture="encoder_decoder",
+    vocab_size=64,
+    d_model=32,
+    num_heads=2,
+    head_dim=16,
+    d_ff=64,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+    mlp_activation="geglu",
+    dtype="float32",
+    tie_embeddings=False,
+)
 RECIPE = dict(bits=4, group_size=16, format="nf4", double_quant=True)
-NF4 = BASE.replace(int8_weights=("attention", "mlp"), weight_bits=4, weight_group_size=16, weight_format="nf4",
-                   weight_double_quant=True)
+NF4 = BASE.replace(weight_quant=WeightQuantConfig(families=("attention", "mlp"), **RECIPE))
 ALL = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 
 
@@ -144,22 +178,30 @@ def test_stored_layout_bits_per_weight_and_lora_on_top():
     assert double == 4 + 8 / 64 + 32 / 256 < int4  # 4.25: an int8 code per 64, a float32 per feature (K = 256)
     # A layer with a LoRA adapter on the stored init: it computes x times what the bytes hold, its
     # adapter (B zero) adds nothing yet, and gradients reach the adapter and the inputs.
-    layer = DenseGeneral((4, 8), ("embed", "heads", "kv"), lora=Lora(rank=2, scale=1.0),
-                         weight_quant=WeightQuant(Scheme(4, group_size=64, format="nf4", double_quant=True)))
+    layer = DenseGeneral(
+        (4, 8),
+        ("embed", "heads", "kv"),
+        lora=Lora(rank=2, scale=1.0),
+        weight_quant=WeightQuant(Scheme(4, group_size=64, format="nf4", double_quant=True)),
+    )
     x = jnp.asarray(normal(3, 256))
     params = nn.unbox(layer.init(jax.random.PRNGKey(0), x)["params"])
     assert {p: (v.shape, v.dtype) for p, v in params.items() if "lora" not in p} == {
-        "kernel": ((128, 4, 8), jnp.int8), "kernel_scale": ((4, 4, 8), jnp.int8),
-        "kernel_scale_scale": ((1, 4, 8), jnp.float32)}
-    scale = (np.asarray(params["kernel_scale"], np.float64).reshape(4, 32) + 128) * \
-        np.asarray(params["kernel_scale_scale"], np.float64).reshape(1, 32)
+        "kernel": ((128, 4, 8), jnp.int8),
+        "kernel_scale": ((4, 4, 8), jnp.int8),
+        "kernel_scale_scale": ((1, 4, 8), jnp.float32),
+    }
+    scale = (np.asarray(params["kernel_scale"], np.float64).reshape(4, 32) + 128) * np.asarray(
+        params["kernel_scale_scale"], np.float64
+    ).reshape(1, 32)
     kernel = np.repeat(scale, 64, axis=0) * BNB_NF4[nf4_indices(params["kernel"], 32)]
     stored = {p: v for p, v in params.items() if "lora" not in p}  # frozen; the adapter is differentiated
     loss = lambda adapter, x: jnp.sum(layer.apply({"params": {**stored, **adapter}}, x) ** 2)  # noqa: E731
     y, (adapter_grad, x_grad) = jax.value_and_grad(loss, argnums=(0, 1))(
-        {p: v for p, v in params.items() if "lora" in p}, x)
+        {p: v for p, v in params.items() if "lora" in p}, x
+    )
     out = np.asarray(x, np.float64) @ kernel
-    np.testing.assert_allclose(y, np.sum(out ** 2), rtol=1e-5)
+    np.testing.assert_allclose(y, np.sum(out**2), rtol=1e-5)
     np.testing.assert_allclose(x_grad, 2 * out @ kernel.T, rtol=1e-4, atol=1e-3)
     assert np.abs(adapter_grad["lora_b"]).min() > 0 and not np.any(adapter_grad["lora_a"])  # B = 0: A waits
 
@@ -179,8 +221,7 @@ def test_int4_layer_with_double_quant_reads_its_codes_back(symmetric):
 
 def dequantised(config, params):
     """The float model holding what the stored NF4 bytes and int8 scale codes say, in numpy."""
-    float_config = config.replace(int8_weights=(), weight_bits=8, weight_group_size=None, weight_format="int",
-                                  weight_double_quant=False)
+    float_config = config.replace(weight_quant=WeightQuantConfig())
     shapes = traverse_util.flatten_dict(abstract_params(float_config), sep="/")
     flat, out = traverse_util.flatten_dict(params, sep="/"), {}
     for path, value in flat.items():
@@ -192,8 +233,10 @@ def dequantised(config, params):
             codes, step = np.asarray(flat[f"{module}/kernel_scale"]), np.asarray(flat[f"{module}/kernel_scale_scale"])
             layers, n = codes.shape[0], codes[0, 0].size
             scales = (codes.reshape(layers, -1, n) + 128.0) * step.reshape(layers, 1, n)
-            kernels = [np.repeat(scale, config.weight_group_size, axis=0) * BNB_NF4[nf4_indices(packed, n)]
-                       for scale, packed in zip(scales, np.asarray(value))]
+            kernels = [
+                np.repeat(scale, config.weight_quant.group_size, axis=0) * BNB_NF4[nf4_indices(packed, n)]
+                for scale, packed in zip(scales, np.asarray(value))
+            ]
             out[path] = np.stack(kernels).reshape(shapes[path].shape).astype(np.float32)
     return float_config, traverse_util.unflatten_dict(out, sep="/")
 
@@ -206,27 +249,35 @@ def logits(config, params, batch):
 def batch(seed=0):
     rs = np.random.RandomState(seed)
     targets = rs.randint(1, 64, (4, 6))
-    return {"encoder_input_tokens": jnp.asarray(rs.randint(1, 64, (4, 7))),
-            "decoder_input_tokens": jnp.asarray(np.concatenate([np.zeros((4, 1), int), targets[:, :-1]], 1)),
-            "decoder_target_tokens": jnp.asarray(targets)}
+    return {
+        "encoder_input_tokens": jnp.asarray(rs.randint(1, 64, (4, 7))),
+        "decoder_input_tokens": jnp.asarray(np.concatenate([np.zeros((4, 1), int), targets[:, :-1]], 1)),
+        "decoder_target_tokens": jnp.asarray(targets),
+    }
 
 
 def features(data):
     return {k: v for k, v in data.items() if k != "decoder_target_tokens"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def float_base():
     """BASE's parameters, the kernels and embeddings drawn from N(0, 1 / d_model) as trained weights
     roughly are (NF4's premise), norm scales 1; drawn in numpy to spare the compile of an init."""
     rs = np.random.RandomState(0)
     flat = traverse_util.flatten_dict(abstract_params(BASE), sep="/")
-    return traverse_util.unflatten_dict({
-        path: np.ones(leaf.shape, np.float32) if path.endswith("/scale")
-        else (rs.randn(*leaf.shape) / np.sqrt(BASE.d_model)).astype(np.float32) for path, leaf in flat.items()}, sep="/")
+    return traverse_util.unflatten_dict(
+        {
+            path: np.ones(leaf.shape, np.float32)
+            if path.endswith("/scale")
+            else (rs.randn(*leaf.shape) / np.sqrt(BASE.d_model)).astype(np.float32)
+            for path, leaf in flat.items()
+        },
+        sep="/",
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nf4_model():
     """(config, params, logits) of the float base rounded to NF4 with double quantisation."""
     config, params = quantize_weights(BASE, float_base(), **RECIPE)
@@ -246,21 +297,24 @@ def test_tiny_model_rounded_to_nf4_with_double_quant():
     # (relative RMS error of the logits, measured: 0.39; uniform int4 in the same groups 0.51, int8 0.034).
     np.testing.assert_allclose(out, logits(*dequantised(config, params), features(batch())), rtol=0, atol=1e-4)
     reference = np.asarray(logits(BASE, float_base(), features(batch())))
-    assert np.sqrt(np.mean((out - reference) ** 2) / np.mean(reference ** 2)) < 0.45
+    assert np.sqrt(np.mean((out - reference) ** 2) / np.mean(reference**2)) < 0.45
 
 
 def test_lora_on_an_nf4_base(tmp_path):
     """QLoRA: a float base rounded to NF4 on load (`train.init_from`); adapters start at zero, so the
     adapted model starts as its base, and change it once trained (B nonzero)."""
     checkpoint.save_params(tmp_path / "base", BASE, float_base())
-    config, (_, expected, base_logits) = NF4.replace(lora_rank=4, lora_targets=ALL), nf4_model()
+    config, (_, expected, base_logits) = NF4.replace(adapters=AdapterConfig(lora_rank=4, lora_targets=ALL)), nf4_model()
     base = pretrained_params(config, str(tmp_path / "base"))
     for path, value in traverse_util.flatten_dict(expected, sep="/").items():
         np.testing.assert_array_equal(base[path], value, err_msg=path)
     rs = np.random.RandomState(0)
     shapes = traverse_util.flatten_dict(abstract_params(config), sep="/")
-    adapters = {p: (rs.randn(*x.shape) * 0.1 if "lora_a" in p else np.zeros(x.shape)).astype(np.float32)
-                for p, x in shapes.items() if "lora_" in p}
+    adapters = {
+        p: (rs.randn(*x.shape) * 0.1 if "lora_a" in p else np.zeros(x.shape)).astype(np.float32)
+        for p, x in shapes.items()
+        if "lora_" in p
+    }
     assert set(shapes) == set(base) | set(adapters)
     params = traverse_util.unflatten_dict({**base, **adapters}, sep="/")
     np.testing.assert_array_equal(logits(config, params, features(batch())), base_logits)
@@ -268,17 +322,21 @@ def test_lora_on_an_nf4_base(tmp_path):
     assert np.abs(logits(config, trained, features(batch())) - base_logits).max() > 1e-2
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(weight_format="fp4"), "weight_format"),
-    (dict(weight_format="nf4", weight_group_size=16), "got weight_bits=8"),
-    (dict(weight_format="nf4", weight_bits=4), "weight_group_size=None"),
-    (dict(weight_format="nf4", weight_bits=4, weight_group_size=16, weight_zero_points=True), "weight_zero_points=True"),
-    (dict(weight_double_quant=True), "weight_double_quant"),
-    (dict(weight_double_quant=1, weight_group_size=16), "weight_double_quant"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(format="fp4"), "format"),
+        (dict(format="nf4", group_size=16), "got bits=8"),
+        (dict(format="nf4", bits=4), "group_size=None"),
+        (dict(format="nf4", bits=4, group_size=16, zero_points=True), "zero_points=True"),
+        (dict(double_quant=True), "double_quant"),
+        (dict(double_quant=1, group_size=16), "double_quant"),
+        (dict(bits=4, group_size=48), "group_size=48 must divide the inputs of every quantised kernel"),
+    ],
+)
 def test_bad_configs_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
-        BASE.replace(int8_weights=("attention", "mlp"), **changes)
+        BASE.replace(weight_quant=WeightQuantConfig(families=("attention", "mlp"), **changes))
 
 
 def test_refused_recipes():

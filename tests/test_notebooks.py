@@ -11,6 +11,7 @@ import pathlib
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "notebooks"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -21,12 +22,18 @@ def run_notebook(name: str, tmp_path: pathlib.Path) -> tuple[dict, pathlib.Path]
     results.json and its output directory. A cell that raises fails the test."""
     out = tmp_path / "out"
     # T5LITE_CACHE (set by conftest) passes on, so the kernel reuses the corpus and vocabulary.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "T5LITE_NOTEBOOK_SMALL": "1",
-           "T5LITE_NOTEBOOK_OUT": str(out)}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "T5LITE_NOTEBOOK_SMALL": "1",
+        "T5LITE_NOTEBOOK_OUT": str(out),
+    }
     env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop, not conftest's 8 virtual ones
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=300,
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute(env=env)
     return json.loads((out / "results.json").read_text()), out
 
@@ -44,6 +51,7 @@ def test_notebooks_are_committed_without_outputs():
         assert all(not cell.outputs and cell.execution_count is None for cell in code), f"{path} has outputs"
 
 
+@pytest.mark.slow
 def test_quickstart_trains_plots_and_generates(tmp_path):
     results, out = run_notebook("quickstart", tmp_path)
     assert results["steps"][-1] == 40
@@ -56,6 +64,7 @@ def test_quickstart_trains_plots_and_generates(tmp_path):
     assert any(text.strip() for text in results["samples"]), results["samples"]
 
 
+@pytest.mark.slow
 def test_scaling_fits_the_committed_sweep(tmp_path):
     results, out = run_notebook("scaling", tmp_path)
     for name, (a, b) in results["exponents"].items():
@@ -67,6 +76,7 @@ def test_scaling_fits_the_committed_sweep(tmp_path):
     assert all(is_png(out / name) for name in results["pngs"]) and len(results["pngs"]) == 3
 
 
+@pytest.mark.slow
 def test_kernels_compares_pallas_with_xla(tmp_path):
     results, out = run_notebook("kernels", tmp_path)
     assert results["backend"] == "cpu" and results["interpret"]
@@ -74,7 +84,8 @@ def test_kernels_compares_pallas_with_xla(tmp_path):
     assert results["max_abs_error"]["gradients"] < 1e-4, results["max_abs_error"]
     rows = results["rows"]
     assert {(row["impl"], row["pass"]) for row in rows} == {
-        (impl, name) for impl in ("pallas", "xla") for name in ("forward", "forward+backward")}
+        (impl, name) for impl in ("pallas", "xla") for name in ("forward", "forward+backward")
+    }
     assert all(row["ms"] > 0 and row["scratch_mib"] >= 0 for row in rows)
     xla_forward = [row["scratch_mib"] for row in rows if row["impl"] == "xla" and row["pass"] == "forward"]
     assert xla_forward == sorted(xla_forward) and xla_forward[0] < xla_forward[-1]  # the scores grow with length

@@ -12,8 +12,9 @@ from t5lite.layers import positions
 @pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (8, 20), (64, 256)])
 def test_relative_bucket_matches_hugging_face(bidirectional, num_buckets, max_distance):
     offsets = np.arange(-600, 601)
-    expected = T5Attention._relative_position_bucket(torch.tensor(offsets), bidirectional, num_buckets,
-                                                     max_distance).numpy()
+    expected = T5Attention._relative_position_bucket(
+        torch.tensor(offsets), bidirectional, num_buckets, max_distance
+    ).numpy()
     ours = positions.relative_position_bucket(jnp.asarray(offsets), bidirectional, num_buckets, max_distance)
     np.testing.assert_array_equal(np.asarray(ours), expected)
 
@@ -25,7 +26,9 @@ def test_rope_scores_depend_only_on_relative_offset(scaling, factor):
     inv_freq = positions.rope_frequencies(head_dim, 10_000.0, scaling, factor)
 
     def score(q_pos, k_pos):
-        rotate = lambda x, p: positions.apply_rope(x[None, None, None], *positions.rope_cos_sin(jnp.array([[p]]), inv_freq))
+        rotate = lambda x, p: positions.apply_rope(
+            x[None, None, None], *positions.rope_cos_sin(jnp.array([[p]]), inv_freq)
+        )
         return float(jnp.sum(rotate(q, q_pos) * rotate(k, k_pos)))
 
     for offset in (0, 3, 17):
@@ -46,10 +49,12 @@ def test_rope_scaling_frequencies():
 def test_alibi_slopes_are_the_papers_geometric_sequence():
     np.testing.assert_allclose(positions.alibi_slopes(8), [2.0 ** -(i + 1) for i in range(8)])
     slopes16 = positions.alibi_slopes(16)
-    np.testing.assert_allclose(slopes16[1:] / slopes16[:-1], 2 ** -0.5)
-    np.testing.assert_allclose(slopes16[0], 2 ** -0.5)
+    np.testing.assert_allclose(slopes16[1:] / slopes16[:-1], 2**-0.5)
+    np.testing.assert_allclose(slopes16[0], 2**-0.5)
     # Not a power of two: the 8-head slopes, then every other slope of the 16-head sequence.
-    np.testing.assert_allclose(positions.alibi_slopes(12), list(positions.alibi_slopes(8)) + [2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5])
+    np.testing.assert_allclose(
+        positions.alibi_slopes(12), list(positions.alibi_slopes(8)) + [2**-0.5, 2**-1.5, 2**-2.5, 2**-3.5]
+    )
 
 
 def test_alibi_bias_is_minus_slope_times_distance():

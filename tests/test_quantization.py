@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from t5lite.config import WeightQuantConfig
 from t5lite.decoding import DecodingOptions, generate
-from t5lite.models import abstract_params, build, get_config, init_params
 from t5lite.layers.quant import Scheme, dequantize, fit, pack_int4, quantize, unpack_int4
+from t5lite.models import abstract_params, build, get_config, init_params
 from t5lite.quantization.calibration import calibrate
 from t5lite.quantization.weights import quantize_weights
 
@@ -25,7 +26,7 @@ CONFIGS = {
 TOKENS = np.random.RandomState(1).randint(1, 64, (3, 10)).astype(np.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def float_model(name):
     config = CONFIGS[name]
     return config, init_params(config, jax.random.PRNGKey(0))
@@ -34,7 +35,7 @@ def float_model(name):
 def dequantised(config, params):
     """The float model computing what the stored bytes hold: S * (q + Z), int4 nibbles unpacked
     (row 2i low, 2i + 1 high), the input scale folded into the kernel's rows."""
-    float_config = config.replace(int8_weights=(), input_scaling=False, activation_quant="none")
+    float_config = config.replace(weight_quant=WeightQuantConfig())
     shapes = traverse_util.flatten_dict(abstract_params(float_config), sep="/")
     flat = traverse_util.flatten_dict(params, sep="/")
     out = {}
@@ -58,7 +59,7 @@ def _dequantised_kernel(config, stored, module):
     n = scale[0].size
     scale = scale.reshape(-1, n)
     q = np.asarray(stored[f"{module}/kernel"]).reshape(-1, n).astype(np.int64)
-    if config.weight_bits == 4:
+    if config.weight_quant.bits == 4:
         nibble = lambda v: np.where(v > 7, v - 16, v)  # noqa: E731
         q = np.stack([nibble(q & 0xF), nibble((q >> 4) & 0xF)], axis=1).reshape(-1, n)
     repeat = q.shape[0] // scale.shape[0]
@@ -76,9 +77,15 @@ def logits(config, params):
     return np.asarray(build(config).apply({"params": params}, **features, enable_dropout=False))
 
 
-@pytest.mark.parametrize("scheme", [Scheme(bits, symmetric, group, per_tensor)
-                                    for bits in (8, 4) for symmetric in (True, False)
-                                    for group, per_tensor in ((None, False), (16, False), (None, True))])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        Scheme(bits, symmetric, group, per_tensor)
+        for bits in (8, 4)
+        for symmetric in (True, False)
+        for group, per_tensor in ((None, False), (16, False), (None, True))
+    ],
+)
 def test_round_trip_error_is_within_half_a_step(scheme):
     w = np.random.RandomState(0).standard_t(3, (64, 24)).astype(np.float32) + 0.3  # heavy tails, off-centre
     scale, zero = fit(w, scheme)
@@ -149,19 +156,21 @@ def test_cached_decoding_with_int8_weights_matches_the_dequantised_model(name):
 
 def test_mistakes_are_refused_clearly():
     config, params = float_model("t5_1_1")
-    with pytest.raises(ValueError, match="int8_weights='embedding' is not supported. Allowed values: attention, mlp"):
+    with pytest.raises(
+        ValueError, match="WeightQuantConfig.families='embedding' is not supported. Allowed values: attention, mlp"
+    ):
         quantize_weights(config, params, ["embedding"])
     int8_config, int8_params = quantize_weights(config, params, ["mlp"])
     with pytest.raises(ValueError, match="already quantised"):
         quantize_weights(int8_config, int8_params)
-    with pytest.raises(ValueError, match="in both int8_dense .* and int8_weights"):
-        config.replace(int8_dense=("mlp",), int8_weights=("mlp",))
+    with pytest.raises(ValueError, match="in both int8_dense .* and WeightQuantConfig.families"):
+        config.replace(int8_dense=("mlp",), weight_quant=WeightQuantConfig(families=("mlp",)))
     with pytest.raises(ValueError, match="no .*kernel; are they of this config's model"):
         quantize_weights(CONFIGS["llama_gqa_unrolled"], params)
 
 
 def relative_rms(actual, desired):
-    return np.sqrt(np.mean((actual - desired) ** 2) / np.mean(desired ** 2))
+    return np.sqrt(np.mean((actual - desired) ** 2) / np.mean(desired**2))
 
 
 def calibration_stats(name):
@@ -170,31 +179,49 @@ def calibration_stats(name):
     return calibrate(config, params, batches)
 
 
-@pytest.mark.parametrize("method, bits, group_size, zero_points, tolerance", [
-    ("int8", 4, 16, True, 0.15), ("gptq", 4, 16, False, 0.15), ("awq", 4, 16, False, 0.15),
-    ("gptq", 8, None, False, 0.01)])
+@pytest.mark.parametrize(
+    "method, bits, group_size, zero_points, tolerance",
+    [
+        ("int8", 4, 16, True, 0.15),
+        ("gptq", 4, 16, False, 0.15),
+        ("awq", 4, 16, False, 0.15),
+        ("gptq", 8, None, False, 0.01),
+    ],
+)
 def test_weight_only_methods_compute_their_stored_weights(method, bits, group_size, zero_points, tolerance):
     config, params = float_model("llama_gqa_unrolled")
     stats = calibration_stats("llama_gqa_unrolled") if method != "int8" else None
-    q_config, q_params = quantize_weights(config, params, method=method, bits=bits, group_size=group_size,
-                                          zero_points=zero_points, stats=stats)
-    assert q_config.weight_bits == bits and q_config.input_scaling == (method == "awq")
+    q_config, q_params = quantize_weights(
+        config, params, method=method, bits=bits, group_size=group_size, zero_points=zero_points, stats=stats
+    )
+    assert q_config.weight_quant.bits == bits and q_config.weight_quant.input_scaling == (method == "awq")
     actual = logits(q_config, q_params)
     np.testing.assert_allclose(actual, logits(*dequantised(q_config, q_params)), rtol=1e-4, atol=1e-4)
     assert relative_rms(actual, logits(config, params)) < tolerance  # measured: 0.094, 0.065, 0.103, 0.004
     if bits == 4:  # two values per byte: an eighth of float32's bytes
         flat = traverse_util.flatten_dict(q_params)
         kernels = [path for path, value in flat.items() if value.dtype == np.int8]
-        assert sum(flat[p].nbytes for p in kernels) * 8 == sum(traverse_util.flatten_dict(params)[p].nbytes
-                                                               for p in kernels)
+        assert sum(flat[p].nbytes for p in kernels) * 8 == sum(
+            traverse_util.flatten_dict(params)[p].nbytes for p in kernels
+        )
 
 
 def test_calibration_records_each_layer_inputs():
     stats = calibration_stats("llama_gqa_unrolled")
     config = CONFIGS["llama_gqa_unrolled"]
-    expected = {f"decoder/layers_{i}/{m}" for i in range(config.num_decoder_layers)
-                for m in ("self_attention/query", "self_attention/key", "self_attention/value", "self_attention/out",
-                          "mlp/wi_0", "mlp/wi_1", "mlp/wo")}
+    expected = {
+        f"decoder/layers_{i}/{m}"
+        for i in range(config.num_decoder_layers)
+        for m in (
+            "self_attention/query",
+            "self_attention/key",
+            "self_attention/value",
+            "self_attention/out",
+            "mlp/wi_0",
+            "mlp/wi_1",
+            "mlp/wo",
+        )
+    }
     assert set(stats) == expected
     for path, layer in stats.items():
         k = config.d_ff if path.endswith("wo") else config.d_model
@@ -240,9 +267,11 @@ def test_int8_activation_methods_stay_close_to_the_float_model(method, tolerance
     config, params = float_model("t5_1_1")
     stats = calibration_stats("t5_1_1") if method == "smoothquant" else None
     q_config, q_params = quantize_weights(config, params, method=method, stats=stats)
-    assert q_config.activation_quant == {"llm_int8": "llm_int8", "smoothquant": "int8"}[method]
+    assert q_config.weight_quant.activations == {"llm_int8": "llm_int8", "smoothquant": "int8"}[method]
     actual, original = logits(q_config, q_params), logits(config, params)
     assert np.abs(actual - original).max() / np.abs(original).max() < tolerance
     if method == "llm_int8":  # a lower threshold sends more features through the float matmul
-        more_outliers = logits(q_config.replace(llm_int8_threshold=0.5), q_params)
+        more_outliers = logits(
+            q_config.replace(weight_quant=q_config.weight_quant.replace(outlier_threshold=0.5)), q_params
+        )
         assert relative_rms(more_outliers, original) < relative_rms(actual, original)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels.int8_matmul import quantize as quantize_absmax
-from t5lite.quantization.awq import awq
-from t5lite.layers.quant import Scheme, dequantize, fit, quantize
-from t5lite.quantization.gptq import gptq, hessian
 from t5lite.layers.int8_matmul import llm_int8_matmul, smoothquant_matmul, vectorwise_matmul
+from t5lite.layers.quant import Scheme, dequantize, fit, quantize
+from t5lite.quantization.awq import awq
+from t5lite.quantization.gptq import gptq, hessian
 from t5lite.quantization.smoothquant import smoothing_factors, smoothquant_weights
 
 K, N = 128, 128  # one shape for every int8_matmul call: the Pallas interpreter compiles per shape
@@ -54,8 +54,9 @@ def output_error(x, w, x_used, w_used):
 
 
 @pytest.mark.parametrize("activations", [gaussian, correlated])
-@pytest.mark.parametrize("scheme", [Scheme(bits=4), Scheme(bits=4, group_size=32), Scheme(bits=8),
-                                    Scheme(bits=8, group_size=32)], ids=str)
+@pytest.mark.parametrize(
+    "scheme", [Scheme(bits=4), Scheme(bits=4, group_size=32), Scheme(bits=8), Scheme(bits=8, group_size=32)], ids=str
+)
 def test_gptq_reconstructs_layer_better_than_rtn(activations, scheme):
     x = activations(512)
     q, scale, zero = gptq(W, hessian(x), scheme)
@@ -65,8 +66,11 @@ def test_gptq_reconstructs_layer_better_than_rtn(activations, scheme):
     assert err_gptq < bound * err_rtn, f"GPTQ {err_gptq:.4g} vs RTN {err_rtn:.4g}"
 
 
-@pytest.mark.parametrize("scheme", [Scheme(bits=4, symmetric=False, group_size=32), Scheme(bits=4, per_tensor=True),
-                                    Scheme(bits=8, symmetric=False)], ids=str)
+@pytest.mark.parametrize(
+    "scheme",
+    [Scheme(bits=4, symmetric=False, group_size=32), Scheme(bits=4, per_tensor=True), Scheme(bits=8, symmetric=False)],
+    ids=str,
+)
 def test_gptq_values_in_range_with_scheme_shapes(scheme):
     q, scale, zero = gptq(W, hessian(correlated(256)), scheme)
     assert q.dtype == jnp.int8 and q.shape == (K, N)
@@ -136,8 +140,9 @@ def test_smoothing_factors_formula():
     x_absmax = np.array([4.0, 0.0, 9.0, 1.0])
     w = np.array([[1.0, -0.5], [2.0, 1.0], [0.0, -4.0], [0.0, 0.0]])
     np.testing.assert_allclose(smoothing_factors(x_absmax, w), [2.0, 1.0, 1.5, 1.0], rtol=1e-6)
-    np.testing.assert_allclose(smoothing_factors(x_absmax, w, alpha=0.75), [4 ** 0.75, 1.0, 9 ** 0.75 / 4 ** 0.25, 1.0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        smoothing_factors(x_absmax, w, alpha=0.75), [4**0.75, 1.0, 9**0.75 / 4**0.25, 1.0], rtol=1e-6
+    )
 
 
 def test_smoothquant_beats_naive_w8a8_on_outlier_activations():
@@ -191,8 +196,10 @@ def test_llm_int8_keeps_outlier_features_accurate():
     wq, w_scale_tensor = quantize_absmax(W, axis=None)
     err_tensor = output_error(x.reshape(64, K), W, f64(xq) * float(x_scale), f64(wq) * float(w_scale_tensor))
     scale = np.linalg.norm(f64(x) @ f64(W))
-    message = (f"LLM.int8() {err_llm:.4g}, vector-wise int8 {err_vectorwise:.4g}, per-tensor int8 {err_tensor:.4g} "
-               f"(|x @ w| = {scale:.4g})")
+    message = (
+        f"LLM.int8() {err_llm:.4g}, vector-wise int8 {err_vectorwise:.4g}, per-tensor int8 {err_tensor:.4g} "
+        f"(|x @ w| = {scale:.4g})"
+    )
     assert err_llm < 0.02 * scale, message
     assert err_llm < 0.4 * err_vectorwise and err_llm < 0.4 * err_tensor, message
 
@@ -223,14 +230,20 @@ def test_llm_int8_under_jit_and_in_bfloat16():
 # User mistakes
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: gptq(W, np.eye(K - 1), Scheme()), "hessian"),
-    (lambda: gptq(W, np.ones((K, K)), Scheme(), damp=0.0), "positive definite"),
-    (lambda: awq(W, gaussian(8), Scheme(group_size=48)), "does not divide"),
-    (lambda: smoothing_factors(np.ones(K), W, alpha=1.5), "alpha"),
-    (lambda: llm_int8_matmul(gaussian(8), jnp.zeros((K, N), jnp.int8), jnp.ones((1, N - 1))), "w_scale"),
-    (lambda: smoothquant_matmul(gaussian(8), jnp.zeros((K, N), jnp.int8), jnp.ones((1, N)), jnp.ones(K - 1)), "s must"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: gptq(W, np.eye(K - 1), Scheme()), "hessian"),
+        (lambda: gptq(W, np.ones((K, K)), Scheme(), damp=0.0), "positive definite"),
+        (lambda: awq(W, gaussian(8), Scheme(group_size=48)), "does not divide"),
+        (lambda: smoothing_factors(np.ones(K), W, alpha=1.5), "alpha"),
+        (lambda: llm_int8_matmul(gaussian(8), jnp.zeros((K, N), jnp.int8), jnp.ones((1, N - 1))), "w_scale"),
+        (
+            lambda: smoothquant_matmul(gaussian(8), jnp.zeros((K, N), jnp.int8), jnp.ones((1, N)), jnp.ones(K - 1)),
+            "s must",
+        ),
+    ],
+)
 def test_mistakes_raise_value_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()

@@ -31,8 +31,9 @@ def test_cross_entropy_against_numpy():
     q = np.full((2, 5, vocab), eps / (vocab - 1))
     np.put_along_axis(q, targets[..., None], 1 - eps, -1)
     kl = np.sum(q * (np.log(q) - log_p), axis=-1)
-    smoothed, _, _ = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), z_loss=0.0,
-                                   label_smoothing=eps)
+    smoothed, _, _ = cross_entropy(
+        jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), z_loss=0.0, label_smoothing=eps
+    )
     np.testing.assert_allclose(smoothed, np.sum(kl * weights), rtol=1e-5)
 
 
@@ -40,8 +41,9 @@ def test_schedules():
     rsqrt = optimizers.learning_rate_schedule("rsqrt", 1.0, warmup_steps=100)
     np.testing.assert_allclose([rsqrt(0), rsqrt(100), rsqrt(400)], [0.1, 0.1, 0.05], rtol=1e-6)
     cosine = optimizers.learning_rate_schedule("cosine", 2.0, warmup_steps=10, total_steps=110, final_fraction=0.1)
-    np.testing.assert_allclose([cosine(0), cosine(5), cosine(10), cosine(60), cosine(110)], [0, 1, 2, 1.1, 0.2],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        [cosine(0), cosine(5), cosine(10), cosine(60), cosine(110)], [0, 1, 2, 1.1, 0.2], rtol=1e-5, atol=1e-6
+    )
     wsd = optimizers.learning_rate_schedule("wsd", 1.0, warmup_steps=10, total_steps=110, decay_fraction=0.2)
     np.testing.assert_allclose([wsd(5), wsd(50), wsd(87), wsd(99), wsd(110)], [0.5, 1, 1, 0.5, 0], atol=1e-6)
     linear = optimizers.learning_rate_schedule("linear", 1.0, warmup_steps=0, total_steps=10)
@@ -52,18 +54,30 @@ def test_schedules():
         optimizers.learning_rate_schedule("exponential")
 
 
-CONFIG = ModelConfig(architecture="encoder_decoder", vocab_size=32, d_model=32, num_heads=2, head_dim=16, d_ff=64,
-                     num_encoder_layers=1, num_decoder_layers=1, mlp_activation="geglu", dtype="float32",
-                     tie_embeddings=False)
+CONFIG = ModelConfig(
+    architecture="encoder_decoder",
+    vocab_size=32,
+    d_model=32,
+    num_heads=2,
+    head_dim=16,
+    d_ff=64,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    mlp_activation="geglu",
+    dtype="float32",
+    tie_embeddings=False,
+)
 
 
 def batch(batch_size=4, seed=0):
     rs = np.random.RandomState(seed)
     targets = rs.randint(1, 32, (batch_size, 6))
     targets[:, -1] = 0  # padding carries no loss
-    return {"encoder_input_tokens": jnp.asarray(rs.randint(1, 32, (batch_size, 7))),
-            "decoder_input_tokens": jnp.asarray(np.concatenate([np.zeros((batch_size, 1), int), targets[:, :-1]], 1)),
-            "decoder_target_tokens": jnp.asarray(targets)}
+    return {
+        "encoder_input_tokens": jnp.asarray(rs.randint(1, 32, (batch_size, 7))),
+        "decoder_input_tokens": jnp.asarray(np.concatenate([np.zeros((batch_size, 1), int), targets[:, :-1]], 1)),
+        "decoder_target_tokens": jnp.asarray(targets),
+    }
 
 
 def step_fn(tx, schedule, **kwargs):

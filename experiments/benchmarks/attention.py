@@ -10,10 +10,9 @@ Pallas time to each alternative (< 1 means Pallas is faster), and XLA's compiled
 
 import argparse
 
-from common import device_description, on_accelerator, report, temp_bytes, time_call
-
 import jax
 import jax.numpy as jnp
+from common import device_description, on_accelerator, report, temp_bytes, time_call
 
 from pallas_kernels.flash_attention import attention_reference, flash_attention
 from pallas_kernels.flash_attention.reference import attention_bias
@@ -34,13 +33,19 @@ def _impls(causal, with_bias):
 
     scale = 1.0 if with_bias else None
     impls = {
-        "pallas": lambda q, k, v, table: flash_attention(q, k, v, causal=causal, relpos_bias=t5(table),
-                                                         sm_scale=scale),
-        "xla": lambda q, k, v, table: attention_reference(q, k, v, causal=causal, relpos_bias=t5(table),
-                                                          sm_scale=scale),
+        "pallas": lambda q, k, v, table: flash_attention(q, k, v, causal=causal, relpos_bias=t5(table), sm_scale=scale),
+        "xla": lambda q, k, v, table: attention_reference(
+            q, k, v, causal=causal, relpos_bias=t5(table), sm_scale=scale
+        ),
         "jax.nn": lambda q, k, v, table: jax.nn.dot_product_attention(
-            q, k, v, bias=dense_bias(q, table), is_causal=causal, scale=scale,
-            implementation="cudnn" if jax.default_backend() == "gpu" else None),
+            q,
+            k,
+            v,
+            bias=dense_bias(q, table),
+            is_causal=causal,
+            scale=scale,
+            implementation="cudnn" if jax.default_backend() == "gpu" else None,
+        ),
     }
     return impls
 
@@ -49,13 +54,16 @@ def _fwd_bwd(fn):
     def run(q, k, v, table):
         loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
         return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, table)
+
     return run
 
 
 def main():
     accel = on_accelerator()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384] if accel else [128, 256])
+    p.add_argument(
+        "--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384] if accel else [128, 256]
+    )
     p.add_argument("--batch", type=int, default=2 if accel else 1)
     p.add_argument("--heads", type=int, default=16 if accel else 2)
     p.add_argument("--head-dim", type=int, default=64 if accel else 32)
@@ -85,9 +93,18 @@ def main():
                         print(f"  {name} {mode} T={T} bias={with_bias}: {type(e).__name__}: {str(e)[:120]}")
                         continue
                     times[name] = seconds
-                    rows.append({"T": T, "t5_bias": with_bias, "pass": mode, "impl": name, "ms": seconds * 1e3,
-                                 "tflops": flops * factor / seconds / 1e12, "scratch_mb": scratch / 2**20})
-                for row in rows[len(rows) - len(times):]:
+                    rows.append(
+                        {
+                            "T": T,
+                            "t5_bias": with_bias,
+                            "pass": mode,
+                            "impl": name,
+                            "ms": seconds * 1e3,
+                            "tflops": flops * factor / seconds / 1e12,
+                            "scratch_mb": scratch / 2**20,
+                        }
+                    )
+                for row in rows[len(rows) - len(times) :]:
                     for other in ("xla", "jax.nn"):
                         both = other in times and "pallas" in times
                         row[f"pallas/{other}"] = times["pallas"] / times[other] if both else float("nan")

@@ -20,17 +20,16 @@ import pathlib
 import tempfile
 import time
 
+import numpy as np
 from common import report
 
-import numpy as np
-
-from t5lite.data import DataStream
-from t5lite.models import get_config
 from t5lite import hardware
-from t5lite.models import flops
+from t5lite.data import DataStream
+from t5lite.models import flops, get_config
 
-TINY_RUN = dict(name="t5lite_corpus_span_corruption", kind="encoder_decoder", lengths={"inputs": 128, "targets": 32},
-                batch=16)
+TINY_RUN = dict(
+    name="t5lite_corpus_span_corruption", kind="encoder_decoder", lengths={"inputs": 128, "targets": 32}, batch=16
+)
 THROUGHPUT_RUNS = [  # name, model kind, task lengths, batch, the model a v5p host would train on it
     ("t5lite_corpus_span_corruption", "encoder_decoder", {"inputs": 512, "targets": 114}, 128, "t5_1_1/base"),
     ("t5lite_corpus_lm", "decoder", {"targets": 2048}, 32, "llama/1b"),
@@ -88,9 +87,16 @@ def throughput(seconds):
         encoder = lengths["inputs"] if kind == "encoder_decoder" else 0
         per_sequence = flops.training_flops_per_sequence(config, encoder, lengths["targets"])
         needed = V5P_HOST_CHIPS * hardware.PEAK_BF16_FLOPS["tpu_v5p"] * MFU / per_sequence
-        rows.append({"task": f"{name} {'/'.join(map(str, lengths.values()))}", "rows/s": count / elapsed,
-                     "tokens/s": tokens / elapsed, "v5p_host_model": model, "v5p_host_rows/s": needed,
-                     "fed_share": count / elapsed / needed})
+        rows.append(
+            {
+                "task": f"{name} {'/'.join(map(str, lengths.values()))}",
+                "rows/s": count / elapsed,
+                "tokens/s": tokens / elapsed,
+                "v5p_host_model": model,
+                "v5p_host_rows/s": needed,
+                "fed_share": count / elapsed / needed,
+            }
+        )
     return rows
 
 

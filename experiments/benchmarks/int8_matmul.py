@@ -8,10 +8,9 @@ Square M = N = K problems; reports median time, TOP/s (2*M*N*K), and int8 time /
 
 import argparse
 
-from common import device_description, on_accelerator, report, time_call
-
 import jax
 import jax.numpy as jnp
+from common import device_description, on_accelerator, report, time_call
 
 from pallas_kernels.int8_matmul import int8_matmul
 
@@ -35,8 +34,16 @@ def main():
         t_int8 = time_call(jax.jit(int8_matmul), a, b, a_scale, b_scale, repeats=args.repeats)
         t_bf16 = time_call(jax.jit(jnp.dot), a16, b16, repeats=args.repeats)
         ops = 2 * n**3
-        rows.append(dict(size=n, int8_ms=t_int8 * 1e3, bf16_ms=t_bf16 * 1e3, int8_tops=ops / t_int8 / 1e12,
-                         bf16_tflops=ops / t_bf16 / 1e12, int8_over_bf16=t_int8 / t_bf16))
+        rows.append(
+            dict(
+                size=n,
+                int8_ms=t_int8 * 1e3,
+                bf16_ms=t_bf16 * 1e3,
+                int8_tops=ops / t_int8 / 1e12,
+                bf16_tflops=ops / t_bf16 / 1e12,
+                int8_over_bf16=t_int8 / t_bf16,
+            )
+        )
     report(rows, args.csv)
 
 

@@ -10,11 +10,10 @@ ratio to the dense MLP, and XLA's compiled scratch (peak memory beyond inputs an
 
 import argparse
 
-from common import device_description, on_accelerator, report, temp_bytes, time_call
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from common import device_description, on_accelerator, report, temp_bytes, time_call
 
 from t5lite.layers.mlp import Mlp
 from t5lite.layers.moe import MoeMlp
@@ -41,26 +40,46 @@ def main():
     parser.add_argument("--csv", default="moe.csv")
     args = parser.parse_args()
     dtype = jnp.bfloat16 if accel else jnp.float32
-    print(f"device {device_description()}; batch {args.batch} x length {args.length}, d_model {args.d_model}, "
-          f"d_ff {args.d_ff}, {jnp.dtype(dtype).name}, forward + backward")
+    print(
+        f"device {device_description()}; batch {args.batch} x length {args.length}, d_model {args.d_model}, "
+        f"d_ff {args.d_ff}, {jnp.dtype(dtype).name}, forward + backward"
+    )
     x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.length, args.d_model), dtype)
     dense_fn, dense_params = _loss_and_grad(Mlp(d_ff=args.d_ff, dtype=dtype), x)
     dense_ms = time_call(dense_fn, dense_params, x) * 1e3
-    rows = [{"experts": 1, "group": "-", "routing": "dense mlp", "ms": dense_ms, "vs_dense": 1.0,
-             "scratch_MiB": temp_bytes(dense_fn, dense_params, x) / 2 ** 20}]
+    rows = [
+        {
+            "experts": 1,
+            "group": "-",
+            "routing": "dense mlp",
+            "ms": dense_ms,
+            "vs_dense": 1.0,
+            "scratch_MiB": temp_bytes(dense_fn, dense_params, x) / 2**20,
+        }
+    ]
     for experts in args.experts:
         for group in args.group_sizes:
-            variants = {"capacity 1.25": dict(capacity_factor=1.25), "capacity 2.0": dict(capacity_factor=2.0),
-                        "dropless": dict(dropless=True)}
+            variants = {
+                "capacity 1.25": dict(capacity_factor=1.25),
+                "capacity 2.0": dict(capacity_factor=2.0),
+                "dropless": dict(dropless=True),
+            }
             for routing, kwargs in variants.items():
                 if routing == "dropless" and group != args.group_sizes[0]:
                     continue  # dropless routing has no groups
                 layer = MoeMlp(num_experts=experts, d_ff=args.d_ff, group_size=group, dtype=dtype, **kwargs)
                 fn, params = _loss_and_grad(layer, x)
                 ms = time_call(fn, params, x) * 1e3
-                rows.append({"experts": experts, "group": "-" if routing == "dropless" else group,
-                             "routing": routing, "ms": ms, "vs_dense": ms / dense_ms,
-                             "scratch_MiB": temp_bytes(fn, params, x) / 2 ** 20})
+                rows.append(
+                    {
+                        "experts": experts,
+                        "group": "-" if routing == "dropless" else group,
+                        "routing": routing,
+                        "ms": ms,
+                        "vs_dense": ms / dense_ms,
+                        "scratch_MiB": temp_bytes(fn, params, x) / 2**20,
+                    }
+                )
     report(rows, args.csv)
 
 

@@ -17,8 +17,11 @@ from t5lite import cli  # noqa: E402
 from t5lite.train import aot  # noqa: E402
 from t5lite.train.spec import RunSpec  # noqa: E402
 
-RUNS = {"t5_1_1": "runs/pretrain_span_corruption.gin", "switch": "runs/pretrain_span_corruption.gin",
-        "llama": "runs/pretrain_lm.gin"}
+RUNS = {
+    "t5_1_1": "runs/pretrain_span_corruption.gin",
+    "switch": "runs/pretrain_span_corruption.gin",
+    "llama": "runs/pretrain_lm.gin",
+}
 # T5's final models trained on 2048 sequences a step (the pre-training file's default is T5X's 128).
 BINDINGS = {"t5_1_1": ["train.batch_size = 2048"], "switch": ["train.batch_size = 2048"], "llama": []}
 CASES = [  # model, sharding, topology: from one copy per chip to splitting it 256 ways
@@ -37,8 +40,10 @@ CASES = [  # model, sharding, topology: from one copy per chip to splitting it 2
 
 
 def main() -> None:
-    print("| model | run | sharding | topology | mesh | state + batch | of it optimizer state | temporaries | "
-          "total / HBM per chip | fits |")
+    print(
+        "| model | run | sharding | topology | mesh | state + batch | of it optimizer state | temporaries | "
+        "total / HBM per chip | fits |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model, sharding, topology in tqdm.tqdm(CASES, file=sys.stderr):
         family = model.split("/")[0]
@@ -51,10 +56,17 @@ def main() -> None:
             memory = ("-", optimizer_state, "-", report.error.split(": ", 1)[-1])
         else:
             m = {key: aot.format_bytes(value) for key, value in report.memory.items()}
-            memory = (m["argument"], optimizer_state, m["temp"],
-                      f"{aot.format_bytes(report.bytes_per_device)} / {aot.format_bytes(report.hbm_bytes)}")
-        print(f"| {model} | {run.split('/')[-1]} | {sharding} | {topology} | {mesh} | {' | '.join(memory)} | "
-              f"{'yes' if report.fits else 'no'} |", flush=True)
+            memory = (
+                m["argument"],
+                optimizer_state,
+                m["temp"],
+                f"{aot.format_bytes(report.bytes_per_device)} / {aot.format_bytes(report.hbm_bytes)}",
+            )
+        print(
+            f"| {model} | {run.split('/')[-1]} | {sharding} | {topology} | {mesh} | {' | '.join(memory)} | "
+            f"{'yes' if report.fits else 'no'} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

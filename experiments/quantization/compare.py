@@ -44,8 +44,11 @@ COLUMNS = ["method", "perplexity", "change %", "dense weight MiB", "decode token
 
 def dense_weight_bytes(params) -> int:
     """Bytes of the attention and MLP kernels (what quantisation shrinks), scales included."""
-    return sum(value.nbytes for path, value in traverse_util.flatten_dict(params).items()
-               if family_of(path) and path[-1] in ("kernel", "kernel_scale", "kernel_zero", "input_scale"))
+    return sum(
+        value.nbytes
+        for path, value in traverse_util.flatten_dict(params).items()
+        if family_of(path) and path[-1] in ("kernel", "kernel_scale", "kernel_zero", "input_scale")
+    )
 
 
 def decode_tokens_per_s(run: inference.Run, inputs, new_tokens: int) -> float:
@@ -83,11 +86,20 @@ def main() -> None:
             config, params = quantize_weights(run.model.config, run.params, stats=stats, **recipe)
             quantized = dataclasses.replace(run, model=build(config), params=params)
         perplexity = inference.validation_metrics(quantized, args.batches)["perplexity"]
-        rows.append({"method": name, "perplexity": perplexity, "dense weight MiB": dense_weight_bytes(quantized.params) / 2**20,
-                     "decode tokens/s": decode_tokens_per_s(quantized, inputs, args.new_tokens)})
+        rows.append(
+            {
+                "method": name,
+                "perplexity": perplexity,
+                "dense weight MiB": dense_weight_bytes(quantized.params) / 2**20,
+                "decode tokens/s": decode_tokens_per_s(quantized, inputs, args.new_tokens),
+            }
+        )
         rows[-1]["change %"] = 100 * (perplexity / rows[0]["perplexity"] - 1)
-        print(f"{name:<22} perplexity {perplexity:8.3f} ({rows[-1]['change %']:+.2f}%)  "
-              f"{rows[-1]['dense weight MiB']:.3f} MiB  {rows[-1]['decode tokens/s']:.0f} tokens/s", flush=True)
+        print(
+            f"{name:<22} perplexity {perplexity:8.3f} ({rows[-1]['change %']:+.2f}%)  "
+            f"{rows[-1]['dense weight MiB']:.3f} MiB  {rows[-1]['decode tokens/s']:.0f} tokens/s",
+            flush=True,
+        )
     write(rows, pathlib.Path(args.out), run, args)
 
 
@@ -98,12 +110,19 @@ def write(rows: list[dict], out: pathlib.Path, run: inference.Run, args) -> None
         writer.writeheader()
         writer.writerows(rows)
     device = jax.devices()[0].device_kind
-    lines = [f"{run.model.config.architecture} run `{pathlib.Path(args.checkpoint).name}` (step {run.step}, task "
-             f"`{run.task}`), perplexity over {args.batches} validation batches, greedy decoding of "
-             f"{args.new_tokens} tokens for {run.batch_size} rows on {device}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += [f"| {r['method']} | {r['perplexity']:.3f} | {r['change %']:+.2f} | {r['dense weight MiB']:.3f} | "
-              f"{r['decode tokens/s']:.0f} |" for r in rows]
+    lines = [
+        f"{run.model.config.architecture} run `{pathlib.Path(args.checkpoint).name}` (step {run.step}, task "
+        f"`{run.task}`), perplexity over {args.batches} validation batches, greedy decoding of "
+        f"{args.new_tokens} tokens for {run.batch_size} rows on {device}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + " --- |" * len(COLUMNS),
+    ]
+    lines += [
+        f"| {r['method']} | {r['perplexity']:.3f} | {r['change %']:+.2f} | {r['dense weight MiB']:.3f} | "
+        f"{r['decode tokens/s']:.0f} |"
+        for r in rows
+    ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"Wrote {out / 'results.csv'} and {out / 'results.md'}")

@@ -21,9 +21,26 @@ from pallas_kernels.flash_attention.tile import Config
 DEFAULT_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64)}
 
 
-def flash_attention(q, k, v, *, causal=False, segment_ids=None, prefix_length=None, relpos_bias=None,
-                    alibi_slopes=None, bias=None, window=None, sinks=0, q_positions=None, kv_positions=None,
-                    sm_scale=None, block_q=None, block_k=None, backend="auto"):
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    segment_ids=None,
+    prefix_length=None,
+    relpos_bias=None,
+    alibi_slopes=None,
+    bias=None,
+    window=None,
+    sinks=0,
+    q_positions=None,
+    kv_positions=None,
+    sm_scale=None,
+    block_q=None,
+    block_k=None,
+    backend="auto",
+):
     """Memory-efficient attention; q [B, T, H, D], k and v [B, S, KVH, D] -> [B, T, H, D].
 
     Query head h reads kv head h // (H // KVH) (MHA, GQA, MQA). Masks (all computed in-kernel):
@@ -46,10 +63,25 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, prefix_length=No
     block_q / block_k override the per-backend defaults (DEFAULT_BLOCKS); backend is one of
     "auto", "tpu", "gpu", "interpret" (TPU kernel interpreted), "gpu_interpret".
     """
-    kernel_args = prepare(q, k, v, causal=causal, segment_ids=segment_ids, prefix_length=prefix_length,
-                          relpos_bias=relpos_bias, alibi_slopes=alibi_slopes, bias=bias, window=window, sinks=sinks,
-                          q_positions=q_positions, kv_positions=kv_positions, sm_scale=sm_scale, block_q=block_q,
-                          block_k=block_k, backend=backend)
+    kernel_args = prepare(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids,
+        prefix_length=prefix_length,
+        relpos_bias=relpos_bias,
+        alibi_slopes=alibi_slopes,
+        bias=bias,
+        window=window,
+        sinks=sinks,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        sm_scale=sm_scale,
+        block_q=block_q,
+        block_k=block_k,
+        backend=backend,
+    )
     out = _attention(*kernel_args)
     return jnp.swapaxes(out, 1, 2)[:, : q.shape[1], :, : q.shape[3]]
 
@@ -68,8 +100,26 @@ class KernelArgs(typing.NamedTuple):
     tables: blocks.BlockTables
 
 
-def prepare(q, k, v, *, causal, segment_ids, prefix_length, relpos_bias, alibi_slopes, bias, window, sinks,
-            q_positions, kv_positions, sm_scale, block_q, block_k, backend):
+def prepare(
+    q,
+    k,
+    v,
+    *,
+    causal,
+    segment_ids,
+    prefix_length,
+    relpos_bias,
+    alibi_slopes,
+    bias,
+    window,
+    sinks,
+    q_positions,
+    kv_positions,
+    sm_scale,
+    block_q,
+    block_k,
+    backend,
+):
     """Check the arguments of `flash_attention` and build the kernels' inputs."""
     name = backends.resolve(backend)
     family = "gpu" if backends.is_gpu(name) else "tpu"
@@ -192,7 +242,7 @@ def _positional_weights(relpos_bias, alibi_slopes, num_heads):
     return steps, _pad(weights, 1, width)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _steps(num_buckets, bidirectional, max_distance):
     return relpos_steps(num_buckets, bidirectional, max_distance)
 
@@ -281,4 +331,3 @@ def _pad(x, axis, size, mode="constant"):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, widths, mode=mode)
-

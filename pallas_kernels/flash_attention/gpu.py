@@ -143,8 +143,11 @@ def forward(cfg, q, k, v, ops, tables, interpret=False):
             kb, vb = r["k"][pl.ds(k0, cfg.block_k), :], r["v"][pl.ds(k0, cfg.block_k), :]
             return tl.forward_step(cfg, t, qb, kb, vb, _weight(r, h), bias(k0), carry)
 
-        init = (jnp.full((cfg.block_q, 1), tl.MASK_VALUE, _F32), jnp.zeros((cfg.block_q, 1), _F32),
-                jnp.zeros((cfg.block_q, v.shape[-1]), _F32))
+        init = (
+            jnp.full((cfg.block_q, 1), tl.MASK_VALUE, _F32),
+            jnp.zeros((cfg.block_q, 1), _F32),
+            jnp.zeros((cfg.block_q, v.shape[-1]), _F32),
+        )
         out, lse = tl.forward_finish(*_query_loop(cfg, r, b, h, qi, nq, nk, step, None, init))
         r["out"][...] = out.astype(r["out"].dtype)
         r["lse"][...] = lse
@@ -223,12 +226,14 @@ def backward_dkv(cfg, q, k, v, do, lse, delta, ops, tables, interpret=False):
 
                 def on_live(carry):
                     dk, dv = carry
-                    t = tl.make_tile(cfg, q0, k0, lambda name: r[name][rows, :], lambda name: r[name][...],
-                                     _prefix(r, b))
+                    t = tl.make_tile(
+                        cfg, q0, k0, lambda name: r[name][rows, :], lambda name: r[name][...], _prefix(r, b)
+                    )
                     qb, dob = r["q"][g, rows, :], r["do"][g, rows, :]
                     bias = r["bias"][g if per_head_bias else 0, rows, :] if "bias" in r else None
-                    p, ds = tl.backward_step(cfg, t, qb, kb, vb, dob, r["lse"][g, rows, :], r["delta"][g, rows, :],
-                                             _weight(r, h), bias)
+                    p, ds = tl.backward_step(
+                        cfg, t, qb, kb, vb, dob, r["lse"][g, rows, :], r["delta"][g, rows, :], _weight(r, h), bias
+                    )
                     return dk + tl.grad_dk(cfg, ds, qb), dv + tl.grad_dv(cfg, p, dob)
 
                 live = r["live"][(b * nq + qi) * nk + ki] != 0

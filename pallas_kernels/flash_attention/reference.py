@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention.relpos import relative_position_bucket
 
 
-def attention_mask(q_pos, kv_pos, *, causal=False, prefix_length=None, window=None, sinks=0,
-                   q_segment_ids=None, kv_segment_ids=None):
+def attention_mask(
+    q_pos, kv_pos, *, causal=False, prefix_length=None, window=None, sinks=0, q_segment_ids=None, kv_segment_ids=None
+):
     """Boolean [B, T, S]: may query t attend to key s? (positions [B, T] / [B, S])."""
     qp, kp = q_pos[:, :, None], kv_pos[:, None, :]
     mask = jnp.ones(jnp.broadcast_shapes(qp.shape, kp.shape), bool)
@@ -46,9 +47,23 @@ def attention_bias(q_pos, kv_pos, num_heads, *, relpos_bias=None, alibi_slopes=N
     return total
 
 
-def attention_reference(q, k, v, *, causal=False, segment_ids=None, prefix_length=None, relpos_bias=None,
-                        alibi_slopes=None, bias=None, window=None, sinks=0, q_positions=None, kv_positions=None,
-                        sm_scale=None):
+def attention_reference(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    segment_ids=None,
+    prefix_length=None,
+    relpos_bias=None,
+    alibi_slopes=None,
+    bias=None,
+    window=None,
+    sinks=0,
+    q_positions=None,
+    kv_positions=None,
+    sm_scale=None,
+):
     """Attention over [B, T, H, D] queries and [B, S, KVH, D] keys/values, in q's dtype.
 
     Rows with no allowed key give zeros, as in the kernel.
@@ -62,11 +77,18 @@ def attention_reference(q, k, v, *, causal=False, segment_ids=None, prefix_lengt
     scale = D**-0.5 if sm_scale is None else sm_scale
     dtype = jnp.promote_types(q.dtype, jnp.float32)
     s = jnp.einsum("bthd,bshd->bhts", q.astype(dtype), k.astype(dtype)) * scale
-    s = s + attention_bias(q_pos, kv_pos, H, relpos_bias=relpos_bias, alibi_slopes=alibi_slopes, bias=bias,
-                           dtype=dtype)
+    s = s + attention_bias(q_pos, kv_pos, H, relpos_bias=relpos_bias, alibi_slopes=alibi_slopes, bias=bias, dtype=dtype)
     q_seg, kv_seg = (segment_ids, segment_ids) if not isinstance(segment_ids, (tuple, list)) else segment_ids
-    mask = attention_mask(q_pos, kv_pos, causal=causal, prefix_length=prefix_length, window=window, sinks=sinks,
-                          q_segment_ids=q_seg, kv_segment_ids=kv_seg)[:, None]
+    mask = attention_mask(
+        q_pos,
+        kv_pos,
+        causal=causal,
+        prefix_length=prefix_length,
+        window=window,
+        sinks=sinks,
+        q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg,
+    )[:, None]
     s = jnp.where(mask, s, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)

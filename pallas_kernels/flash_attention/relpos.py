@@ -25,9 +25,9 @@ def _half_buckets(distance, num_buckets, max_distance):
     distance = np.asarray(distance, np.int64)
     max_exact = num_buckets // 2
     safe = np.maximum(distance, max_exact).astype(np.float32)
-    large = max_exact + (np.log(safe / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(
-        np.int64
-    )
+    large = max_exact + (
+        np.log(safe / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(np.int64)
     return np.where(distance < max_exact, distance, np.minimum(large, num_buckets - 1))
 
 

@@ -159,7 +159,9 @@ def forward(cfg, q, k, v, ops, tables, interpret=False):
         @pl.when(is_live)
         def _step():
             carry = (r["m"][...], r["l"][...], r["acc"][...])
-            m, l, acc = tl.forward_step(cfg, tile(), r["q"][...], r["k"][...], r["v"][...], _weight(r, h), _bias(r), carry)
+            m, l, acc = tl.forward_step(
+                cfg, tile(), r["q"][...], r["k"][...], r["v"][...], _weight(r, h), _bias(r), carry
+            )
             r["m"][...], r["l"][...], r["acc"][...] = m, l, acc
 
         @pl.when(ki == nk - 1)
@@ -171,8 +173,22 @@ def forward(cfg, q, k, v, ops, tables, interpret=False):
     outputs = [_q_out(cfg, walk[0], q.shape, q.dtype, "out"), _q_out(cfg, walk[0], (B, H, T, 1), _F32, "lse")]
     scratch = [("m", (cfg.block_q, 1)), ("l", (cfg.block_q, 1)), ("acc", (cfg.block_q, D))]
     semantics = ("parallel", "parallel", "parallel", "arbitrary")
-    return _run(cfg, body, walk, (B, H, nq, nk), nq, nk, inputs, tables.live, tables.kv_fetch, _prefix(ops, B),
-                outputs, scratch, semantics, interpret)
+    return _run(
+        cfg,
+        body,
+        walk,
+        (B, H, nq, nk),
+        nq,
+        nk,
+        inputs,
+        tables.live,
+        tables.kv_fetch,
+        _prefix(ops, B),
+        outputs,
+        scratch,
+        semantics,
+        interpret,
+    )
 
 
 def backward_dq(cfg, q, k, v, do, lse, delta, ops, tables, interpret=False):
@@ -190,6 +206,7 @@ def backward_dq(cfg, q, k, v, do, lse, delta, ops, tables, interpret=False):
             r["dq_acc"][...] = jnp.zeros(r["dq_acc"].shape, _F32)
 
         if "dw" in r:
+
             @pl.when(jnp.logical_and(qi == 0, ki == 0))
             def _init_dw():
                 r["dw"][...] = jnp.zeros(r["dw"].shape, _F32)
@@ -198,8 +215,18 @@ def backward_dq(cfg, q, k, v, do, lse, delta, ops, tables, interpret=False):
         def _step():
             t = tile()
             kb = r["k"][...]
-            p, ds = tl.backward_step(cfg, t, r["q"][...], kb, r["v"][...], r["do"][...], r["lse"][...],
-                                     r["delta"][...], _weight(r, h), _bias(r))
+            p, ds = tl.backward_step(
+                cfg,
+                t,
+                r["q"][...],
+                kb,
+                r["v"][...],
+                r["do"][...],
+                r["lse"][...],
+                r["delta"][...],
+                _weight(r, h),
+                _bias(r),
+            )
             r["dq_acc"][...] += tl.grad_dq(cfg, ds, kb)
             if "dw" in r:
                 r["dw"][...] += tl.positional_bias_grads(cfg, t, ds, r["dw"].shape[-1])
@@ -207,6 +234,7 @@ def backward_dq(cfg, q, k, v, do, lse, delta, ops, tables, interpret=False):
                 r["dbias"][...] = ds
 
         if "dbias" in r:
+
             @pl.when(jnp.logical_not(is_live))
             def _dead():
                 r["dbias"][...] = jnp.zeros(r["dbias"].shape, _F32)
@@ -225,8 +253,22 @@ def backward_dq(cfg, q, k, v, do, lse, delta, ops, tables, interpret=False):
         spec = pl.BlockSpec((None, None, cfg.block_q, cfg.block_k), lambda b, h, qi, ki, *_: (b, h, qi, ki))
         outputs.append(("dbias", spec, jax.ShapeDtypeStruct((B, H, T, k.shape[2]), _F32)))
     semantics = ("parallel", "parallel", "arbitrary", "arbitrary")
-    results = _run(cfg, body, walk, (B, H, nq, nk), nq, nk, inputs, tables.live, tables.kv_fetch, _prefix(ops, B),
-                   outputs, [("dq_acc", (cfg.block_q, D))], semantics, interpret)
+    results = _run(
+        cfg,
+        body,
+        walk,
+        (B, H, nq, nk),
+        nq,
+        nk,
+        inputs,
+        tables.live,
+        tables.kv_fetch,
+        _prefix(ops, B),
+        outputs,
+        [("dq_acc", (cfg.block_q, D))],
+        semantics,
+        interpret,
+    )
     named = dict(zip([o[0] for o in outputs], results))
     return named["dq"], named.get("dw"), named.get("dbias")
 
@@ -252,8 +294,9 @@ def backward_dkv(cfg, q, k, v, do, lse, delta, ops, tables, interpret=False):
         @pl.when(is_live)
         def _step():
             qb, dob = r["q"][...], r["do"][...]
-            p, ds = tl.backward_step(cfg, tile(), qb, r["k"][...], r["v"][...], dob, r["lse"][...], r["delta"][...],
-                                     _weight(r, h), _bias(r))
+            p, ds = tl.backward_step(
+                cfg, tile(), qb, r["k"][...], r["v"][...], dob, r["lse"][...], r["delta"][...], _weight(r, h), _bias(r)
+            )
             r["dv_acc"][...] += tl.grad_dv(cfg, p, dob)
             r["dk_acc"][...] += tl.grad_dk(cfg, ds, qb)
 
@@ -265,8 +308,22 @@ def backward_dkv(cfg, q, k, v, do, lse, delta, ops, tables, interpret=False):
     outputs = [_kv_out(cfg, coords, k.shape, k.dtype, "dk"), _kv_out(cfg, coords, v.shape, v.dtype, "dv")]
     scratch = [("dk_acc", (cfg.block_k, D)), ("dv_acc", (cfg.block_k, v.shape[-1]))]
     semantics = ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
-    return _run(cfg, body, walk, (B, KVH, nk, cfg.group, nq), nq, nk, inputs, tables.live, tables.q_fetch,
-                _prefix(ops, B), outputs, scratch, semantics, interpret)
+    return _run(
+        cfg,
+        body,
+        walk,
+        (B, KVH, nk, cfg.group, nq),
+        nq,
+        nk,
+        inputs,
+        tables.live,
+        tables.q_fetch,
+        _prefix(ops, B),
+        outputs,
+        scratch,
+        semantics,
+        interpret,
+    )
 
 
 def _prefix(ops, batch):

@@ -5,5 +5,12 @@ from pallas_kernels.int8_matmul.dense import int8_dense, quantize_weight, weight
 from pallas_kernels.int8_matmul.quant import dequantize, quantize
 from pallas_kernels.int8_matmul.reference import int8_matmul_reference
 
-__all__ = ["int8_matmul", "int8_matmul_reference", "int8_dense", "weight_only_dense", "quantize_weight",
-           "quantize", "dequantize"]
+__all__ = [
+    "int8_matmul",
+    "int8_matmul_reference",
+    "int8_dense",
+    "weight_only_dense",
+    "quantize_weight",
+    "quantize",
+    "dequantize",
+]

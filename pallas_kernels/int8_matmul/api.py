@@ -11,8 +11,20 @@ BACKENDS = backends.BACKENDS + ("xla",)
 DEFAULT_BLOCKS = {"tpu": (256, 256, 512), "gpu": (64, 64, 64)}
 
 
-def int8_matmul(a, b, a_scale, b_scale, out_dtype=jnp.bfloat16, *, a_zero_point=None, b_zero_point=None,
-                block_m=None, block_n=None, block_k=None, backend="auto"):
+def int8_matmul(
+    a,
+    b,
+    a_scale,
+    b_scale,
+    out_dtype=jnp.bfloat16,
+    *,
+    a_zero_point=None,
+    b_zero_point=None,
+    block_m=None,
+    block_n=None,
+    block_k=None,
+    backend="auto",
+):
     """(a - a_zero) * a_scale @ (b - b_zero) * b_scale, for int8 a [M, K] and b [K, N].
 
     Products accumulate in int32 (exactly); scales apply once at the end, or once per K group.
@@ -46,8 +58,7 @@ def int8_matmul(a, b, a_scale, b_scale, out_dtype=jnp.bfloat16, *, a_zero_point=
     if zero_points:
         a_zero, b_zero = _pad(a_zero, (Mp, 1)), _pad(b_zero, (1, Np))
     module = gpu if family == "gpu" else tpu
-    out = module.matmul(cfg, a, b, a_scale, b_scale, a_zero, b_zero, out_dtype,
-                        interpret=backends.is_interpret(name))
+    out = module.matmul(cfg, a, b, a_scale, b_scale, a_zero, b_zero, out_dtype, interpret=backends.is_interpret(name))
     return out[:M, :N]
 
 
@@ -59,8 +70,9 @@ def _scales(a_scale, b_scale, M, N, K):
     if a_scale.ndim != 2 or a_scale.shape[0] not in (1, M) or ga not in (1, groups):
         raise ValueError(f"a_scale must be a scalar, [{M}], [{M}, 1] or [{M}, groups]; got {a_scale.shape}")
     if b_scale.ndim != 2 or b_scale.shape[1] not in (1, N) or gb not in (1, groups):
-        raise ValueError(f"b_scale must be a scalar, [{N}], [1, {N}] or [groups, {N}] (same groups as a_scale); "
-                         f"got {b_scale.shape}")
+        raise ValueError(
+            f"b_scale must be a scalar, [{N}], [1, {N}] or [groups, {N}] (same groups as a_scale); got {b_scale.shape}"
+        )
     if K % groups:
         raise ValueError(f"{groups} scale groups do not divide K = {K}")
     return jnp.broadcast_to(a_scale, (M, groups)), jnp.broadcast_to(b_scale, (groups, N))
@@ -88,8 +100,10 @@ def _blocks(family, name, M, N, K, groups, block_m, block_n, block_k):
     group = K // groups if groups > 1 else None
     if family == "gpu":
         if any(x < 16 or x & (x - 1) for x in (bm, bn, bk)) or (group and (group < 16 or group & (group - 1))):
-            raise ValueError(f"on GPU blocks and the K group size must be powers of two >= 16; got blocks "
-                             f"{(bm, bn, bk)}, group {group}")
+            raise ValueError(
+                f"on GPU blocks and the K group size must be powers of two >= 16; got blocks "
+                f"{(bm, bn, bk)}, group {group}"
+            )
         fit = lambda n, b: min(b, max(16, 1 << (n - 1).bit_length()))  # noqa: E731
         bm, bn, bk = fit(M, bm), fit(N, bn), fit(K, bk)
     else:

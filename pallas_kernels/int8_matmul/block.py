@@ -56,7 +56,7 @@ def step(cfg: Config, kk, a, b, a_scale, b_scale, a_zero, b_zero):
     g = cfg.group_size
     total = jnp.zeros((cfg.block_m, cfg.block_n), cfg.acc_dtype)
     for s in range(cfg.subs):
-        a_s, b_s = a[:, s * g:(s + 1) * g], b[s * g:(s + 1) * g, :]
+        a_s, b_s = a[:, s * g : (s + 1) * g], b[s * g : (s + 1) * g, :]
         part = jax.lax.dot_general(a_s, b_s, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
         if cfg.zero_points:
             start = kk * cfg.block_k + s * g

@@ -11,7 +11,8 @@ def matmul(a, b, a_scale, b_scale, a_zero, b_zero, out_dtype):
     a32, b32 = a.astype(jnp.int32), b.astype(jnp.int32)
     if a_zero is not None:
         a32, b32 = a32 - a_zero, b32 - b_zero
-    per_group = jnp.einsum("mgk,gkn->gmn", a32.reshape(M, G, K // G), b32.reshape(G, K // G, N),
-                           preferred_element_type=jnp.int32)
+    per_group = jnp.einsum(
+        "mgk,gkn->gmn", a32.reshape(M, G, K // G), b32.reshape(G, K // G, N), preferred_element_type=jnp.int32
+    )
     scaled = per_group.astype(jnp.float32) * a_scale.T[:, :, None] * b_scale[:, None, :]
     return jnp.sum(scaled, axis=0).astype(out_dtype)

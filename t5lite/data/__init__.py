@@ -12,20 +12,49 @@ from t5lite.data.objectives import OBJECTIVES
 from t5lite.data.pipeline import MODEL_KINDS, PROMPTED_KINDS, DataStream, model_lengths
 from t5lite.data.preferences import register_preference_task
 from t5lite.data.span_corruption import targets_length_for
-from t5lite.data.tasks import (check_registered, register_mixture, register_text_file_task, register_tfds_task,
-                               registered_names)
-from t5lite.data.vocab import (DEFAULT_EXTRA_IDS, DEFAULT_VOCAB_SIZE, build_vocabulary, check_vocabulary_fits,
-                               default_vocabulary, get_vocabulary, vocabulary_size_for_model)
+from t5lite.data.tasks import (
+    check_registered,
+    register_mixture,
+    register_text_file_task,
+    register_tfds_task,
+    registered_names,
+)
+from t5lite.data.vocab import (
+    DEFAULT_EXTRA_IDS,
+    DEFAULT_VOCAB_SIZE,
+    build_vocabulary,
+    check_vocabulary_fits,
+    default_vocabulary,
+    get_vocabulary,
+    vocabulary_size_for_model,
+)
 from t5lite.data.vocab_cli import add_vocab_arguments, vocab_command
 
 __all__ = [
-    "CACHE_ENV_VAR", "DEFAULT_EXTRA_IDS", "DEFAULT_VOCAB_SIZE", "MODEL_KINDS", "OBJECTIVES", "PROMPTED_KINDS",
+    "CACHE_ENV_VAR",
+    "DEFAULT_EXTRA_IDS",
+    "DEFAULT_VOCAB_SIZE",
+    "MODEL_KINDS",
+    "OBJECTIVES",
+    "PROMPTED_KINDS",
     "DataStream",
-    "add_vocab_arguments", "build_vocabulary", "check_registered", "check_vocabulary_fits", "corpus_path",
-    "default_vocabulary", "evaluate_predictions", "exact_match", "get_vocabulary", "model_lengths",
+    "add_vocab_arguments",
+    "build_vocabulary",
+    "check_registered",
+    "check_vocabulary_fits",
+    "corpus_path",
+    "default_vocabulary",
+    "evaluate_predictions",
+    "exact_match",
+    "get_vocabulary",
+    "model_lengths",
     "register_instruction_task",
     "register_preference_task",
     "register_mixture",
-    "register_text_file_task", "register_tfds_task", "registered_names", "targets_length_for",
-    "vocab_command", "vocabulary_size_for_model",
+    "register_text_file_task",
+    "register_tfds_task",
+    "registered_names",
+    "targets_length_for",
+    "vocab_command",
+    "vocabulary_size_for_model",
 ]

@@ -11,7 +11,7 @@ import fcntl
 import os
 import pathlib
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 ENV_VAR = "T5LITE_CACHE"
 DEFAULT_DIR = "~/.cache/t5lite"

@@ -10,6 +10,7 @@ def split_tokens(dataset: tf.data.Dataset, key: str, max_tokens: int, min_tokens
 
     Other features are dropped: they describe the whole text, not a piece of it.
     """
+
     def to_rows(features):
         tokens = features[key]
         size = tf.size(tokens)
@@ -19,5 +20,8 @@ def split_tokens(dataset: tf.data.Dataset, key: str, max_tokens: int, min_tokens
         keep = lengths >= min_tokens
         return tf.boolean_mask(rows, keep), tf.boolean_mask(lengths, keep)
 
-    return (dataset.map(to_rows, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-            .map(lambda row, length: {key: row[:length]}, num_parallel_calls=tf.data.AUTOTUNE))
+    return (
+        dataset.map(to_rows, num_parallel_calls=tf.data.AUTOTUNE)
+        .unbatch()
+        .map(lambda row, length: {key: row[:length]}, num_parallel_calls=tf.data.AUTOTUNE)
+    )

@@ -19,15 +19,16 @@ import re
 import sys
 import sysconfig
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 from t5lite.data import cache
 
 # Bump when the extraction changes, so stale caches are not reused.
 VERSION = 1
 # Directories of the standard library that hold tests, demos or third-party code, not docs.
-_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
-                           "site-packages", "dist-packages", "__pycache__"})
+_SKIPPED_DIRS = frozenset(
+    {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "dist-packages", "__pycache__"}
+)
 _DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _MIN_WORDS = 6
 # Share of letters and spaces below which a paragraph is code, a table or a grammar rule.
@@ -49,7 +50,8 @@ def _build() -> bytes:
         raise FileNotFoundError(
             f"Found no documentation in the Python standard library at {_stdlib_dir()}; this "
             f"Python installation lacks its .py sources. Use your own text instead, e.g. "
-            f"t5lite.data.register_text_file_task(name, train_files='my_text/*.txt').")
+            f"t5lite.data.register_text_file_task(name, train_files='my_text/*.txt')."
+        )
     return ("\n".join(paragraphs) + "\n").encode("utf-8")
 
 
@@ -77,6 +79,7 @@ def _documents() -> Iterator[str]:
     # The rendered language reference; some distributions package it separately.
     if importlib.util.find_spec("pydoc_data") is not None:
         from pydoc_data import topics
+
         yield from (topics.topics[key] for key in sorted(topics.topics))
 
 

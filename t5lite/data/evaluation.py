@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import seqio
 
@@ -12,9 +12,14 @@ from t5lite.data.tasks import check_registered
 PredictFn = Callable[[Sequence[str]], Sequence[str]]
 
 
-def evaluate_predictions(mixture_or_task_name: str, split: str, predict_fn: PredictFn, *,
-                         task_feature_lengths: Mapping[str, int] | None = None,
-                         max_examples: int | None = None) -> dict[str, dict[str, float]]:
+def evaluate_predictions(
+    mixture_or_task_name: str,
+    split: str,
+    predict_fn: PredictFn,
+    *,
+    task_feature_lengths: Mapping[str, int] | None = None,
+    max_examples: int | None = None,
+) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} for each task (of a mixture) that defines metric functions.
 
     `predict_fn` maps a list of input texts to the list of predicted texts. Examples come in
@@ -35,8 +40,11 @@ def evaluate_predictions(mixture_or_task_name: str, split: str, predict_fn: Pred
             raise ValueError(f"predict_fn returned {len(predictions)} predictions for {len(inputs)} inputs.")
         targets = [task.postprocess_fn(_text(task, ex, "targets"), example=ex, is_target=True) for ex in examples]
         predictions = [task.postprocess_fn(p, example=ex, is_target=False) for p, ex in zip(predictions, examples)]
-        results[task.name] = {name: float(value) for metric_fn in task.predict_metric_fns
-                              for name, value in metric_fn(targets, predictions).items()}
+        results[task.name] = {
+            name: float(value)
+            for metric_fn in task.predict_metric_fns
+            for name, value in metric_fn(targets, predictions).items()
+        }
     return results
 
 

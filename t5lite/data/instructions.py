@@ -3,8 +3,9 @@
 The prompt `template.format(instruction=...)` becomes "inputs" and the response "targets", so
 the loss falls on response tokens only: an encoder-decoder reads the prompt with its encoder,
 a decoder (model_kind "prefix_lm", or "causal_prefix_lm" for a causal prefix) sees it as its
-prefix, which seqio's feature converter gives zero loss weight. A prompt longer than its feature length loses its beginning,
-not the template's response marker at its end; a long response is cut at its end.
+prefix, which seqio's feature converter gives zero loss weight. A prompt longer than its feature
+length loses its beginning, not the template's response marker at its end; a long response is cut
+at its end.
 
 `t5lite_instructions` is a small built-in dataset of skills a tiny model learns within minutes
 (parity, successor, sums, comparisons, reversing digits, repeating a word), made from a seeded
@@ -18,7 +19,7 @@ import functools
 import json
 import random
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import gin
 import seqio
@@ -41,13 +42,15 @@ def _skills(rng: random.Random) -> list[Callable[[], tuple[str, str]]]:
         lambda: (lambda a, b: (f"What is {a} plus {b}?", str(a + b)))(rng.randrange(10), rng.randrange(10)),
         lambda: (lambda a, b: (f"Which is larger, {a} or {b}?", str(max(a, b))))(n(), n()),
         lambda: (lambda d: (f"Reverse the digits: {' '.join(d)}", " ".join(d[::-1])))(
-            [str(rng.randrange(10)) for _ in range(rng.randint(3, 6))]),
-        lambda: (lambda w, k: (f"Repeat the word {w} {k} times.", " ".join([w] * k)))(rng.choice(WORDS),
-                                                                                    rng.randint(2, 4)),
+            [str(rng.randrange(10)) for _ in range(rng.randint(3, 6))]
+        ),
+        lambda: (lambda w, k: (f"Repeat the word {w} {k} times.", " ".join([w] * k)))(
+            rng.choice(WORDS), rng.randint(2, 4)
+        ),
     ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def builtin_examples(split: str) -> tuple[dict[str, str], ...]:
     """{"instruction", "response"} records of `split`, the same on every machine."""
     rng = random.Random("t5lite-instructions")
@@ -102,16 +105,37 @@ def keep_prompt_end(dataset: tf.data.Dataset, sequence_length) -> tf.data.Datase
 
 
 @gin.configurable(module="t5lite.data")
-def register_instruction_task(name: str, train_file: str | None = None, validation_file: str | None = None,
-                              template: str = TEMPLATE, vocabulary: str | seqio.Vocabulary | None = None) -> str:
+def register_instruction_task(
+    name: str,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    template: str = TEMPLATE,
+    vocabulary: str | seqio.Vocabulary | None = None,
+) -> str:
     """An SFT task on .jsonl files, or on the built-in dataset when no train_file is given. Metric:
     exact match of the generated response."""
-    return register_prompted_task(name, builtin_examples, {"response": "targets"}, train_file, validation_file,
-                                  template, vocabulary, metric_fns=[metrics.exact_match])
+    return register_prompted_task(
+        name,
+        builtin_examples,
+        {"response": "targets"},
+        train_file,
+        validation_file,
+        template,
+        vocabulary,
+        metric_fns=[metrics.exact_match],
+    )
 
 
-def register_prompted_task(name: str, builtin: Callable, responses: dict[str, str], train_file: str | None,
-                           validation_file: str | None, template: str, vocabulary, metric_fns=()) -> str:
+def register_prompted_task(
+    name: str,
+    builtin: Callable,
+    responses: dict[str, str],
+    train_file: str | None,
+    validation_file: str | None,
+    template: str,
+    vocabulary,
+    metric_fns=(),
+) -> str:
     """A task of {"instruction", *responses} records (from .jsonl files, or `builtin(split)`) whose
     instruction goes through `template` into "inputs" and whose responses become the features
     `responses` names, each ending in EOS."""
@@ -125,9 +149,15 @@ def register_prompted_task(name: str, builtin: Callable, responses: dict[str, st
     vocab = get_vocabulary(vocabulary)
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
-        name, source=sources.RecordsSource(records),
+        name,
+        source=sources.RecordsSource(records),
         output_features={key: seqio.Feature(vocab, add_eos=True) for key in ("inputs", *responses.values())},
-        preprocessors=[format_prompt(template, responses), seqio.preprocessors.tokenize, keep_prompt_end,
-                       seqio.preprocessors.append_eos_after_trim],
-        metric_fns=list(metric_fns))
+        preprocessors=[
+            format_prompt(template, responses),
+            seqio.preprocessors.tokenize,
+            keep_prompt_end,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        metric_fns=list(metric_fns),
+    )
     return name

@@ -14,7 +14,7 @@ to stop at the end of a paragraph, not at an arbitrary cut.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import seqio
 import tensorflow as tf
@@ -57,8 +57,9 @@ def lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None) -> t
     return chunking.split_tokens(dataset, "targets", sequence_length["targets"])
 
 
-def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None,
-              output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+def prefix_lm(
+    dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None, output_features: Mapping[str, seqio.Feature]
+) -> tf.data.Dataset:
     """Tokenized {"targets"} (EOS included) -> {"inputs": prefix + EOS, "targets": the rest}."""
     _check_lengths("prefix_lm", sequence_length, ("inputs", "targets"))
     max_inputs, max_targets = sequence_length["inputs"] - 1, sequence_length["targets"]
@@ -79,5 +80,7 @@ def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | Non
 
 def _check_lengths(objective: str, sequence_length: Mapping[str, int] | None, keys: tuple[str, ...]) -> None:
     if not sequence_length or any(sequence_length.get(key, 0) < 2 for key in keys):
-        raise ValueError(f"The {objective} objective needs task_feature_lengths of at least 2 for "
-                         f"{' and '.join(map(repr, keys))}, got {sequence_length}.")
+        raise ValueError(
+            f"The {objective} objective needs task_feature_lengths of at least 2 for "
+            f"{' and '.join(map(repr, keys))}, got {sequence_length}."
+        )

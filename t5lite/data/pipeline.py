@@ -10,7 +10,7 @@ saved. `skip` replays batches instead, for checkpoints that hold only a position
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import seqio
@@ -19,13 +19,17 @@ import tensorflow as tf
 from t5lite.data import preferences
 from t5lite.data.tasks import check_registered
 
+
 class CausalPrefixLMFeatureConverter(seqio.PrefixLMFeatureConverter):
     """seqio's prefix LM (inputs then targets in one row, loss on the targets only) without its
     bidirectional prefix: the whole row attends causally, as a causal decoder (Llama-style) is
     fine-tuned on prompts and responses."""
 
-    MODEL_FEATURES = {name: feature for name, feature in seqio.PrefixLMFeatureConverter.MODEL_FEATURES.items()
-                      if name != "decoder_causal_attention"}
+    MODEL_FEATURES = {
+        name: feature
+        for name, feature in seqio.PrefixLMFeatureConverter.MODEL_FEATURES.items()
+        if name != "decoder_causal_attention"
+    }
 
     def _convert_features(self, ds, task_feature_lengths):
         return super()._convert_features(ds, task_feature_lengths).map(self._causal)
@@ -65,9 +69,21 @@ class DataStream:
     rows hold batch_size / 2 pairs, chosen on even rows.
     """
 
-    def __init__(self, mixture_or_task_name: str, *, split: str, task_feature_lengths: Mapping[str, int],
-                 batch_size: int, model_kind: str, pack: bool = True, shuffle: bool = True, seed: int = 0,
-                 shard_index: int = 0, num_shards: int = 1, repeat: bool = True):
+    def __init__(
+        self,
+        mixture_or_task_name: str,
+        *,
+        split: str,
+        task_feature_lengths: Mapping[str, int],
+        batch_size: int,
+        model_kind: str,
+        pack: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        repeat: bool = True,
+    ):
         if model_kind not in FEATURE_CONVERTERS:
             raise ValueError(f"model_kind={model_kind!r} is not supported. Allowed values: {', '.join(MODEL_KINDS)}.")
         if not isinstance(batch_size, int) or batch_size <= 0:
@@ -77,8 +93,9 @@ class DataStream:
         check_registered(mixture_or_task_name)
         self._provider = seqio.get_mixture_or_task(mixture_or_task_name)
         if split not in self._provider.splits:
-            raise ValueError(f"{mixture_or_task_name!r} has no split {split!r}; it has "
-                             f"{sorted(self._provider.splits)}.")
+            raise ValueError(
+                f"{mixture_or_task_name!r} has no split {split!r}; it has {sorted(self._provider.splits)}."
+            )
         features = set(self._provider.output_features)
         self.pairs = preferences.is_pair_task(features)
         if self.pairs:
@@ -87,20 +104,30 @@ class DataStream:
             _check_features(mixture_or_task_name, features, model_kind, task_feature_lengths)
         self._name, self._split, self._lengths = mixture_or_task_name, split, dict(task_feature_lengths)
         self._batch_size, self._seed = batch_size, seed
-        self.description = {"task": mixture_or_task_name, "split": split, "lengths": dict(task_feature_lengths),
-                            "rows_per_process": batch_size, "processes": num_shards, "model_kind": model_kind,
-                            "pack": pack, "shuffle": shuffle, "seed": seed}
+        self.description = {
+            "task": mixture_or_task_name,
+            "split": split,
+            "lengths": dict(task_feature_lengths),
+            "rows_per_process": batch_size,
+            "processes": num_shards,
+            "model_kind": model_kind,
+            "pack": pack,
+            "shuffle": shuffle,
+            "seed": seed,
+        }
         """What decides the batches besides the data files; a saved state continues only a stream
         with the same description."""
         self._shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
         self._converter = FEATURE_CONVERTERS[model_kind](pack=pack)
         self._check_not_empty()
         batches = self._dataset(repeat=repeat, shuffle=shuffle)
-        self._spec = {name: (tuple(spec.shape), spec.dtype.as_numpy_dtype) for name, spec in batches.element_spec.items()}
+        self._spec = {
+            name: (tuple(spec.shape), spec.dtype.as_numpy_dtype) for name, spec in batches.element_spec.items()
+        }
         self._iterator = iter(batches)
         self._position = 0
 
-    def __iter__(self) -> "DataStream":
+    def __iter__(self) -> DataStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -123,9 +150,11 @@ class DataStream:
         try:
             tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()
         except (tf.errors.OpError, AssertionError, ValueError) as error:
-            raise ValueError(f"The input stream saved at {prefix} does not fit this one (task {self._name!r}, "
-                             f"lengths {self._lengths}, {self._batch_size} rows a batch, shard "
-                             f"{self._shard.index} of {self._shard.num_shards}): {error}") from None
+            raise ValueError(
+                f"The input stream saved at {prefix} does not fit this one (task {self._name!r}, "
+                f"lengths {self._lengths}, {self._batch_size} rows a batch, shard "
+                f"{self._shard.index} of {self._shard.num_shards}): {error}"
+            ) from None
         self._position = position
 
     def skip(self, batches: int) -> None:
@@ -156,8 +185,12 @@ class DataStream:
     def _examples(self, repeat: bool, shuffle: bool) -> tf.data.Dataset:
         examples = self._provider.get_dataset(
             sequence_length=preferences.pair_lengths(self._lengths) if self.pairs else self._lengths,
-            split=self._split, shuffle=shuffle, seed=self._seed, shard_info=self._shard,
-            num_epochs=None if repeat else 1)
+            split=self._split,
+            shuffle=shuffle,
+            seed=self._seed,
+            shard_info=self._shard,
+            num_epochs=None if repeat else 1,
+        )
         features = set(self._provider.output_features)  # drop e.g. "*_pretokenized" strings
         examples = examples.map(lambda ex: {k: v for k, v in ex.items() if k in features})
         return preferences.as_rows(examples) if self.pairs else examples
@@ -185,19 +218,24 @@ class DataStream:
             raise ValueError(
                 f"Task {self._name!r}, split {self._split!r}{shard} yields no examples: its files are empty, or "
                 f"every text is shorter than an objective needs. Check the task's data files, or use another "
-                f"split{', or fewer shards' if shard else ''}.")
+                f"split{', or fewer shards' if shard else ''}."
+            )
 
 
 def _check_pairs(name: str, model_kind: str, lengths: Mapping[str, int], batch_size: int, pack: bool) -> None:
     """Pair rows must stay whole rows, side by side, after a prompt."""
     if model_kind == "decoder":
-        raise ValueError(f"Task {name!r} holds preference pairs after a prompt; a decoder takes them with "
-                         f"model_kind='prefix_lm' or 'causal_prefix_lm'.")
+        raise ValueError(
+            f"Task {name!r} holds preference pairs after a prompt; a decoder takes them with "
+            f"model_kind='prefix_lm' or 'causal_prefix_lm'."
+        )
     if pack:
         raise ValueError(f"Task {name!r} holds preference pairs, scored row by row: set train.pack=False.")
     if batch_size % 2:
-        raise ValueError(f"Task {name!r} holds preference pairs, two rows each: batch_size={batch_size} rows (per "
-                         f"process) must be even.")
+        raise ValueError(
+            f"Task {name!r} holds preference pairs, two rows each: batch_size={batch_size} rows (per "
+            f"process) must be even."
+        )
     _check_features(name, {"inputs", "targets"}, model_kind, lengths)
 
 
@@ -205,11 +243,17 @@ def _check_features(name: str, features: set[str], model_kind: str, lengths: Map
     """A decoder trained on span-corruption targets alone would learn nonsense, silently."""
     needed = {"targets"} if model_kind == "decoder" else {"inputs", "targets"}
     if not needed <= features or (model_kind == "decoder" and "inputs" in features):
-        fix = ("a task with only 'targets', e.g. t5lite_corpus_lm" if model_kind == "decoder" else
-               "a task with 'inputs' and 'targets', e.g. t5lite_corpus_span_corruption or t5lite_corpus_prefix_lm")
-        raise ValueError(f"Task {name!r} has features {sorted(features)} but model_kind={model_kind!r} needs "
-                         f"{sorted(needed)}: use {fix}.")
+        fix = (
+            "a task with only 'targets', e.g. t5lite_corpus_lm"
+            if model_kind == "decoder"
+            else "a task with 'inputs' and 'targets', e.g. t5lite_corpus_span_corruption or t5lite_corpus_prefix_lm"
+        )
+        raise ValueError(
+            f"Task {name!r} has features {sorted(features)} but model_kind={model_kind!r} needs "
+            f"{sorted(needed)}: use {fix}."
+        )
     missing = needed - set(lengths)
     if missing or any(not isinstance(lengths[key], int) or lengths[key] <= 0 for key in needed):
-        raise ValueError(f"task_feature_lengths={dict(lengths)} must give a positive length for each of "
-                         f"{sorted(needed)}.")
+        raise ValueError(
+            f"task_feature_lengths={dict(lengths)} must give a positive length for each of {sorted(needed)}."
+        )

@@ -32,18 +32,26 @@ def near_miss(response: str) -> str:
     return " ".join(response.split()[:-1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def builtin_pairs(split: str) -> tuple[dict[str, str], ...]:
-    return tuple({"instruction": r["instruction"], "chosen": r["response"], "rejected": near_miss(r["response"])}
-                 for r in builtin_examples(split))
+    return tuple(
+        {"instruction": r["instruction"], "chosen": r["response"], "rejected": near_miss(r["response"])}
+        for r in builtin_examples(split)
+    )
 
 
 @gin.configurable(module="t5lite.data")
-def register_preference_task(name: str, train_file: str | None = None, validation_file: str | None = None,
-                             template: str = TEMPLATE, vocabulary: str | seqio.Vocabulary | None = None) -> str:
+def register_preference_task(
+    name: str,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    template: str = TEMPLATE,
+    vocabulary: str | seqio.Vocabulary | None = None,
+) -> str:
     """A preference task on .jsonl files, or on the built-in pairs when no train_file is given."""
-    return register_prompted_task(name, builtin_pairs, {key: key for key in PAIR_FEATURES}, train_file,
-                                  validation_file, template, vocabulary)
+    return register_prompted_task(
+        name, builtin_pairs, {key: key for key in PAIR_FEATURES}, train_file, validation_file, template, vocabulary
+    )
 
 
 def is_pair_task(features) -> bool:
@@ -52,13 +60,14 @@ def is_pair_task(features) -> bool:
 
 def pair_lengths(task_feature_lengths) -> dict[str, int]:
     """The task's lengths of a pair example: "targets" bounds each response."""
-    return {"inputs": task_feature_lengths["inputs"],
-            **{key: task_feature_lengths["targets"] for key in PAIR_FEATURES}}
+    return {"inputs": task_feature_lengths["inputs"], **{key: task_feature_lengths["targets"] for key in PAIR_FEATURES}}
 
 
 def as_rows(examples: tf.data.Dataset) -> tf.data.Dataset:
     """Each {"inputs", "chosen", "rejected"} example -> rows {"inputs", "targets"}: chosen, then rejected."""
+
     def rows(example):
         chosen, rejected = ({"inputs": example["inputs"], "targets": example[key]} for key in PAIR_FEATURES)
         return tf.data.Dataset.from_tensors(chosen).concatenate(tf.data.Dataset.from_tensors(rejected))
+
     return examples.flat_map(rows)

@@ -11,12 +11,12 @@ against exactly the shuffling we need here, hence a DataSource of our own.
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import seqio
 import tensorflow as tf
 
-Files = Union[str, Sequence[str], Callable[[], Sequence[str]]]
+Files = str | Sequence[str] | Callable[[], Sequence[str]]
 JSON_SUFFIXES = (".jsonl", ".json")
 _HASH_BUCKETS = 10_000
 # Lines shuffled in memory after the files are. Every checkpoint holds this buffer (about 160
@@ -28,11 +28,18 @@ LINE_SHUFFLE_BUFFER = 16_384
 class TextFilesSource(seqio.DataSource):
     """Lines of `train_files` (glob patterns, or a function returning paths, called on first read)."""
 
-    def __init__(self, train_files: Files, validation_files: Files | None = None, *, text_key: str = "text",
-                 validation_fraction: float = 0.03):
+    def __init__(
+        self,
+        train_files: Files,
+        validation_files: Files | None = None,
+        *,
+        text_key: str = "text",
+        validation_fraction: float = 0.03,
+    ):
         if validation_files is None and not 0 < validation_fraction < 1:
-            raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1) when no "
-                             f"validation_files are given.")
+            raise ValueError(
+                f"validation_fraction={validation_fraction} must be in (0, 1) when no validation_files are given."
+            )
         self._files = {"train": train_files, "validation": validation_files or train_files}
         self._hash_split = validation_files is None
         self._text_key = text_key
@@ -51,17 +58,29 @@ class TextFilesSource(seqio.DataSource):
         paths = seqio.utils.list_files(files() if callable(files) else files)
         missing = [path for path in paths if not tf.io.gfile.exists(path)]
         if not paths or missing:
-            raise FileNotFoundError(f"No text files for the {split!r} split: {files!r} matches "
-                                    f"{'nothing' if not paths else 'missing files ' + str(missing)}. "
-                                    f"Check the path or glob pattern.")
+            raise FileNotFoundError(
+                f"No text files for the {split!r} split: {files!r} matches "
+                f"{'nothing' if not paths else 'missing files ' + str(missing)}. "
+                f"Check the path or glob pattern."
+            )
         if len({path.endswith(JSON_SUFFIXES) for path in paths}) > 1:
-            raise ValueError(f"{files!r} mixes .jsonl and plain-text files; register them as two tasks and "
-                             f"combine them with register_mixture.")
+            raise ValueError(
+                f"{files!r} mixes .jsonl and plain-text files; register them as two tasks and "
+                f"combine them with register_mixture."
+            )
         return paths
 
-    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
-                    shard_info: seqio.ShardInfo | None = None, *, sequence_length=None, use_cached=False,
-                    num_epochs=1) -> tf.data.Dataset:
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: int | None = None,
+        shard_info: seqio.ShardInfo | None = None,
+        *,
+        sequence_length=None,
+        use_cached=False,
+        num_epochs=1,
+    ) -> tf.data.Dataset:
         paths = self.list_shards(split)
         files = tf.data.Dataset.from_tensor_slices(paths)
         if shard_info:
@@ -88,8 +107,10 @@ class TextFilesSource(seqio.DataSource):
         def parse(line):
             record = json.loads(line.numpy())
             if not isinstance(record, dict) or self._text_key not in record:
-                raise ValueError(f"A JSON line has no key {self._text_key!r}: {line.numpy()[:200]!r}; set text_key "
-                                 f"to the field that holds the text.")
+                raise ValueError(
+                    f"A JSON line has no key {self._text_key!r}: {line.numpy()[:200]!r}; set text_key "
+                    f"to the field that holds the text."
+                )
             return str(record[self._text_key])
 
         text = tf.py_function(parse, [line], tf.string)
@@ -101,7 +122,9 @@ class RecordsSource(seqio.DataSource):
     """The records (dicts of strings, all with the same keys) `records(split)` returns; the Task
     shuffles them."""
 
-    def __init__(self, records: Callable[[str], Sequence[dict[str, str]]], splits: Sequence[str] = ("train", "validation")):
+    def __init__(
+        self, records: Callable[[str], Sequence[dict[str, str]]], splits: Sequence[str] = ("train", "validation")
+    ):
         self._records = records
         super().__init__(splits=tuple(splits))
 
@@ -112,9 +135,17 @@ class RecordsSource(seqio.DataSource):
     def list_shards(self, split: str) -> list[str]:
         return [split]
 
-    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
-                    shard_info: seqio.ShardInfo | None = None, *, sequence_length=None, use_cached=False,
-                    num_epochs=1) -> tf.data.Dataset:
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: int | None = None,
+        shard_info: seqio.ShardInfo | None = None,
+        *,
+        sequence_length=None,
+        use_cached=False,
+        num_epochs=1,
+    ) -> tf.data.Dataset:
         records = self._records(split)
         dataset = tf.data.Dataset.from_tensor_slices({key: [r[key] for r in records] for key in records[0]})
         return dataset.shard(shard_info.num_shards, shard_info.index) if shard_info else dataset

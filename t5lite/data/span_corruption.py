@@ -19,7 +19,7 @@ The `t5` package holds the original; seqio does not, and we do not depend on `t5
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from collections.abc import Mapping
 
 import gin
 import numpy as np
@@ -34,8 +34,9 @@ MAX_DOCUMENT_CHUNK = 65536  # T5 keeps one random chunk of this many tokens of a
 DOCUMENTS_PER_CONCATENATION = 128
 
 
-def noise_counts(length: int, noise_density: float = NOISE_DENSITY,
-                 mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tuple[int, int]:
+def noise_counts(
+    length: int, noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
+) -> tuple[int, int]:
     """(noise tokens, noise spans) for a chunk of `length` >= 2 tokens: at least one of each.
 
     Every noise span needs a clean span before it, so there are no more spans than clean tokens.
@@ -45,57 +46,79 @@ def noise_counts(length: int, noise_density: float = NOISE_DENSITY,
     return num_noise, num_spans
 
 
-def corrupted_lengths(length: int, noise_density: float = NOISE_DENSITY,
-                      mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tuple[int, int]:
+def corrupted_lengths(
+    length: int, noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
+) -> tuple[int, int]:
     """(inputs, targets) lengths, each with its EOS, after corrupting `length` tokens."""
     num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
     return length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
-def raw_length(inputs_length: int, targets_length: int | None = None, noise_density: float = NOISE_DENSITY,
-               mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> int:
+def raw_length(
+    inputs_length: int,
+    targets_length: int | None = None,
+    noise_density: float = NOISE_DENSITY,
+    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+) -> int:
     """The longest chunk whose corrupted inputs (and targets, if given) fit the lengths."""
+
     def fits(n):
         n_inputs, n_targets = corrupted_lengths(n, noise_density, mean_noise_span_length)
         return n_inputs <= inputs_length and (targets_length is None or n_targets <= targets_length)
 
     if not fits(2):
-        raise ValueError(f"Sequence lengths inputs={inputs_length}, targets={targets_length} are too short for "
-                         f"span corruption; use at least 4 for each.")
+        raise ValueError(
+            f"Sequence lengths inputs={inputs_length}, targets={targets_length} are too short for "
+            f"span corruption; use at least 4 for each."
+        )
     n = 2
     while fits(n + 1):  # both lengths grow monotonically with n
         n += 1
     return n
 
 
-def targets_length_for(inputs_length: int, noise_density: float = NOISE_DENSITY,
-                       mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> int:
+def targets_length_for(
+    inputs_length: int, noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
+) -> int:
     """The targets length that span corruption fills for `inputs_length` (T5: 512 -> 114)."""
     n = raw_length(inputs_length, None, noise_density, mean_noise_span_length)
     return corrupted_lengths(n, noise_density, mean_noise_span_length)[1]
 
 
 @gin.configurable(module="t5lite.data", denylist=["dataset", "sequence_length", "output_features"])
-def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None,
-                    output_features: Mapping[str, seqio.Feature], noise_density: float = NOISE_DENSITY,
-                    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
-                    concatenate: bool = True) -> tf.data.Dataset:
+def span_corruption(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int] | None,
+    output_features: Mapping[str, seqio.Feature],
+    noise_density: float = NOISE_DENSITY,
+    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+    concatenate: bool = True,
+) -> tf.data.Dataset:
     """Tokenized {"targets"} -> {"inputs", "targets"} without EOS (append it afterwards)."""
     if not 0 < noise_density < 1 or mean_noise_span_length < 1:
-        raise ValueError(f"noise_density={noise_density} must be in (0, 1) and mean_noise_span_length="
-                         f"{mean_noise_span_length} at least 1.")
+        raise ValueError(
+            f"noise_density={noise_density} must be in (0, 1) and mean_noise_span_length="
+            f"{mean_noise_span_length} at least 1."
+        )
     if not sequence_length or "inputs" not in sequence_length or "targets" not in sequence_length:
-        raise ValueError(f"span_corruption needs task_feature_lengths for 'inputs' and 'targets', got "
-                         f"{sequence_length}; T5 uses {{'inputs': 512, 'targets': 114}} (see targets_length_for).")
+        raise ValueError(
+            f"span_corruption needs task_feature_lengths for 'inputs' and 'targets', got "
+            f"{sequence_length}; T5 uses {{'inputs': 512, 'targets': 114}} (see targets_length_for)."
+        )
     vocabulary = output_features["targets"].vocabulary
-    max_tokens = raw_length(sequence_length["inputs"], sequence_length["targets"], noise_density,
-                            mean_noise_span_length)
-    counts = np.array([(0, 0), (0, 0)] + [noise_counts(n, noise_density, mean_noise_span_length)
-                                          for n in range(2, max_tokens + 1)], np.int32)
+    max_tokens = raw_length(
+        sequence_length["inputs"], sequence_length["targets"], noise_density, mean_noise_span_length
+    )
+    counts = np.array(
+        [(0, 0), (0, 0)] + [noise_counts(n, noise_density, mean_noise_span_length) for n in range(2, max_tokens + 1)],
+        np.int32,
+    )
     if counts[-1, 1] > vocabulary.extra_ids:
-        raise ValueError(f"Span corruption of {max_tokens} tokens makes up to {counts[-1, 1]} spans, but the "
-                         f"vocabulary has only {vocabulary.extra_ids} extra ids for sentinels; use a vocabulary "
-                         f"with more extra_ids or shorter sequences.")
+        raise ValueError(
+            f"Span corruption of {max_tokens} tokens makes up to {counts[-1, 1]} spans, but the "
+            f"vocabulary has only {vocabulary.extra_ids} extra ids for sentinels; use a vocabulary "
+            f"with more extra_ids or shorter sequences."
+        )
     if concatenate:
         dataset = concatenate_documents(select_random_chunk(dataset, MAX_DOCUMENT_CHUNK), DOCUMENTS_PER_CONCATENATION)
     dataset = chunking.split_tokens(dataset, "targets", max_tokens, min_tokens=2)
@@ -106,12 +129,13 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
 def select_random_chunk(dataset: tf.data.Dataset, max_length: int) -> tf.data.Dataset:
     """Each non-empty {"targets"} document -> one of its consecutive `max_length`-token chunks,
     chosen uniformly (the last may be shorter); the rest of a long document is not used."""
+
     @functools.partial(seqio.map_over_dataset, num_seeds=1)
     def chunk(features, seed):
         tokens = features["targets"]
         count = (tf.size(tokens) + max_length - 1) // max_length
         start = max_length * tf.random.stateless_uniform([], seed, 0, count, dtype=tf.int32)
-        return {"targets": tokens[start:start + max_length]}
+        return {"targets": tokens[start : start + max_length]}
 
     return chunk(dataset.filter(lambda features: tf.size(features["targets"]) > 0))
 
@@ -120,15 +144,19 @@ def concatenate_documents(dataset: tf.data.Dataset, documents: int) -> tf.data.D
     """{"targets"} documents -> one {"targets"} of `documents` consecutive ones joined end to end."""
     batches = dataset.map(lambda features: {"targets": features["targets"]}).padded_batch(documents)
     # Padding is id 0, which no tokenized text holds.
-    return batches.map(lambda batch: {"targets": tf.boolean_mask(batch["targets"], batch["targets"] > 0)},
-                       num_parallel_calls=tf.data.AUTOTUNE)
+    return batches.map(
+        lambda batch: {"targets": tf.boolean_mask(batch["targets"], batch["targets"] > 0)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
 
 
 def _corrupt(features, seeds, counts, vocab_size):
     tokens = features["targets"]
     noise = _noise_mask(tf.size(tokens), counts, seeds)
-    return {"inputs": _replace_spans(tokens, noise, vocab_size),
-            "targets": _replace_spans(tokens, tf.logical_not(noise), vocab_size)}
+    return {
+        "inputs": _replace_spans(tokens, noise, vocab_size),
+        "targets": _replace_spans(tokens, tf.logical_not(noise), vocab_size),
+    }
 
 
 def _noise_mask(length: tf.Tensor, counts: tf.Tensor, seeds) -> tf.Tensor:
@@ -144,7 +172,7 @@ def _noise_mask(length: tf.Tensor, counts: tf.Tensor, seeds) -> tf.Tensor:
 
 def _random_composition(total: tf.Tensor, parts: tf.Tensor, seed) -> tf.Tensor:
     """`parts` positive integers summing to `total`, uniform over all such sequences."""
-    cuts = tf.sort(seqio.utils.stateless_shuffle(tf.range(1, total), seed)[:parts - 1])
+    cuts = tf.sort(seqio.utils.stateless_shuffle(tf.range(1, total), seed)[: parts - 1])
     bounds = tf.concat([[0], cuts, [total]], axis=0)
     return bounds[1:] - bounds[:-1]
 

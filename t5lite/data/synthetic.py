@@ -17,7 +17,7 @@ MIN_DIGITS, MAX_DIGITS = 3, 8
 _VALIDATION_ONE_IN = 10
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def examples(operation: str, split: str) -> tuple[dict[str, str], ...]:
     """{"inputs", "targets"} records of `split`, the same on every machine."""
     if operation not in OPERATIONS:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import gin
 import seqio
@@ -36,23 +36,36 @@ from t5lite.data.vocab import get_vocabulary
 
 
 @gin.configurable(module="t5lite.data")
-def register_text_file_task(name: str, train_files: sources.Files, validation_files: sources.Files | None = None,
-                            objective: str = "span_corruption", vocabulary: str | seqio.Vocabulary | None = None,
-                            text_key: str = "text", validation_fraction: float = 0.03) -> str:
+def register_text_file_task(
+    name: str,
+    train_files: sources.Files,
+    validation_files: sources.Files | None = None,
+    objective: str = "span_corruption",
+    vocabulary: str | seqio.Vocabulary | None = None,
+    text_key: str = "text",
+    validation_fraction: float = 0.03,
+) -> str:
     """A task on .txt files (a line per example) or .jsonl files (`text_key` of each object).
 
     Without `validation_files`, `validation_fraction` of the lines (chosen by hash) is the
     validation split. `vocabulary`: None (the default vocabulary), "bytes" or a .model path.
     """
-    source = sources.TextFilesSource(train_files, validation_files, text_key=text_key,
-                                     validation_fraction=validation_fraction)
+    source = sources.TextFilesSource(
+        train_files, validation_files, text_key=text_key, validation_fraction=validation_fraction
+    )
     return _register_text_task(name, source, objective, vocabulary)
 
 
 @gin.configurable(module="t5lite.data")
-def register_tfds_task(name: str, tfds_name: str, objective: str = "span_corruption",
-                       vocabulary: str | seqio.Vocabulary | None = None, text_key: str = "text",
-                       splits: Sequence[str] | dict[str, str] | None = None, tfds_data_dir: str | None = None) -> str:
+def register_tfds_task(
+    name: str,
+    tfds_name: str,
+    objective: str = "span_corruption",
+    vocabulary: str | seqio.Vocabulary | None = None,
+    text_key: str = "text",
+    splits: Sequence[str] | dict[str, str] | None = None,
+    tfds_data_dir: str | None = None,
+) -> str:
     """A task on a TensorFlow Datasets text dataset, e.g. tfds_name="lm1b:1.1.0" (read from tfds_data_dir).
 
     `splits` renames TFDS splits, e.g. {"train": "train", "validation": "test"}.
@@ -81,18 +94,29 @@ def check_registered(name: str) -> None:
     names = registered_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
-        raise ValueError(f"Unknown task or mixture {name!r}{f' (did you mean {close}?)' if close else ''}. "
-                         f"Registered: {', '.join(names)}. Register your data with "
-                         f"t5lite.data.register_text_file_task or register_tfds_task (e.g. from gin).")
+        raise ValueError(
+            f"Unknown task or mixture {name!r}{f' (did you mean {close}?)' if close else ''}. "
+            f"Registered: {', '.join(names)}. Register your data with "
+            f"t5lite.data.register_text_file_task or register_tfds_task (e.g. from gin)."
+        )
 
 
-def _register_text_task(name: str, source: seqio.DataSource, objective: str,
-                        vocabulary: str | seqio.Vocabulary | None, text_key: str = "text") -> str:
+def _register_text_task(
+    name: str,
+    source: seqio.DataSource,
+    objective: str,
+    vocabulary: str | seqio.Vocabulary | None,
+    text_key: str = "text",
+) -> str:
     vocab = get_vocabulary(vocabulary)
     rename = [] if text_key == "text" else [_renamer(text_key)]
     seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(name, source=source, output_features=objectives.output_features(objective, vocab),
-                           preprocessors=rename + objectives.preprocessors(objective))
+    seqio.TaskRegistry.add(
+        name,
+        source=source,
+        output_features=objectives.output_features(objective, vocab),
+        preprocessors=rename + objectives.preprocessors(objective),
+    )
     return name
 
 
@@ -111,10 +135,12 @@ def _register_synthetic_task(operation: str) -> str:
     vocab = get_vocabulary(None)
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
-        name, source=sources.RecordsSource(functools.partial(synthetic.examples, operation)),
+        name,
+        source=sources.RecordsSource(functools.partial(synthetic.examples, operation)),
         output_features={key: seqio.Feature(vocab, add_eos=True) for key in ("inputs", "targets")},
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-        metric_fns=[metrics.exact_match])
+        metric_fns=[metrics.exact_match],
+    )
     return name
 
 
@@ -124,8 +150,9 @@ def _register_builtin() -> None:
         _register_text_task(f"t5lite_corpus_{objective}", corpus_source, objective, None)
         _register_text_task(f"t5lite_corpus_{objective}_bytes", corpus_source, objective, "bytes")
     seqio.MixtureRegistry.remove("t5lite_synthetic")
-    seqio.MixtureRegistry.add("t5lite_synthetic", [_register_synthetic_task(op) for op in synthetic.OPERATIONS],
-                              default_rate=1.0)
+    seqio.MixtureRegistry.add(
+        "t5lite_synthetic", [_register_synthetic_task(op) for op in synthetic.OPERATIONS], default_rate=1.0
+    )
     instructions.register_instruction_task("t5lite_instructions")
     preferences.register_preference_task("t5lite_preferences")
 

@@ -14,7 +14,7 @@ import json
 import math
 import pathlib
 import random
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import seqio
 
@@ -28,15 +28,29 @@ DEFAULT_EXTRA_IDS = 100
 DEFAULT_MAX_SENTENCES = 200_000
 # T5's special ids; byte fallback instead of UNK; one thread because SentencePiece's result
 # depends on the thread count.
-_TRAINER_OPTIONS = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True, num_threads=1,
-                        max_sentence_length=1 << 16, minloglevel=2)
+_TRAINER_OPTIONS = dict(
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    byte_fallback=True,
+    num_threads=1,
+    max_sentence_length=1 << 16,
+    minloglevel=2,
+)
 # Embedding tables are padded to a multiple of this for efficient TPU/GPU matmuls (T5 uses 128).
 VOCAB_SIZE_MULTIPLE = 128
 
 
-def build_vocabulary(output_dir: str | pathlib.Path | None = None, *, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                     model_type: str = DEFAULT_MODEL_TYPE, input_files: Sequence[str] | None = None,
-                     text_key: str = "text", max_sentences: int = DEFAULT_MAX_SENTENCES) -> pathlib.Path:
+def build_vocabulary(
+    output_dir: str | pathlib.Path | None = None,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    input_files: Sequence[str] | None = None,
+    text_key: str = "text",
+    max_sentences: int = DEFAULT_MAX_SENTENCES,
+) -> pathlib.Path:
     """Trains a SentencePiece model (or reuses the cached one) and returns its .model path.
 
     Trains on `input_files` (.txt: a line per example; .jsonl: `text_key` of each object) or, by
@@ -46,8 +60,10 @@ def build_vocabulary(output_dir: str | pathlib.Path | None = None, *, vocab_size
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported. Allowed values: {', '.join(MODEL_TYPES)}.")
     if not isinstance(vocab_size, int) or vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= 300 (259 ids are reserved for "
-                         f"pad/EOS/UNK and the 256 byte pieces).")
+        raise ValueError(
+            f"vocab_size={vocab_size!r} must be an integer >= 300 (259 ids are reserved for "
+            f"pad/EOS/UNK and the 256 byte pieces)."
+        )
     if input_files:
         prefix, lines = "text", (line for path in input_files for line in _read_lines(pathlib.Path(path), text_key))
     else:
@@ -68,8 +84,9 @@ def _read_lines(path: pathlib.Path, text_key: str) -> Iterable[str]:
             if path.suffix in (".jsonl", ".json") and line.strip():
                 record = json.loads(line)
                 if text_key not in record:
-                    raise ValueError(f"{path}:{number} has no key {text_key!r} (keys: {sorted(record)}); "
-                                     f"pass the right text_key.")
+                    raise ValueError(
+                        f"{path}:{number} has no key {text_key!r} (keys: {sorted(record)}); pass the right text_key."
+                    )
                 line = str(record[text_key])
             if line.strip():
                 yield line.strip()
@@ -95,8 +112,10 @@ def _train(sentences: list[str], options: dict) -> bytes:
     try:
         sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
     except RuntimeError as error:  # e.g. "Vocabulary size too high (8000). Please set it to a value <= 5755."
-        raise ValueError(f"SentencePiece could not train a {options['model_type']} vocabulary of "
-                         f"{options['vocab_size']} pieces on {len(sentences)} lines: {error}") from error
+        raise ValueError(
+            f"SentencePiece could not train a {options['model_type']} vocabulary of "
+            f"{options['vocab_size']} pieces on {len(sentences)} lines: {error}"
+        ) from error
     return model.getvalue()
 
 
@@ -107,8 +126,12 @@ class CorpusVocabulary(seqio.SentencePieceVocabulary):
     and fix the cache directory too early (tests point `T5LITE_CACHE` at a temporary one).
     """
 
-    def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE, model_type: str = DEFAULT_MODEL_TYPE,
-                 extra_ids: int = DEFAULT_EXTRA_IDS):
+    def __init__(
+        self,
+        vocab_size: int = DEFAULT_VOCAB_SIZE,
+        model_type: str = DEFAULT_MODEL_TYPE,
+        extra_ids: int = DEFAULT_EXTRA_IDS,
+    ):
         super().__init__("", extra_ids=extra_ids)
         self._corpus_spec = (vocab_size, model_type)
 
@@ -124,8 +147,11 @@ class CorpusVocabulary(seqio.SentencePieceVocabulary):
         return self._sentencepiece_model_file
 
     def __eq__(self, other):
-        return (isinstance(other, CorpusVocabulary) and self._corpus_spec == other._corpus_spec
-                and self.extra_ids == other.extra_ids)
+        return (
+            isinstance(other, CorpusVocabulary)
+            and self._corpus_spec == other._corpus_spec
+            and self.extra_ids == other.extra_ids
+        )
 
     def __str__(self) -> str:
         vocab_size, model_type = self._corpus_spec
@@ -152,8 +178,10 @@ def get_vocabulary(spec: str | seqio.Vocabulary | None = None, extra_ids: int = 
         return seqio.ByteVocabulary(extra_ids=extra_ids)
     path = pathlib.Path(spec).expanduser()
     if path.suffix != ".model":
-        raise ValueError(f"Unknown vocabulary {spec!r}: use 'default', 'bytes' or the path of a SentencePiece "
-                         f".model file (e.g. from `t5lite vocab`).")
+        raise ValueError(
+            f"Unknown vocabulary {spec!r}: use 'default', 'bytes' or the path of a SentencePiece "
+            f".model file (e.g. from `t5lite vocab`)."
+        )
     if not path.is_file():
         raise FileNotFoundError(f"SentencePiece model {path} does not exist; build one with `t5lite vocab`.")
     return seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
@@ -172,4 +200,5 @@ def check_vocabulary_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int) -
             f"the model's vocab_size is {model_vocab_size}, so larger ids would fall outside the embedding "
             f"table. Set ModelConfig.vocab_size = {vocabulary_size_for_model(vocabulary)} (any value >= "
             f"{vocabulary.vocab_size} works), e.g. --gin.ModelConfig.vocab_size="
-            f"{vocabulary_size_for_model(vocabulary)}.")
+            f"{vocabulary_size_for_model(vocabulary)}."
+        )

@@ -24,8 +24,9 @@ from t5lite.layers.positions import apply_rope
 NEG_INF = -1e10
 
 
-def dot_product_attention(query, key, value, mask=None, bias=None, dropout_rng=None, dropout_rate=0.0,
-                          scale=1.0, dtype=jnp.float32):
+def dot_product_attention(
+    query, key, value, mask=None, bias=None, dropout_rng=None, dropout_rate=0.0, scale=1.0, dtype=jnp.float32
+):
     """softmax(q·k * scale + bias, masked) · v with the softmax in float32.
 
     query [B, Q, H, D]; key, value [B, K, KVH, D] with KVH dividing H (query head h uses
@@ -71,19 +72,29 @@ def sharded_flash_attention(query, key, value, spec: AttentionSpec, scale):
         groups = query.shape[2] // key.shape[2]
         key, value, kv_spec = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2), q_spec
     rows, heads = P(q_spec[0]), P(q_spec[2])
-    spec_specs = spec.replace(q_positions=rows, kv_positions=rows, q_segments=rows, kv_segments=rows,
-                              prefix_length=rows, relpos_table=heads, alibi_slopes=heads)
+    spec_specs = spec.replace(
+        q_positions=rows,
+        kv_positions=rows,
+        q_segments=rows,
+        kv_segments=rows,
+        prefix_length=rows,
+        relpos_table=heads,
+        alibi_slopes=heads,
+    )
     per_shard = lambda q, k, v, s: flash_attention(q, k, v, sm_scale=scale, **s.kernel_kwargs())
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec_specs), out_specs=q_spec,
-                         check_vma=False)(query, key, value, spec)
+    return jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec_specs), out_specs=q_spec, check_vma=False
+    )(query, key, value, spec)
 
 
 def _dividing_spec(spec, shape, mesh):
     """`spec` without the mesh axes that do not divide their array axis (e.g. the batch of one
     that initialisation traces), which then stays whole on every shard."""
+
     def fits(axes, size):
         axes = (axes,) if isinstance(axes, str) else axes or ()
         return size % math.prod(mesh.shape[axis] for axis in axes) == 0
+
     return P(*(axes if fits(axes, size) else None for axes, size in zip(tuple(spec) + (None,) * len(shape), shape)))
 
 
@@ -114,13 +125,23 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, spec: AttentionSpec, rope=None, cache_position=None):
         def dense(*args, name, **kwargs):
-            return DenseGeneral(*args, int8=self.int8, weight_quant=self.weight_quant, dtype=self.dtype,
-                                param_dtype=self.param_dtype, lora=self.lora if name in self.adapted else None,
-                                use_bias=self.bias, name=name, **kwargs)
+            return DenseGeneral(
+                *args,
+                int8=self.int8,
+                weight_quant=self.weight_quant,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                lora=self.lora if name in self.adapted else None,
+                use_bias=self.bias,
+                name=name,
+                **kwargs,
+            )
+
         # Without runtime scaling, T5 folds 1/sqrt(head_dim) into the query initialisation.
-        query_scale = 1.0 if self.scale_by_head_dim else self.head_dim ** -0.5
-        query = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), kernel_scale=query_scale,
-                      name="query")(inputs_q)
+        query_scale = 1.0 if self.scale_by_head_dim else self.head_dim**-0.5
+        query = dense(
+            (self.num_heads, self.head_dim), ("embed", "heads", "kv"), kernel_scale=query_scale, name="query"
+        )(inputs_q)
         kv_proj = lambda name: dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), name=name)
         if self.is_cross_attention:
             key, value = self._cross_keys_values(kv_proj, inputs_kv)
@@ -132,8 +153,16 @@ class Attention(nn.Module):
                 key, value = self._update_cache(key, value, cache_position)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
         dropout_rng = None if self.deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
-        out = attend(query, key, value, spec, self.head_dim ** -0.5 if self.scale_by_head_dim else 1.0,
-                     dropout_rng, self.dropout_rate, self.dtype)
+        out = attend(
+            query,
+            key,
+            value,
+            spec,
+            self.head_dim**-0.5 if self.scale_by_head_dim else 1.0,
+            dropout_rng,
+            self.dropout_rate,
+            self.dtype,
+        )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), in_axes=2, name="out")(out)
 

@@ -34,12 +34,16 @@ def resolve_impl(choice: str, attention_dropout: bool) -> str:
     if choice == "auto":
         return "pallas" if platform in ("tpu", "gpu") and not attention_dropout else "xla"
     if choice != "xla" and attention_dropout:
-        raise ValueError(f"attention_impl={choice!r} has no dropout on attention probabilities; train with "
-                         f"dropout_rate=0.0, or use attention_impl='xla' (or 'auto', which picks it while "
-                         f"dropout is on).")
+        raise ValueError(
+            f"attention_impl={choice!r} has no dropout on attention probabilities; train with "
+            f"dropout_rate=0.0, or use attention_impl='xla' (or 'auto', which picks it while "
+            f"dropout is on)."
+        )
     if choice == "cudnn" and platform != "gpu":
-        raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU, but JAX runs on {platform!r}; use "
-                         f"attention_impl='auto', 'pallas' or 'xla'.")
+        raise ValueError(
+            f"attention_impl='cudnn' needs a CUDA GPU, but JAX runs on {platform!r}; use "
+            f"attention_impl='auto', 'pallas' or 'xla'."
+        )
     return choice
 
 
@@ -71,16 +75,34 @@ class AttentionSpec:
             causal=self.causal,
             segment_ids=None if self.q_segments is None else (self.q_segments, self.kv_segments),
             prefix_length=self.prefix_length,
-            relpos_bias=None if self.relpos_table is None else (
-                self.relpos_table, self.relpos_bidirectional, self.relpos_max_distance),
-            alibi_slopes=self.alibi_slopes, window=self.window, sinks=self.sinks,
-            q_positions=self.q_positions, kv_positions=self.kv_positions)
+            relpos_bias=None
+            if self.relpos_table is None
+            else (self.relpos_table, self.relpos_bidirectional, self.relpos_max_distance),
+            alibi_slopes=self.alibi_slopes,
+            window=self.window,
+            sinks=self.sinks,
+            q_positions=self.q_positions,
+            kv_positions=self.kv_positions,
+        )
 
 
-def self_attention_spec(impl: str, *, positions, valid=None, segments=None, causal=False, region=None,
-                        sliding_window=None, attention_sinks=0, key_positions=None, key_region=None,
-                        relpos_table=None, relpos_bidirectional=True, relpos_max_distance=128,
-                        alibi_slopes=None) -> AttentionSpec:
+def self_attention_spec(
+    impl: str,
+    *,
+    positions,
+    valid=None,
+    segments=None,
+    causal=False,
+    region=None,
+    sliding_window=None,
+    attention_sinks=0,
+    key_positions=None,
+    key_region=None,
+    relpos_table=None,
+    relpos_bidirectional=True,
+    relpos_max_distance=128,
+    alibi_slopes=None,
+) -> AttentionSpec:
     """Tokens attending to each other; the mask rules are those of `attention_mask` (`region` is the
     prefix-LM bidirectional region). `key_positions` [1 or B, cache length] and `key_region` differ
     from the query side only while decoding from a cache: queries are the newest tokens, keys the
@@ -91,21 +113,45 @@ def self_attention_spec(impl: str, *, positions, valid=None, segments=None, caus
         ids, prefix = example_ids(valid, segments), None
         if region is not None:
             positions, prefix = prefix_lm(positions, region, segments, attention_sinks)
-        key_positions = positions if key_positions is None else jnp.broadcast_to(
-            key_positions, (positions.shape[0], key_positions.shape[1]))
-        return AttentionSpec(impl, q_positions=positions, kv_positions=key_positions, q_segments=ids, kv_segments=ids,
-                             prefix_length=prefix, relpos_table=relpos_table, alibi_slopes=alibi_slopes,
-                             causal=causal, window=sliding_window, sinks=attention_sinks,
-                             relpos_bidirectional=relpos_bidirectional, relpos_max_distance=relpos_max_distance)
+        key_positions = (
+            positions
+            if key_positions is None
+            else jnp.broadcast_to(key_positions, (positions.shape[0], key_positions.shape[1]))
+        )
+        return AttentionSpec(
+            impl,
+            q_positions=positions,
+            kv_positions=key_positions,
+            q_segments=ids,
+            kv_segments=ids,
+            prefix_length=prefix,
+            relpos_table=relpos_table,
+            alibi_slopes=alibi_slopes,
+            causal=causal,
+            window=sliding_window,
+            sinks=attention_sinks,
+            relpos_bidirectional=relpos_bidirectional,
+            relpos_max_distance=relpos_max_distance,
+        )
     key_positions = positions if key_positions is None else key_positions
-    mask = attention_mask(query_positions=positions, key_positions=key_positions, query_valid=valid,
-                          key_valid=valid, query_segments=segments, key_segments=segments, causal=causal,
-                          query_bidirectional=region, key_bidirectional=region if key_region is None else key_region,
-                          sliding_window=sliding_window, attention_sinks=attention_sinks)
+    mask = attention_mask(
+        query_positions=positions,
+        key_positions=key_positions,
+        query_valid=valid,
+        key_valid=valid,
+        query_segments=segments,
+        key_segments=segments,
+        causal=causal,
+        query_bidirectional=region,
+        key_bidirectional=region if key_region is None else key_region,
+        sliding_window=sliding_window,
+        attention_sinks=attention_sinks,
+    )
     bias = None
     if relpos_table is not None:
-        bias = pos.relative_position_bias(relpos_table, positions, key_positions, relpos_bidirectional,
-                                          relpos_max_distance)
+        bias = pos.relative_position_bias(
+            relpos_table, positions, key_positions, relpos_bidirectional, relpos_max_distance
+        )
     elif alibi_slopes is not None:
         bias = pos.slope_bias(alibi_slopes, positions, key_positions)
     return AttentionSpec(impl, mask=mask, bias=bias)
@@ -115,8 +161,9 @@ def cross_attention_spec(impl: str, query_valid, key_valid, query_segments=None,
     """Decoder queries over encoder keys: both real and, when packed, of the same example."""
     if impl != "pallas":
         return AttentionSpec(impl, mask=cross_attention_mask(query_valid, key_valid, query_segments, key_segments))
-    return AttentionSpec(impl, q_segments=example_ids(query_valid, query_segments),
-                         kv_segments=example_ids(key_valid, key_segments))
+    return AttentionSpec(
+        impl, q_segments=example_ids(query_valid, query_segments), kv_segments=example_ids(key_valid, key_segments)
+    )
 
 
 def example_ids(valid, segments):
@@ -140,8 +187,10 @@ def prefix_lm(positions, region, segments, sinks):
     if segments is None:
         return positions, jnp.max(ends, axis=1)
     if sinks:
-        raise ValueError("attention_impl='pallas' cannot combine attention_sinks with packed prefix-LM "
-                         "examples (decoder_segment_ids and decoder_causal_attention); use attention_impl='xla'.")
+        raise ValueError(
+            "attention_impl='pallas' cannot combine attention_sinks with packed prefix-LM "
+            "examples (decoder_segment_ids and decoder_causal_attention); use attention_impl='xla'."
+        )
     # Segment ids of a packed row are 0 (padding) and 1, 2, ... (examples), all below length + 1.
     segment_max = functools.partial(jax.ops.segment_max, num_segments=positions.shape[1] + 1)
     per_example = jax.vmap(segment_max)(ends, segments)

@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.int8_matmul import int8_dense, weight_only_dense
-from t5lite.layers.quant import (Scheme, dequantize, dequantize_scales, fit, pack_int4, quantize,
-                                      quantize_scales, unpack_int4)
 from t5lite.layers.int8_matmul import llm_int8_matmul, smoothquant_matmul
+from t5lite.layers.quant import (
+    Scheme,
+    dequantize,
+    dequantize_scales,
+    fit,
+    pack_int4,
+    quantize,
+    quantize_scales,
+    unpack_int4,
+)
 
 
 def fan_in_init(scale: float = 1.0, in_axes: int = 1):
     """Variance-scaling init over the first `in_axes` kernel axes (the contracted ones)."""
     return nn.initializers.variance_scaling(
-        scale, "fan_in", "truncated_normal", in_axis=tuple(range(in_axes)), out_axis=-1)
+        scale, "fan_in", "truncated_normal", in_axis=tuple(range(in_axes)), out_axis=-1
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +51,10 @@ class WeightQuant:
 
     def __post_init__(self):
         if self.activations != "none" and self.scheme.format != "int":
-            raise ValueError(f"activations={self.activations!r} multiply integer weights; format="
-                             f"{self.scheme.format!r} is weight-only (activations='none').")
+            raise ValueError(
+                f"activations={self.activations!r} multiply integer weights; format="
+                f"{self.scheme.format!r} is weight-only (activations='none')."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +96,18 @@ class DenseGeneral(nn.Module):
         if self.lora is not None:
             y = y + self._adapter(x.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                   tuple(self.kernel_axes[self.in_axes:])),
-                              tuple(self.features), self.param_dtype)
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.kernel_axes[self.in_axes :])),
+                tuple(self.features),
+                self.param_dtype,
+            )
             y = y + bias.astype(self.dtype)
         return y
 
     def _base(self, x):
         features = tuple(self.features)
-        batch, inputs = x.shape[:x.ndim - self.in_axes], x.shape[x.ndim - self.in_axes:]
+        batch, inputs = x.shape[: x.ndim - self.in_axes], x.shape[x.ndim - self.in_axes :]
         shape = inputs + features
         assert len(shape) == len(self.kernel_axes), (shape, self.kernel_axes)
         # The int8 paths take the kernel as a [K, N] matrix and x as [..., K].
@@ -109,12 +123,20 @@ class DenseGeneral(nn.Module):
         return lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
 
     def _adapter(self, x):
-        lora, inputs = self.lora, x.shape[x.ndim - self.in_axes:]
-        in_names, out_names = tuple(self.kernel_axes[:self.in_axes]), tuple(self.kernel_axes[self.in_axes:])
-        a = self.param("lora_a", nn.with_logical_partitioning(fan_in_init(1.0, self.in_axes), in_names + (None,)),
-                       inputs + (lora.rank,), self.param_dtype)
-        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_names),
-                       (lora.rank, *self.features), self.param_dtype)
+        lora, inputs = self.lora, x.shape[x.ndim - self.in_axes :]
+        in_names, out_names = tuple(self.kernel_axes[: self.in_axes]), tuple(self.kernel_axes[self.in_axes :])
+        a = self.param(
+            "lora_a",
+            nn.with_logical_partitioning(fan_in_init(1.0, self.in_axes), in_names + (None,)),
+            inputs + (lora.rank,),
+            self.param_dtype,
+        )
+        b = self.param(
+            "lora_b",
+            nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_names),
+            (lora.rank, *self.features),
+            self.param_dtype,
+        )
         x = nn.Dropout(lora.dropout_rate)(x, deterministic=lora.deterministic)
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
         h = lax.dot_general(x, a.astype(self.dtype), (contract, ((), ())))
@@ -131,17 +153,19 @@ class DenseGeneral(nn.Module):
                 if not initial:
                     initial.update(self._quantized_init(key, inputs + features))
                 return initial[name]
+
             return self.param(name, nn.with_logical_partitioning(init, axes))
 
-        group_axes = (None,) + tuple(self.kernel_axes[self.in_axes:])
+        group_axes = (None,) + tuple(self.kernel_axes[self.in_axes :])
         q = param("kernel", tuple(self.kernel_axes)).reshape(-1, n)
         q = unpack_int4(q) if scheme.bits == 4 else q
         scale = param("kernel_scale", group_axes).reshape(-1, n)
         if scheme.double_quant:
             scale = dequantize_scales(scale, param("kernel_scale_scale", group_axes).reshape(1, n))
         zero = None if scheme.symmetric else param("kernel_zero", group_axes).reshape(-1, n)
-        input_scale = param("input_scale", tuple(self.kernel_axes[:self.in_axes])).reshape(k) \
-            if quant.input_scaling else None
+        input_scale = (
+            param("input_scale", tuple(self.kernel_axes[: self.in_axes])).reshape(k) if quant.input_scaling else None
+        )
         if quant.activations == "int8":
             return smoothquant_matmul(x, q, scale, jnp.ones(k) if input_scale is None else input_scale)
         if input_scale is not None:
@@ -157,15 +181,19 @@ class DenseGeneral(nn.Module):
     def _quantized_init(self, key, shape):
         """The stored parameters of the quantised float init (float32, but for the int8 kernel and
         double quantisation's scale codes)."""
-        scheme, k = self.weight_quant.scheme, math.prod(shape[:self.in_axes])
+        scheme, k = self.weight_quant.scheme, math.prod(shape[: self.in_axes])
         w = fan_in_init(self.kernel_scale, self.in_axes)(key, shape, jnp.float32).reshape(k, -1)
         scale, zero = fit(w, scheme)
         q = quantize(w, scale, zero, scheme)
         packed = pack_int4(q) if scheme.bits == 4 else q
-        stored_in = shape[:self.in_axes - 1] + (shape[self.in_axes - 1] // (8 // scheme.bits),)
-        features = shape[self.in_axes:]
-        stored = {"kernel": packed.reshape(stored_in + features), "kernel_scale": scale.reshape(-1, *features),
-                  "kernel_zero": zero.reshape(-1, *features), "input_scale": jnp.ones(shape[:self.in_axes])}
+        stored_in = shape[: self.in_axes - 1] + (shape[self.in_axes - 1] // (8 // scheme.bits),)
+        features = shape[self.in_axes :]
+        stored = {
+            "kernel": packed.reshape(stored_in + features),
+            "kernel_scale": scale.reshape(-1, *features),
+            "kernel_zero": zero.reshape(-1, *features),
+            "input_scale": jnp.ones(shape[: self.in_axes]),
+        }
         if scheme.double_quant:
             codes, step = quantize_scales(scale)
             stored.update(kernel_scale=codes.reshape(-1, *features), kernel_scale_scale=step.reshape(1, *features))

@@ -14,8 +14,11 @@ class Embed(nn.Module):
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-            (self.num_embeddings, self.features), self.param_dtype)
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
 
     def __call__(self, ids):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
@@ -37,8 +40,12 @@ class SoftPrompt(nn.Module):
     @nn.compact
     def __call__(self, x, positions, valid):
         """x [B, T, D], positions [B, T], valid [B, T] -> the same with length + T positions."""
-        prompt = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
-                            (self.length, self.features), self.param_dtype)
+        prompt = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+            (self.length, self.features),
+            self.param_dtype,
+        )
         batch = x.shape[0]
         x = jnp.concatenate([jnp.broadcast_to(prompt.astype(self.dtype), (batch, *prompt.shape)), x], axis=1)
         own = jnp.broadcast_to(jnp.arange(self.length, dtype=positions.dtype), (batch, self.length))

@@ -45,11 +45,14 @@ def llm_int8_matmul(x, q, w_scale, threshold=6.0, backend="auto"):
 def _operands(x, q, w_scale):
     """x as rows [M, K] and w_scale as [1, N], after checking the shapes."""
     if q.ndim != 2 or q.dtype != jnp.int8 or x.shape[-1] != q.shape[0]:
-        raise ValueError(f"Expected x [..., K] and an int8 weight [K, N]; got x {x.shape} and weight "
-                         f"{q.shape} {q.dtype}")
+        raise ValueError(
+            f"Expected x [..., K] and an int8 weight [K, N]; got x {x.shape} and weight {q.shape} {q.dtype}"
+        )
     if jnp.size(w_scale) != q.shape[1]:
-        raise ValueError(f"w_scale must hold one scale per output column ([1, {q.shape[1]}] or "
-                         f"[{q.shape[1]}]); got shape {jnp.shape(w_scale)}")
+        raise ValueError(
+            f"w_scale must hold one scale per output column ([1, {q.shape[1]}] or "
+            f"[{q.shape[1]}]); got shape {jnp.shape(w_scale)}"
+        )
     return jnp.asarray(x).reshape(-1, x.shape[-1]), jnp.reshape(w_scale, (1, q.shape[1]))
 
 

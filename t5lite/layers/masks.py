@@ -14,9 +14,20 @@ def pairwise(query_values, key_values, fn):
     return fn(query_values[:, :, None], key_values[:, None, :])[:, None]
 
 
-def attention_mask(*, query_positions, key_positions, query_valid=None, key_valid=None,
-                   query_segments=None, key_segments=None, causal=False, query_bidirectional=None,
-                   key_bidirectional=None, sliding_window=None, attention_sinks=0):
+def attention_mask(
+    *,
+    query_positions,
+    key_positions,
+    query_valid=None,
+    key_valid=None,
+    query_segments=None,
+    key_segments=None,
+    causal=False,
+    query_bidirectional=None,
+    key_bidirectional=None,
+    sliding_window=None,
+    attention_sinks=0,
+):
     """Combines every rule that applies.
 
     causal: a query sees keys at positions <= its own; pairs where both tokens are in the

@@ -45,12 +45,21 @@ class Mlp(nn.Module):
 
         def dense(*args, name):
             role = "mlp_out" if name == "wo" else "mlp_in"
-            return DenseGeneral(*args, int8=self.int8, weight_quant=self.weight_quant, dtype=self.dtype,
-                                param_dtype=self.param_dtype, lora=self.lora if role in self.adapted else None,
-                                use_bias=self.bias, name=name)
+            return DenseGeneral(
+                *args,
+                int8=self.int8,
+                weight_quant=self.weight_quant,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                lora=self.lora if role in self.adapted else None,
+                use_bias=self.bias,
+                name=name,
+            )
 
         if gated:
-            h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi_0")(x)) * dense((self.d_ff,), ("embed", "mlp"), name="wi_1")(x)
+            h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi_0")(x)) * dense(
+                (self.d_ff,), ("embed", "mlp"), name="wi_1"
+            )(x)
         else:
             h = fn(dense((self.d_ff,), ("embed", "mlp"), name="wi")(x))
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))

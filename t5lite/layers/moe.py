@@ -124,8 +124,11 @@ class MoeMlp(nn.Module):
         else:
             k = self.experts_per_token
             capacity = expert_capacity(tokens, self.num_experts, k, self.capacity_factor, self.min_capacity)
-            routing = (tokens_choose(probs, k, capacity, self.causal) if self.router == "tokens_choose"
-                       else experts_choose(probs, capacity))
+            routing = (
+                tokens_choose(probs, k, capacity, self.causal)
+                if self.router == "tokens_choose"
+                else experts_choose(probs, capacity)
+            )
             y = self._dispatched(groups, routing)
             picks = routing.picks
             dropped = jnp.mean((jnp.sum(routing.dispatch, axis=(2, 3)) == 0).astype(jnp.float32))
@@ -140,19 +143,29 @@ class MoeMlp(nn.Module):
         """Float32 logits [groups, tokens, experts]; inputs jittered while training if asked."""
         inputs = groups.astype(jnp.float32)
         if self.jitter and not self.deterministic:
-            noise = jax.random.uniform(self.make_rng("dropout"), inputs.shape, jnp.float32,
-                                       1.0 - self.jitter, 1.0 + self.jitter)
+            noise = jax.random.uniform(
+                self.make_rng("dropout"), inputs.shape, jnp.float32, 1.0 - self.jitter, 1.0 + self.jitter
+            )
             inputs = inputs * noise
-        return DenseGeneral((self.num_experts,), ("embed", None), kernel_scale=ROUTER_INIT_SCALE,
-                            dtype=jnp.float32, param_dtype=self.param_dtype, name="router")(inputs)
+        return DenseGeneral(
+            (self.num_experts,),
+            ("embed", None),
+            kernel_scale=ROUTER_INIT_SCALE,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            name="router",
+        )(inputs)
 
     def _expert_weights(self, d_model: int):
         """{"wi" or "wi_0"/"wi_1": [experts, embed, mlp], "wo": [experts, mlp, embed]} in `dtype`."""
+
         def param(name, axes, shape):
-            init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2,
-                                                    batch_axis=(0,))
+            init = nn.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2, batch_axis=(0,)
+            )
             return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype).astype(
-                self.dtype)
+                self.dtype
+            )
 
         _, gated = ACTIVATIONS[self.activation]
         shape_in = (self.num_experts, d_model, self.d_ff)

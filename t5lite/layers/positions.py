@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def relative_position_bucket(relative_position, bidirectional: bool = True, num_buckets: int = 32,
-                             max_distance: int = 128):
+def relative_position_bucket(
+    relative_position, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+):
     """T5's bucket of `key_position - query_position`: exact for small offsets, log-spaced up to
     `max_distance`, clipped beyond. Unidirectional buckets only distinguish offsets into the past."""
     bucket = jnp.zeros_like(relative_position)
@@ -26,7 +27,9 @@ def relative_position_bucket(relative_position, bidirectional: bool = True, num_
     else:
         distance = jnp.maximum(-relative_position, 0)
     max_exact = num_buckets // 2
-    log_ratio = jnp.log(jnp.maximum(distance, max_exact).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+    log_ratio = jnp.log(jnp.maximum(distance, max_exact).astype(jnp.float32) / max_exact) / math.log(
+        max_distance / max_exact
+    )
     large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(relative_position.dtype)
     large = jnp.minimum(large, num_buckets - 1)
     return bucket + jnp.where(distance < max_exact, distance, large)
@@ -43,13 +46,15 @@ class RelativePositionBias(nn.Module):
 
     @nn.compact
     def __call__(self):
-        return self.param("rel_embedding",
-                          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
-                          (self.num_heads, self.num_buckets), self.param_dtype)
+        return self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets),
+            self.param_dtype,
+        )
 
 
-def relative_position_bias(table, query_positions, key_positions, bidirectional: bool = True,
-                           max_distance: int = 128):
+def relative_position_bias(table, query_positions, key_positions, bidirectional: bool = True, max_distance: int = 128):
     """table [heads, buckets] looked up at each pair's bucket: [batch, heads, q, k] float32."""
     relative = key_positions[:, None, :] - query_positions[:, :, None]
     buckets = relative_position_bucket(relative, bidirectional, table.shape[1], max_distance)
@@ -85,8 +90,10 @@ def apply_rope(x, cos, sin):
 def alibi_slopes(num_heads: int) -> np.ndarray:
     """Press et al. (2022): 2^(-8i/n) for n a power of two; otherwise the closest power of two's
     slopes followed by every other slope of twice that many heads."""
+
     def power_of_two(n):
         return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
     if math.log2(num_heads).is_integer():
         return np.asarray(power_of_two(num_heads))
     closest = 2 ** math.floor(math.log2(num_heads))
@@ -119,7 +126,10 @@ class LearnedPositionEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, positions):
-        table = self.param("embedding",
-                           nn.with_logical_partitioning(nn.initializers.normal(0.02), ("abspos_buckets", "embed")),
-                           (self.max_length, self.features), self.param_dtype)
+        table = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("abspos_buckets", "embed")),
+            (self.max_length, self.features),
+            self.param_dtype,
+        )
         return jnp.take(table, positions, axis=0).astype(self.dtype)

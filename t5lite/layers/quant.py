@@ -62,8 +62,10 @@ class Scheme:
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is not supported. Allowed values: {', '.join(FORMATS)}.")
         if self.format == "nf4" and (self.bits != 4 or not self.symmetric or self.group_size is None):
-            raise ValueError(f"format='nf4' is 4-bit, symmetric (abs-max scaled) and in groups; got bits={self.bits}, "
-                             f"symmetric={self.symmetric}, group_size={self.group_size}.")
+            raise ValueError(
+                f"format='nf4' is 4-bit, symmetric (abs-max scaled) and in groups; got bits={self.bits}, "
+                f"symmetric={self.symmetric}, group_size={self.group_size}."
+            )
         if self.double_quant and self.group_size is None:
             raise ValueError("double_quant=True quantises the scales of groups; set a group_size.")
 

@@ -19,9 +19,23 @@ class Decoder(nn.Module):
         self.token_embedder = make_embedder(self.config)
         self.decoder = DecoderStack(self.config, self.token_embedder)
 
-    def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
-                 decoder_positions=None, decoder_causal_attention=None, enable_dropout=True, decode=False):
+    def __call__(
+        self,
+        decoder_input_tokens,
+        decoder_target_tokens=None,
+        decoder_segment_ids=None,
+        decoder_positions=None,
+        decoder_causal_attention=None,
+        enable_dropout=True,
+        decode=False,
+    ):
         """Logits [batch, length, vocab] in float32."""
-        return self.decoder(decoder_input_tokens, segment_ids=decoder_segment_ids, positions=decoder_positions,
-                            target_tokens=decoder_target_tokens, causal_attention=decoder_causal_attention,
-                            deterministic=not enable_dropout, decode=decode)
+        return self.decoder(
+            decoder_input_tokens,
+            segment_ids=decoder_segment_ids,
+            positions=decoder_positions,
+            target_tokens=decoder_target_tokens,
+            causal_attention=decoder_causal_attention,
+            deterministic=not enable_dropout,
+            decode=decode,
+        )

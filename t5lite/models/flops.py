@@ -23,6 +23,7 @@ from __future__ import annotations
 from t5lite.config import ModelConfig
 from t5lite.models.params import mlp_param_count, param_count
 
+
 def six_n_d(num_params: float, num_tokens: float) -> float:
     """Kaplan's and Hoffmann's approximation of training compute."""
     _check_positive(num_params=num_params, num_tokens=num_tokens)
@@ -62,7 +63,8 @@ def forward_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_
         return q_len * query_out + k_len * key_value + (scores_and_values // 2 if causal else scores_and_values)
 
     # An MoE layer runs a token through the router and `experts_per_token` experts instead of one MLP.
-    moe_extra = (config.experts_per_token - 1) * mlp + 2 * d * config.num_experts if config.num_experts else 0
+    experts = config.moe
+    moe_extra = (experts.experts_per_token - 1) * mlp + 2 * d * experts.num_experts if experts.num_experts else 0
     dec = targets_length
     decoder_layer = attention(dec, dec, causal=True) + dec * mlp
     total = 2 * d * config.vocab_size * dec  # logits
@@ -75,8 +77,9 @@ def forward_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_
     return total + config.num_decoder_layers * decoder_layer
 
 
-def training_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_length: int,
-                                frozen_base: bool = False) -> int:
+def training_flops_per_sequence(
+    config: ModelConfig, inputs_length: int, targets_length: int, frozen_base: bool = False
+) -> int:
     """Forward plus backward (3 × forward); what MFU divides by step time. With a frozen base (only
     adapters or another small subset train) the backward skips the weight gradients: 2 × forward."""
     return (2 if frozen_base else 3) * forward_flops_per_sequence(config, inputs_length, targets_length)
@@ -84,14 +87,19 @@ def training_flops_per_sequence(config: ModelConfig, inputs_length: int, targets
 
 def training_flops_per_token(config: ModelConfig, inputs_length: int, targets_length: int) -> float:
     """Training FLOPs per token of `tokens_per_sequence`; compare with 6·N."""
-    return (training_flops_per_sequence(config, inputs_length, targets_length)
-            / tokens_per_sequence(config, inputs_length, targets_length))
+    return training_flops_per_sequence(config, inputs_length, targets_length) / tokens_per_sequence(
+        config, inputs_length, targets_length
+    )
 
 
 def mfu(flops_per_step: float, step_time_s: float, num_devices: int, peak_flops_per_device: float) -> float:
     """Model FLOP utilisation: achieved model FLOP/s over the devices' combined peak."""
-    _check_positive(flops_per_step=flops_per_step, step_time_s=step_time_s, num_devices=num_devices,
-                    peak_flops_per_device=peak_flops_per_device)
+    _check_positive(
+        flops_per_step=flops_per_step,
+        step_time_s=step_time_s,
+        num_devices=num_devices,
+        peak_flops_per_device=peak_flops_per_device,
+    )
     return flops_per_step / (step_time_s * num_devices * peak_flops_per_device)
 
 

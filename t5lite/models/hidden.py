@@ -29,5 +29,6 @@ def hidden_states(intermediates, config: ModelConfig) -> dict[str, list]:
     flat = {path: sown[0] for path, sown in traverse_util.flatten_dict(intermediates, sep="/").items()}
     if config.scan_layers:
         flat = unstack_layers(flat, config)
-    return {stack: [flat[f"{stack}/layers_{i}/hidden"] for i in range(depth)]
-            for stack, depth in stacks(config).items()}
+    return {
+        stack: [flat[f"{stack}/layers_{i}/hidden"] for i in range(depth)] for stack, depth in stacks(config).items()
+    }

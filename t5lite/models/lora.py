@@ -15,11 +15,14 @@ from t5lite.models.transformer import lora
 
 def merge_lora(config: ModelConfig, params):
     """(config, params) of the plain model computing what the adapted one does: W + scale·A·B."""
-    if not config.lora_rank:
+    if not config.adapters.lora_rank:
         raise ValueError("This model has no LoRA adapters (lora_rank=0); there is nothing to merge.")
-    if config.int8_weights:
-        raise ValueError(f"Its kernels are stored quantised (int8_weights={config.int8_weights}); adapters merge into "
-                         f"float kernels only. Run the adapted model as it is, or fine-tune a float base.")
+    if config.weight_quant.families:
+        raise ValueError(
+            f"Its kernels are stored quantised (WeightQuantConfig.families="
+            f"{config.weight_quant.families}); adapters merge into float kernels only. Run the adapted "
+            f"model as it is, or fine-tune a float base."
+        )
     scale = lora(config, deterministic=True).scale
     flat = traverse_util.flatten_dict(params, sep="/")
     merged = {p: x for p, x in flat.items() if not re.search(ADAPTERS, p)}
@@ -32,4 +35,4 @@ def merge_lora(config: ModelConfig, params):
         b = b.reshape(*lead, b.shape[leading], -1).astype(jnp.float32)
         delta = jnp.matmul(a, b, precision="highest").reshape(kernel.shape)
         merged[f"{module}/kernel"] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
-    return config.replace(lora_rank=0), traverse_util.unflatten_dict(merged, sep="/")
+    return config.replace(adapters=config.adapters.replace(lora_rank=0)), traverse_util.unflatten_dict(merged, sep="/")

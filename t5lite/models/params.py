@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from t5lite.config import ModelConfig
 from t5lite.layers.mlp import is_gated
@@ -29,10 +29,22 @@ def dummy_inputs(config: ModelConfig, batch_size: int = 1, length: int = 8) -> d
 
 
 # seqio's model feature names, as each kind of model takes them (loss weights go to the loss).
-ENCODER_DECODER_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                            "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
-DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
-                    "decoder_causal_attention")
+ENCODER_DECODER_FEATURES = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "encoder_segment_ids",
+    "decoder_segment_ids",
+    "encoder_positions",
+    "decoder_positions",
+)
+DECODER_FEATURES = (
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_segment_ids",
+    "decoder_positions",
+    "decoder_causal_attention",
+)
 
 
 def model_features(config: ModelConfig, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -57,8 +69,10 @@ def param_axes(config: ModelConfig) -> dict[str, tuple[str | None, ...]]:
     a mesh and how Adafactor factors it."""
     boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), boxed=True))
     flat = traverse_util.flatten_dict(boxed, sep="/")
-    return {path: tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * leaf.ndim
-            for path, leaf in flat.items()}
+    return {
+        path: tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * leaf.ndim
+        for path, leaf in flat.items()
+    }
 
 
 def mlp_param_count(config: ModelConfig) -> int:
@@ -73,7 +87,8 @@ def param_count(config: ModelConfig) -> int:
     attention = d * heads * hd + 2 * d * kv_heads * hd + heads * hd * d
     mlp = mlp_param_count(config)
     per_stack = {"relative": heads * config.relative_num_buckets, "learned": config.max_length * d}.get(
-        config.position_encoding, 0)
+        config.position_encoding, 0
+    )
     final_norm = norm if config.residual == "pre" else 0
     total = config.vocab_size * d  # token embedding
     if not config.tie_embeddings:
@@ -84,7 +99,8 @@ def param_count(config: ModelConfig) -> int:
         decoder_layer += attention + norm
     total += config.num_decoder_layers * decoder_layer + per_stack + final_norm
     # Each MoE layer holds num_experts MLPs and a router instead of one MLP.
-    total += _moe_layers(config) * ((config.num_experts - 1) * mlp + d * config.num_experts)
+    experts = config.moe.num_experts
+    total += _moe_layers(config) * ((experts - 1) * mlp + d * experts)
     return total + added_param_count(config)
 
 
@@ -97,29 +113,40 @@ def _projections(config: ModelConfig) -> dict[str, tuple[list[tuple[int, int]], 
         attention_layers += config.num_encoder_layers
     mlp_layers = config.num_decoder_layers + (config.num_encoder_layers if config.is_encoder_decoder else 0)
     mlp_layers -= _moe_layers(config)
-    return {"query": ([(d, q)], attention_layers), "key": ([(d, kv)], attention_layers),
-            "value": ([(d, kv)], attention_layers), "out": ([(q, d)], attention_layers),
-            "mlp_in": ([(d, ff)] * (2 if is_gated(config.mlp_activation) else 1), mlp_layers),
-            "mlp_out": ([(ff, d)], mlp_layers)}
+    return {
+        "query": ([(d, q)], attention_layers),
+        "key": ([(d, kv)], attention_layers),
+        "value": ([(d, kv)], attention_layers),
+        "out": ([(q, d)], attention_layers),
+        "mlp_in": ([(d, ff)] * (2 if is_gated(config.mlp_activation) else 1), mlp_layers),
+        "mlp_out": ([(ff, d)], mlp_layers),
+    }
 
 
 def adapter_param_count(config: ModelConfig) -> int:
     """LoRA parameters: rank · (inputs + outputs) per adapted matrix."""
     projections = _projections(config)
-    return config.lora_rank * sum(sum(i + o for i, o in projections[t][0]) * projections[t][1]
-                                  for t in config.lora_targets)
+    return config.adapters.lora_rank * sum(
+        sum(i + o for i, o in projections[t][0]) * projections[t][1] for t in config.adapters.lora_targets
+    )
 
 
 def added_param_count(config: ModelConfig) -> int:
     """What LoRA, BitFit (a bias per projection output), the soft prompt and a reward head add."""
     biases = sum(sum(o for _, o in shapes) * layers for shapes, layers in _projections(config).values())
-    return (adapter_param_count(config) + config.bitfit * biases + config.prompt_length * config.d_model
-            + config.reward_head * config.d_model)
+    adapters = config.adapters
+    return (
+        adapter_param_count(config)
+        + adapters.bitfit * biases
+        + adapters.prompt_length * config.d_model
+        + adapters.reward_head * config.d_model
+    )
 
 
 def active_param_count(config: ModelConfig) -> int:
     """Parameters one token passes through: MoE layers count `experts_per_token` experts, not all."""
-    idle = (config.num_experts - config.experts_per_token) * mlp_param_count(config) if config.num_experts else 0
+    experts = config.moe
+    idle = (experts.num_experts - experts.experts_per_token) * mlp_param_count(config) if experts.num_experts else 0
     return param_count(config) - _moe_layers(config) * idle
 
 
@@ -181,8 +208,17 @@ REWARD_HEAD = r"^decoder/reward_head/"  # a reward model's scalar head
 def added_pattern(config: ModelConfig) -> str | None:
     """The regex of the parameters that `config`'s LoRA, BitFit, prompt and reward head add; None
     without them."""
-    parts = [pattern for pattern, on in ((ADAPTERS, config.lora_rank), (BIASES, config.bitfit),
-                                         (PROMPT, config.prompt_length), (REWARD_HEAD, config.reward_head)) if on]
+    adapters = config.adapters
+    parts = [
+        pattern
+        for pattern, on in (
+            (ADAPTERS, adapters.lora_rank),
+            (BIASES, adapters.bitfit),
+            (PROMPT, adapters.prompt_length),
+            (REWARD_HEAD, adapters.reward_head),
+        )
+        if on
+    ]
     return "|".join(parts) or None
 
 
@@ -197,15 +233,16 @@ def trainable_pattern(config: ModelConfig, pattern: str | None) -> str | None:
     """The regex of trainable parameter paths: `pattern`; else, with LoRA, BitFit or a prompt, what
     they (and a reward head) add; else None (everything trains)."""
     if pattern is None:
-        return added_pattern(config) if config.lora_rank or config.bitfit or config.prompt_length else None
+        return added_pattern(config) if config.adapters.trains_added_params else None
     try:
         re.compile(pattern)
     except re.error as error:
         raise ValueError(f"train.trainable={pattern!r} is not a regular expression: {error}.") from error
     paths = traverse_util.flatten_dict(abstract_params(config), sep="/")
     if not any(re.search(pattern, path) for path in paths):
-        raise ValueError(f"train.trainable={pattern!r} matches no parameter; paths look like "
-                         f"{', '.join(sorted(paths)[:4])}, ...")
+        raise ValueError(
+            f"train.trainable={pattern!r} matches no parameter; paths look like {', '.join(sorted(paths)[:4])}, ..."
+        )
     return pattern
 
 

@@ -45,44 +45,78 @@ def residual(config: ModelConfig, x, sublayer, norm_name: str, deterministic: bo
 
 
 def weight_quant(config: ModelConfig, family: str) -> WeightQuant | None:
-    """How `family`'s dense kernels are stored and run when quantised (`config.int8_weights`)."""
-    if family not in config.int8_weights:
+    """How `family`'s dense kernels are stored and run when quantised (`config.weight_quant`)."""
+    quant = config.weight_quant
+    if family not in quant.families:
         return None
-    scheme = Scheme(config.weight_bits, not config.weight_zero_points, config.weight_group_size,
-                    format=config.weight_format, double_quant=config.weight_double_quant)
-    return WeightQuant(scheme, config.input_scaling, config.activation_quant, config.llm_int8_threshold)
+    scheme = Scheme(
+        quant.bits, not quant.zero_points, quant.group_size, format=quant.format, double_quant=quant.double_quant
+    )
+    return WeightQuant(scheme, quant.input_scaling, quant.activations, quant.outlier_threshold)
 
 
 def lora(config: ModelConfig, deterministic: bool) -> Lora | None:
-    """The adapter every adapted projection gets (`config.lora_rank` > 0)."""
-    if not config.lora_rank:
+    """The adapter every adapted projection gets (`config.adapters.lora_rank` > 0)."""
+    adapters = config.adapters
+    if not adapters.lora_rank:
         return None
-    scale = config.lora_alpha / (config.lora_rank ** 0.5 if config.rslora else config.lora_rank)
-    return Lora(config.lora_rank, scale, config.lora_dropout, deterministic)
+    scale = adapters.lora_alpha / (adapters.lora_rank**0.5 if adapters.rslora else adapters.lora_rank)
+    return Lora(adapters.lora_rank, scale, adapters.lora_dropout, deterministic)
 
 
 def _attention(config: ModelConfig, name: str, deterministic: bool, decode: bool, cross: bool = False):
-    return Attention(num_heads=config.num_heads, num_kv_heads=config.kv_heads, head_dim=config.head_dim,
-                     scale_by_head_dim=config.scale_attention_by_head_dim, dropout_rate=config.dropout_rate,
-                     deterministic=deterministic, decode=decode, is_cross_attention=cross,
-                     int8="attention" in config.int8_dense, weight_quant=weight_quant(config, "attention"),
-                     lora=lora(config, deterministic), adapted=config.lora_targets, bias=config.bitfit, name=name,
-                     **dtypes(config))
+    return Attention(
+        num_heads=config.num_heads,
+        num_kv_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        scale_by_head_dim=config.scale_attention_by_head_dim,
+        dropout_rate=config.dropout_rate,
+        deterministic=deterministic,
+        decode=decode,
+        is_cross_attention=cross,
+        int8="attention" in config.int8_dense,
+        weight_quant=weight_quant(config, "attention"),
+        lora=lora(config, deterministic),
+        adapted=config.adapters.lora_targets,
+        bias=config.adapters.bitfit,
+        name=name,
+        **dtypes(config),
+    )
 
 
 def _mlp(config: ModelConfig, deterministic: bool, moe: bool, causal: bool):
     if moe:
+        experts = config.moe
         return MoeMlp(
-            num_experts=config.num_experts, d_ff=config.d_ff, activation=config.mlp_activation,
-            experts_per_token=config.experts_per_token, router=config.router, causal=causal,
-            capacity_factor=config.eval_capacity_factor if deterministic else config.train_capacity_factor,
-            min_capacity=config.min_expert_capacity, dropless=config.moe_dropless, group_size=config.moe_group_size,
-            jitter=config.router_jitter, deterministic=deterministic, name="moe", **dtypes(config),
-            dropout_rate=config.dropout_rate if config.expert_dropout_rate is None else config.expert_dropout_rate)
-    return Mlp(d_ff=config.d_ff, activation=config.mlp_activation, dropout_rate=config.dropout_rate,
-               deterministic=deterministic, int8="mlp" in config.int8_dense,
-               weight_quant=weight_quant(config, "mlp"), lora=lora(config, deterministic),
-               adapted=config.lora_targets, bias=config.bitfit, name="mlp", **dtypes(config))
+            num_experts=experts.num_experts,
+            d_ff=config.d_ff,
+            activation=config.mlp_activation,
+            experts_per_token=experts.experts_per_token,
+            router=experts.router,
+            causal=causal,
+            capacity_factor=experts.eval_capacity_factor if deterministic else experts.train_capacity_factor,
+            min_capacity=experts.min_expert_capacity,
+            dropless=experts.dropless,
+            group_size=experts.group_size,
+            jitter=experts.router_jitter,
+            deterministic=deterministic,
+            name="moe",
+            **dtypes(config),
+            dropout_rate=config.dropout_rate if experts.expert_dropout_rate is None else experts.expert_dropout_rate,
+        )
+    return Mlp(
+        d_ff=config.d_ff,
+        activation=config.mlp_activation,
+        dropout_rate=config.dropout_rate,
+        deterministic=deterministic,
+        int8="mlp" in config.int8_dense,
+        weight_quant=weight_quant(config, "mlp"),
+        lora=lora(config, deterministic),
+        adapted=config.adapters.lora_targets,
+        bias=config.adapters.bitfit,
+        name="mlp",
+        **dtypes(config),
+    )
 
 
 def attention_impl(config: ModelConfig, deterministic: bool, decode: bool = False) -> str:
@@ -120,8 +154,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, spec, rope, cache_position, encoded, cross_spec):
         cfg, det = self.config, self.deterministic
         self_attention = _attention(cfg, "self_attention", det, self.decode)
-        x = residual(cfg, x, lambda h: self_attention(h, h, spec, rope, cache_position),
-                     "pre_self_attention_norm", det)
+        x = residual(cfg, x, lambda h: self_attention(h, h, spec, rope, cache_position), "pre_self_attention_norm", det)
         if cfg.is_encoder_decoder:
             cross_attention = _attention(cfg, "cross_attention", det, self.decode, cross=True)
             x = residual(cfg, x, lambda h: cross_attention(h, encoded, cross_spec), "pre_cross_attention_norm", det)
@@ -141,8 +174,9 @@ class LayerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, *args):
         for j in range(self.size):
-            x, _ = self.layer_cls(config=self.config, moe=j == self.size - 1, name=f"layer_{j}",
-                                  **self.layer_kwargs)(x, *args)
+            x, _ = self.layer_cls(config=self.config, moe=j == self.size - 1, name=f"layer_{j}", **self.layer_kwargs)(
+                x, *args
+            )
         return x, None
 
 
@@ -152,16 +186,20 @@ def run_layers(config: ModelConfig, layer_cls, num_layers: int, moe_every: int, 
     `moe_every` layers are scanned) or unrolled (`layers_0`, `layers_1`, ...). Must be called inside
     a compact method."""
     if config.remat_policy != "none":
-        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy],
-                             prevent_cse=not config.scan_layers)
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
     if config.scan_layers:
         body, length, kwargs = layer_cls, num_layers, layer_kwargs
         if moe_every:
             body, length = LayerBlock, num_layers // moe_every
             kwargs = dict(layer_cls=layer_cls, size=moe_every, layer_kwargs=layer_kwargs)
-        scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0, "moe": 0, "intermediates": 0},
-                          split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
-                          length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+        scanned = nn.scan(
+            body,
+            variable_axes={"params": 0, "cache": 0, "moe": 0, "intermediates": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=length,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         x, _ = scanned(config=config, name="layers", **kwargs)(x, *args)
         return x
     for i in range(num_layers):
@@ -184,10 +222,21 @@ class PositionEncoder(nn.Module):
         cfg = self.config
         kind = cfg.position_encoding
         if kind == "relative":
-            table = pos.RelativePositionBias(num_heads=cfg.num_heads, num_buckets=cfg.relative_num_buckets,
-                                             name="relpos_bias", param_dtype=jnp.dtype(cfg.param_dtype))()
-            return None, dict(relpos_table=table, relpos_bidirectional=self.bidirectional,
-                              relpos_max_distance=cfg.relative_max_distance), None
+            table = pos.RelativePositionBias(
+                num_heads=cfg.num_heads,
+                num_buckets=cfg.relative_num_buckets,
+                name="relpos_bias",
+                param_dtype=jnp.dtype(cfg.param_dtype),
+            )()
+            return (
+                None,
+                dict(
+                    relpos_table=table,
+                    relpos_bidirectional=self.bidirectional,
+                    relpos_max_distance=cfg.relative_max_distance,
+                ),
+                None,
+            )
         if kind == "alibi":
             return None, dict(alibi_slopes=jnp.asarray(pos.alibi_slopes(cfg.num_heads), jnp.float32)), None
         if kind == "rope":
@@ -196,8 +245,9 @@ class PositionEncoder(nn.Module):
         if kind == "sinusoidal":
             return pos.sinusoidal_embedding(positions, cfg.d_model).astype(cfg.dtype), {}, None
         if kind == "learned":
-            embedding = pos.LearnedPositionEmbedding(cfg.max_length, cfg.d_model, name="position_embedder",
-                                                     **dtypes(cfg))(positions)
+            embedding = pos.LearnedPositionEmbedding(
+                cfg.max_length, cfg.d_model, name="position_embedder", **dtypes(cfg)
+            )(positions)
             return embedding, {}, None
         return None, {}, None
 
@@ -224,22 +274,38 @@ class EncoderStack(nn.Module):
         positions = default_positions(tokens, positions)
         valid = tokens > 0 if segment_ids is None else segment_ids > 0
         x = self.embedder(tokens)
-        if cfg.prompt_length:
+        if cfg.adapters.prompt_length:
             if segment_ids is not None:
-                raise ValueError(f"prompt_length={cfg.prompt_length}: prompt tuning needs unpacked encoder inputs "
-                                 f"(one sequence per row); set train.pack=False.")
-            x, positions, valid = SoftPrompt(cfg.prompt_length, cfg.d_model, name="prompt", **dtypes(cfg))(
-                x, positions, valid)
+                raise ValueError(
+                    f"prompt_length={cfg.adapters.prompt_length}: prompt tuning needs unpacked encoder "
+                    f"inputs (one sequence per row); set train.pack=False."
+                )
+            prompt = SoftPrompt(cfg.adapters.prompt_length, cfg.d_model, name="prompt", **dtypes(cfg))
+            x, positions, valid = prompt(x, positions, valid)
         added, bias_args, rope = PositionEncoder(cfg, bidirectional=True, name="positions")(positions)
-        spec = self_attention_spec(attention_impl(cfg, deterministic), positions=positions, valid=valid,
-                                   segments=segment_ids, sliding_window=cfg.sliding_window,
-                                   attention_sinks=cfg.attention_sinks, **bias_args)
+        spec = self_attention_spec(
+            attention_impl(cfg, deterministic),
+            positions=positions,
+            valid=valid,
+            segments=segment_ids,
+            sliding_window=cfg.sliding_window,
+            attention_sinks=cfg.attention_sinks,
+            **bias_args,
+        )
         if added is not None:
             x = x + added
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x = run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, cfg.moe_every("encoder"), x, spec, rope,
-                       deterministic=deterministic)
+        x = run_layers(
+            cfg,
+            EncoderLayer,
+            cfg.num_encoder_layers,
+            cfg.moe_every("encoder"),
+            x,
+            spec,
+            rope,
+            deterministic=deterministic,
+        )
         return final_norm(cfg, x, deterministic)
 
 
@@ -254,8 +320,19 @@ class DecoderStack(nn.Module):
     embedder: Embed
 
     @nn.compact
-    def __call__(self, tokens, encoded=None, encoder_valid=None, encoder_segment_ids=None, segment_ids=None,
-                 positions=None, target_tokens=None, causal_attention=None, deterministic=True, decode=False):
+    def __call__(
+        self,
+        tokens,
+        encoded=None,
+        encoder_valid=None,
+        encoder_segment_ids=None,
+        segment_ids=None,
+        positions=None,
+        target_tokens=None,
+        causal_attention=None,
+        deterministic=True,
+        decode=False,
+    ):
         cfg = self.config
         stepping = decode and self.has_variable("cache", "position")
         if stepping:
@@ -273,39 +350,69 @@ class DecoderStack(nn.Module):
                 self.variable("cache", "key_positions", lambda: positions[:1])
             key_positions = key_region = None
             query_region = causal_attention
-            query_valid = target_tokens > 0 if target_tokens is not None else (
-                None if segment_ids is None else segment_ids > 0)
+            query_valid = (
+                target_tokens > 0 if target_tokens is not None else (None if segment_ids is None else segment_ids > 0)
+            )
         segments = None if stepping else segment_ids
         impl = attention_impl(cfg, deterministic, decode)
         added, bias_args, rope = PositionEncoder(cfg, bidirectional=False, name="positions")(positions)
-        spec = self_attention_spec(impl, positions=positions, valid=query_valid, segments=segments, causal=True,
-                                   region=query_region, sliding_window=cfg.sliding_window,
-                                   attention_sinks=cfg.attention_sinks, key_positions=key_positions,
-                                   key_region=key_region, **bias_args)
+        spec = self_attention_spec(
+            impl,
+            positions=positions,
+            valid=query_valid,
+            segments=segments,
+            causal=True,
+            region=query_region,
+            sliding_window=cfg.sliding_window,
+            attention_sinks=cfg.attention_sinks,
+            key_positions=key_positions,
+            key_region=key_region,
+            **bias_args,
+        )
         cross_spec = None
         if cfg.is_encoder_decoder:
             query_ok = jnp.ones(tokens.shape, bool) if query_valid is None else query_valid
-            cross_spec = cross_attention_spec(impl, query_ok, encoder_valid, segments,
-                                              None if segments is None else encoder_segment_ids)
+            cross_spec = cross_attention_spec(
+                impl, query_ok, encoder_valid, segments, None if segments is None else encoder_segment_ids
+            )
         x = self.embedder(tokens)
         if added is not None:
             x = x + added
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         cache_position = positions[0, 0]
-        x = run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, cfg.moe_every("decoder"), x, spec, rope,
-                       cache_position, encoded, cross_spec, deterministic=deterministic, decode=decode)
-        x = final_norm(cfg, x, deterministic)
-        if cfg.reward_head:  # kept only when "intermediates" is mutable (see t5lite.train.preference)
-            reward = DenseGeneral((1,), ("embed", None), name="reward_head", **dtypes(cfg))(x)[..., 0]
-            self.sow("intermediates", "reward", reward.astype(jnp.float32))
-        if cfg.tie_embeddings:
-            if cfg.rescale_tied_logits:
-                x = x * cfg.d_model ** -0.5
-            logits = self.embedder.attend(x)
-        else:
-            logits = DenseGeneral((cfg.vocab_size,), ("embed", "vocab"), name="logits_dense", **dtypes(cfg))(x)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        x = run_layers(
+            cfg,
+            DecoderLayer,
+            cfg.num_decoder_layers,
+            cfg.moe_every("decoder"),
+            x,
+            spec,
+            rope,
+            cache_position,
+            encoded,
+            cross_spec,
+            deterministic=deterministic,
+            decode=decode,
+        )
+        return output_logits(self, final_norm(cfg, x, deterministic))
+
+
+def output_logits(stack: DecoderStack, x):
+    """Vocabulary logits [batch, length, vocab] in float32 of the stack's final hidden states; a reward
+    model also sows its head's scalar per position (kept only when "intermediates" is mutable, see
+    t5lite.train.preference)."""
+    cfg = stack.config
+    if cfg.adapters.reward_head:
+        reward = DenseGeneral((1,), ("embed", None), name="reward_head", **dtypes(cfg))(x)[..., 0]
+        stack.sow("intermediates", "reward", reward.astype(jnp.float32))
+    if cfg.tie_embeddings:
+        if cfg.rescale_tied_logits:
+            x = x * cfg.d_model**-0.5
+        logits = stack.embedder.attend(x)
+    else:
+        logits = DenseGeneral((cfg.vocab_size,), ("embed", "vocab"), name="logits_dense", **dtypes(cfg))(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 def _cached_prefix_regions(causal_attention, start, cache_length):
@@ -320,4 +427,3 @@ def _cached_prefix_regions(causal_attention, start, cache_length):
 
 def make_embedder(config: ModelConfig, name: str = "token_embedder") -> Embed:
     return Embed(config.vocab_size, config.d_model, name=name, **dtypes(config))
-

@@ -43,7 +43,7 @@ def _awq(w, x, scheme, grid):
     target = jnp.dot(x, w, precision=_HIGHEST)
 
     def input_scale(alpha):
-        s = magnitude ** alpha
+        s = magnitude**alpha
         return s / jnp.sqrt(jnp.max(s) * jnp.min(s))  # around 1 whatever the activations' size
 
     def quantized(s):

@@ -10,7 +10,8 @@ Padding tokens are inputs too, as they are at inference; they are few in packed 
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -55,8 +56,9 @@ def unrolled(config: ModelConfig, params):
     return config.replace(scan_layers=False), traverse_util.unflatten_dict(flat, sep="/")
 
 
-def calibrate(config: ModelConfig, params, batches: Sequence[dict], families=("attention", "mlp"),
-              max_samples: int = 512) -> dict[str, LayerStats]:
+def calibrate(
+    config: ModelConfig, params, batches: Sequence[dict], families=("attention", "mlp"), max_samples: int = 512
+) -> dict[str, LayerStats]:
     """Statistics of the inputs of each dense layer of `families`, keyed by the "/"-joined module
     path of the unrolled model (e.g. "decoder/layers_0/mlp/wi_0"). The samples are up to
     `max_samples` tokens spread evenly over each batch and shared out between the batches."""
@@ -70,12 +72,15 @@ def calibrate(config: ModelConfig, params, batches: Sequence[dict], families=("a
 
         def record(next_fun, args, kwargs, context):
             module = context.module
-            if isinstance(module, DenseGeneral) and context.method_name == "__call__" and \
-                    family_of(module.path) in families:
+            if (
+                isinstance(module, DenseGeneral)
+                and context.method_name == "__call__"
+                and family_of(module.path) in families
+            ):
                 x = args[0]
-                x = x.reshape(-1, math.prod(x.shape[x.ndim - module.in_axes:])).astype(jnp.float32)
+                x = x.reshape(-1, math.prod(x.shape[x.ndim - module.in_axes :])).astype(jnp.float32)
                 gram = jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
-                spread = x[::max(1, x.shape[0] // per_batch)][:per_batch]
+                spread = x[:: max(1, x.shape[0] // per_batch)][:per_batch]
                 recorded["/".join(module.path)] = (jnp.max(jnp.abs(x), axis=0), gram, spread)
             return next_fun(*args, **kwargs)
 
@@ -91,9 +96,11 @@ def calibrate(config: ModelConfig, params, batches: Sequence[dict], families=("a
                 totals[path] = LayerStats(absmax, gram, samples)
                 continue
             old = totals[path]
-            totals[path] = LayerStats(np.maximum(old.absmax, absmax), old.gram + gram,
-                                      np.concatenate([old.samples, samples]))
+            totals[path] = LayerStats(
+                np.maximum(old.absmax, absmax), old.gram + gram, np.concatenate([old.samples, samples])
+            )
     if not totals:
-        raise ValueError(f"No dense layer of {tuple(families)} ran on the calibration batches; is the list of "
-                         f"batches empty?")
+        raise ValueError(
+            f"No dense layer of {tuple(families)} ran on the calibration batches; is the list of batches empty?"
+        )
     return totals

@@ -59,7 +59,7 @@ def gptq(w, hessian, scheme: Scheme, damp=0.01, block_size=128):
     starts = sorted(set(range(0, k_in, block_size)) | set(range(0, k_in, group or k_in)))
     for b0, b1 in zip(starts, starts[1:] + [k_in]):
         if group is not None and b0 % group == 0:
-            scale, zero = fit(w[b0:b0 + group], scheme)
+            scale, zero = fit(w[b0 : b0 + group], scheme)
             scales.append(scale)
             zeros.append(zero)
         err = np.empty((b1 - b0, n_out))
@@ -67,7 +67,7 @@ def gptq(w, hessian, scheme: Scheme, damp=0.01, block_size=128):
             q_k, deq_k = _round_row(w[k].astype(np.float32), scale, zero, scheme)
             q[k] = q_k
             err[k - b0] = (w[k] - np.asarray(deq_k, np.float64)) / u[k, k]
-            w[k + 1:b1] -= np.outer(u[k, k + 1:b1], err[k - b0])
+            w[k + 1 : b1] -= np.outer(u[k, k + 1 : b1], err[k - b0])
         w[b1:] -= u[b0:b1, b1:].T @ err
     if group is not None:
         scale, zero = jnp.concatenate(scales), jnp.concatenate(zeros)
@@ -85,8 +85,9 @@ def _inverse_cholesky(h):
     try:
         lower = np.linalg.cholesky(h[::-1, ::-1])
     except np.linalg.LinAlgError:
-        raise ValueError("The dampened Hessian is not positive definite; raise `damp` or calibrate on "
-                         "more tokens.") from None
+        raise ValueError(
+            "The dampened Hessian is not positive definite; raise `damp` or calibrate on more tokens."
+        ) from None
     return scipy.linalg.lapack.dtrtri(lower, lower=1)[0][::-1, ::-1]
 
 

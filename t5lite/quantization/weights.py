@@ -1,6 +1,6 @@
 """A float model's parameters to a quantised model's, by one of the post-training methods.
 
-The quantised model is the same model with `ModelConfig.int8_weights` and its companions set
+The quantised model is the same model with `ModelConfig.weight_quant` set
 (see `quantized_config`): the chosen dense families keep int8 (or packed int4) kernels with
 their scales; embeddings, the output logits, norms, position biases and the experts of MoE
 layers stay in float. Each kernel is quantised as a matrix [K inputs, N outputs]:
@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from t5lite.config import INT8_DENSE_FAMILIES, ModelConfig
+from t5lite.config import INT8_DENSE_FAMILIES, ModelConfig, WeightQuantConfig
+from t5lite.layers.quant import Scheme, fit, pack_int4, quantize, quantize_scales
 from t5lite.models.params import abstract_params, stack_layers
 from t5lite.quantization import awq, gptq, smoothquant
 from t5lite.quantization.calibration import LayerStats, unrolled
-from t5lite.layers.quant import Scheme, fit, pack_int4, quantize, quantize_scales
 
 METHODS = ("int8", "llm_int8", "gptq", "awq", "smoothquant")
 CALIBRATED = ("gptq", "awq", "smoothquant")
@@ -42,43 +42,71 @@ _INT_GRID_ONLY = {
 }
 
 
-def quantized_config(config: ModelConfig, method: str = "int8", bits: int = 8, group_size: int | None = None,
-                     families=INT8_DENSE_FAMILIES, zero_points: bool = False,
-                     percentile: float | None = None, format: str = "int",
-                     double_quant: bool = False) -> ModelConfig:
+def quantized_config(
+    config: ModelConfig,
+    method: str = "int8",
+    bits: int = 8,
+    group_size: int | None = None,
+    families=INT8_DENSE_FAMILIES,
+    zero_points: bool = False,
+    percentile: float | None = None,
+    format: str = "int",
+    double_quant: bool = False,
+) -> ModelConfig:
     """The config of `config`'s model quantised by `method`; refuses a recipe that cannot be made."""
     if percentile is not None and method != "smoothquant":
-        raise ValueError(f"percentile={percentile} only sets SmoothQuant's input ranges; method={method!r} does not "
-                         f"use it.")
+        raise ValueError(
+            f"percentile={percentile} only sets SmoothQuant's input ranges; method={method!r} does not use it."
+        )
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported. Allowed values: {', '.join(METHODS)}.")
     if (format != "int" or double_quant) and method in _INT_GRID_ONLY:
-        raise ValueError(f"format={format!r}, double_quant={double_quant}: method={method!r} "
-                         f"{_INT_GRID_ONLY[method]}; use method='int8' (round to nearest), or format='int' "
-                         f"without double_quant.")
-    if config.int8_weights:
-        raise ValueError(f"This model is already quantised (int8_weights={config.int8_weights}); quantise the "
-                         f"float checkpoint instead.")
+        raise ValueError(
+            f"format={format!r}, double_quant={double_quant}: method={method!r} "
+            f"{_INT_GRID_ONLY[method]}; use method='int8' (round to nearest), or format='int' "
+            f"without double_quant."
+        )
+    if config.weight_quant.families:
+        raise ValueError(
+            f"This model is already quantised (WeightQuantConfig.families="
+            f"{config.weight_quant.families}); quantise the float checkpoint instead."
+        )
     families = tuple(families)
     if not families:
         raise ValueError("Name at least one family to quantise: attention, mlp.")
-    return config.replace(
-        int8_weights=families, int8_dense=tuple(f for f in config.int8_dense if f not in families),
-        weight_bits=bits, weight_group_size=group_size, weight_zero_points=zero_points,
-        weight_format=format, weight_double_quant=double_quant,
+    quant = WeightQuantConfig(
+        families=families,
+        bits=bits,
+        group_size=group_size,
+        zero_points=zero_points,
+        format=format,
+        double_quant=double_quant,
         input_scaling=method in ("awq", "smoothquant"),
-        activation_quant={"llm_int8": "llm_int8", "smoothquant": "int8"}.get(method, "none"))
+        activations={"llm_int8": "llm_int8", "smoothquant": "int8"}.get(method, "none"),
+    )
+    return config.replace(weight_quant=quant, int8_dense=tuple(f for f in config.int8_dense if f not in families))
 
 
-def quantize_weights(config: ModelConfig, params, families=INT8_DENSE_FAMILIES, method: str = "int8",
-                     bits: int = 8, group_size: int | None = None, zero_points: bool = False,
-                     stats: dict[str, LayerStats] | None = None, smoothquant_alpha: float = 0.5,
-                     percentile: float | None = None, format: str = "int", double_quant: bool = False):
+def quantize_weights(
+    config: ModelConfig,
+    params,
+    families=INT8_DENSE_FAMILIES,
+    method: str = "int8",
+    bits: int = 8,
+    group_size: int | None = None,
+    zero_points: bool = False,
+    stats: dict[str, LayerStats] | None = None,
+    smoothquant_alpha: float = 0.5,
+    percentile: float | None = None,
+    format: str = "int",
+    double_quant: bool = False,
+):
     """(config, params) of the quantised model. `stats` (from `calibration.calibrate`) are needed by
     gptq, awq and smoothquant; SmoothQuant takes each input's abs-max, or its `percentile`.
     `format="nf4"` and `double_quant` are layouts of round to nearest (method "int8")."""
-    target_config = quantized_config(config, method, bits, group_size, families, zero_points, percentile,
-                                     format, double_quant)
+    target_config = quantized_config(
+        config, method, bits, group_size, families, zero_points, percentile, format, double_quant
+    )
     if method in CALIBRATED and stats is None:
         raise ValueError(f"method={method!r} needs calibration statistics (calibration.calibrate).")
     scheme = Scheme(bits, not zero_points, group_size, format=format, double_quant=double_quant)
@@ -101,8 +129,9 @@ def quantize_weights(config: ModelConfig, params, families=INT8_DENSE_FAMILIES, 
             raise ValueError(f"No calibration statistics for {module}; calibrate the same model and families.")
         features = target[f"{module}/kernel_scale"].shape[1:]
         w = np.asarray(source[path], np.float32).reshape(-1, int(np.prod(features)))
-        stored = _quantize_matrix(method, w, scheme, stats[module] if method in CALIBRATED else None,
-                                  smoothquant_alpha, percentile)
+        stored = _quantize_matrix(
+            method, w, scheme, stats[module] if method in CALIBRATED else None, smoothquant_alpha, percentile
+        )
         for key, value in stored.items():
             if f"{module}/{key}" in target:
                 out[f"{module}/{key}"] = jnp.asarray(value).reshape(target[f"{module}/{key}"].shape)
@@ -111,8 +140,9 @@ def quantize_weights(config: ModelConfig, params, families=INT8_DENSE_FAMILIES, 
     return target_config, traverse_util.unflatten_dict(out, sep="/")
 
 
-def _quantize_matrix(method: str, w, scheme: Scheme, stats: LayerStats | None, alpha: float,
-                     percentile: float | None) -> dict:
+def _quantize_matrix(
+    method: str, w, scheme: Scheme, stats: LayerStats | None, alpha: float, percentile: float | None
+) -> dict:
     """The stored parameters of one kernel w [K, N]."""
     input_scale = np.ones(w.shape[0], np.float32)
     if method == "gptq":

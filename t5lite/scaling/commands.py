@@ -20,12 +20,17 @@ MIN_SIZES_PER_BUDGET = 3  # Approach 2's parabola
 
 def add_sweep_commands(subparsers) -> None:
     """Adds `sweep` with its four subcommands to the CLI's argparse subparsers."""
-    sweep = subparsers.add_parser("sweep", help="Plan, run, fit and report IsoFLOP compute sweeps.",
-                                  description=__doc__)
+    sweep = subparsers.add_parser(
+        "sweep", help="Plan, run, fit and report IsoFLOP compute sweeps.", description=__doc__
+    )
     commands = sweep.add_subparsers(dest="sweep_command", required=True)
     p = commands.add_parser("plan", help=plan.__doc__, description=plan.__doc__)
-    p.add_argument("--spec", required=True, help="a sweep gin file binding SweepSpec, e.g. sweeps/tiny_cpu.gin; "
-                                                 "--gin.SweepSpec.NAME=VALUE overrides its bindings")
+    p.add_argument(
+        "--spec",
+        required=True,
+        help="a sweep gin file binding SweepSpec, e.g. sweeps/tiny_cpu.gin; "
+        "--gin.SweepSpec.NAME=VALUE overrides its bindings",
+    )
     p.add_argument("--sweep_dir", required=True)
     p.set_defaults(run=plan, gin_bindings=[])
     p = commands.add_parser("run", help=run.__doc__, description=run.__doc__)
@@ -39,8 +44,9 @@ def add_sweep_commands(subparsers) -> None:
         p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for Approach 3's intervals")
         p.set_defaults(run=function)
         if name == "report":
-            p.add_argument("--out_dir", help="where the PNGs and report.md go (default: the sweep dir, else the "
-                                             "CSV's dir)")
+            p.add_argument(
+                "--out_dir", help="where the PNGs and report.md go (default: the sweep dir, else the CSV's dir)"
+            )
 
 
 def plan(args: argparse.Namespace) -> None:
@@ -49,8 +55,10 @@ def plan(args: argparse.Namespace) -> None:
 
     points = runner.write_plan(runner.load_spec(args.spec, args.gin_bindings), args.sweep_dir)
     for p in points:
-        print(f"{p.name}: d_model={p.config.d_model}, layers={p.config.num_decoder_layers}, {p.num_steps} steps, "
-              f"{p.tokens:.3g} tokens, {p.flops:.3g} FLOPs")
+        print(
+            f"{p.name}: d_model={p.config.d_model}, layers={p.config.num_decoder_layers}, {p.num_steps} steps, "
+            f"{p.tokens:.3g} tokens, {p.flops:.3g} FLOPs"
+        )
     print(f"{len(points)} points in {args.sweep_dir}; launch commands in {args.sweep_dir}/commands.sh")
 
 
@@ -84,38 +92,75 @@ def load_results(args: argparse.Namespace) -> Results:
     labels, budgets = fits.group_budgets(results.C)
     sizes = [np.unique(results.N[labels == i]).size for i in range(budgets.size)]
     if budgets.size < MIN_BUDGETS or min(sizes) < MIN_SIZES_PER_BUDGET:
-        raise ValueError(f"{_csv_path(args)} has {len(results.config)} runs in {budgets.size} budget(s) with "
-                         f"{sizes} model sizes; fitting needs at least {MIN_BUDGETS} budgets with "
-                         f"{MIN_SIZES_PER_BUDGET} sizes each. Run more of the sweep first.")
+        raise ValueError(
+            f"{_csv_path(args)} has {len(results.config)} runs in {budgets.size} budget(s) with "
+            f"{sizes} model sizes; fitting needs at least {MIN_BUDGETS} budgets with "
+            f"{MIN_SIZES_PER_BUDGET} sizes each. Run more of the sweep first."
+        )
     return results
 
 
 def markdown_report(results: Results, summary: dict, images: list[str], source) -> str:
     """report.md: the exponents of every approach side by side, Approach 3's law, the plots and the runs."""
     law = summary["approach3"]
-    interval = lambda k: (f" [{law['intervals'][k][0]:.4g}, {law['intervals'][k][1]:.4g}]"  # noqa: E731
-                          if k in law["intervals"] else "")
-    lines = ["# Scaling sweep report", "", f"{len(results.config)} runs from `{source}`.", "",
-             "## Compute-optimal exponents (N_opt ∝ C^a, D_opt ∝ C^b)", "", "| approach | a | b |",
-             "| --- | --- | --- |",
-             *(f"| {name} | {summary[name]['a']:.3f}{interval('a') if name == 'approach3' else ''} | "
-               f"{summary[name]['b']:.3f}{interval('b') if name == 'approach3' else ''} |"
-               for name in ("approach1", "approach2", "approach3")),
-             "", "## Approach 3: L(N, D) = E + A/N^α + B/D^β", "", "| constant | value |", "| --- | --- |",
-             *(f"| {k} | {law[key]:.4g}{interval(key)} |"
-               for k, key in (("E", "E"), ("A", "A"), ("B", "B"), ("α", "alpha"), ("β", "beta"), ("G", "G"))),
-             "", "## Kaplan-style laws L(x) = L_inf + (x0/x)^α_x", "", "| x | L_inf | x0 | α_x |",
-             "| --- | --- | --- | --- |",
-             *(f"| {x} | {k['L_inf']:.4g} | {k['x0']:.4g} | {k['alpha']:.4g} |" for x, k in summary["kaplan"].items())]
+    interval = lambda k: (
+        f" [{law['intervals'][k][0]:.4g}, {law['intervals'][k][1]:.4g}]"  # noqa: E731
+        if k in law["intervals"]
+        else ""
+    )
+    lines = [
+        "# Scaling sweep report",
+        "",
+        f"{len(results.config)} runs from `{source}`.",
+        "",
+        "## Compute-optimal exponents (N_opt ∝ C^a, D_opt ∝ C^b)",
+        "",
+        "| approach | a | b |",
+        "| --- | --- | --- |",
+        *(
+            f"| {name} | {summary[name]['a']:.3f}{interval('a') if name == 'approach3' else ''} | "
+            f"{summary[name]['b']:.3f}{interval('b') if name == 'approach3' else ''} |"
+            for name in ("approach1", "approach2", "approach3")
+        ),
+        "",
+        "## Approach 3: L(N, D) = E + A/N^α + B/D^β",
+        "",
+        "| constant | value |",
+        "| --- | --- |",
+        *(
+            f"| {k} | {law[key]:.4g}{interval(key)} |"
+            for k, key in (("E", "E"), ("A", "A"), ("B", "B"), ("α", "alpha"), ("β", "beta"), ("G", "G"))
+        ),
+        "",
+        "## Kaplan-style laws L(x) = L_inf + (x0/x)^α_x",
+        "",
+        "| x | L_inf | x0 | α_x |",
+        "| --- | --- | --- | --- |",
+        *(f"| {x} | {k['L_inf']:.4g} | {k['x0']:.4g} | {k['alpha']:.4g} |" for x, k in summary["kaplan"].items()),
+    ]
     if "holdout_largest_budget" in summary:
         h = summary["holdout_largest_budget"]
-        lines += ["", f"Predictable scaling: fitted without the largest budget (C = {h['budget']:.3g}), Approach 3 "
-                      f"predicts its best run's loss as {h['predicted_loss']:.4f} against {h['actual_loss']:.4f} "
-                      f"measured ({h['relative_error']:+.2%})."]
-    lines += ["", "## Plots", "", *(f"![{name}]({name})" for name in images),
-              "", "## Runs", "", "| config | N | D | C | loss |", "| --- | --- | --- | --- | --- |",
-              *(f"| {c} | {n:.4g} | {d:.4g} | {f:.4g} | {l:.4f} |"
-                for c, n, d, f, l in zip(results.config, results.N, results.D, results.C, results.loss))]
+        lines += [
+            "",
+            f"Predictable scaling: fitted without the largest budget (C = {h['budget']:.3g}), Approach 3 "
+            f"predicts its best run's loss as {h['predicted_loss']:.4f} against {h['actual_loss']:.4f} "
+            f"measured ({h['relative_error']:+.2%}).",
+        ]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        *(f"![{name}]({name})" for name in images),
+        "",
+        "## Runs",
+        "",
+        "| config | N | D | C | loss |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {c} | {n:.4g} | {d:.4g} | {f:.4g} | {l:.4f} |"
+            for c, n, d, f, l in zip(results.config, results.N, results.D, results.C, results.loss)
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 

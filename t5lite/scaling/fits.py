@@ -81,15 +81,24 @@ class ChinchillaLaw:
         """(N_opt, D_opt) minimising L subject to C = k·N·D: N_opt = G·(C/k)^a, D_opt = (C/k)^b / G."""
         _positive("C", C)
         budget = np.asarray(C, float) / flops_per_param_token
-        return self.G * budget ** self.a, budget ** self.b / self.G
+        return self.G * budget**self.a, budget**self.b / self.G
 
     def tokens_per_parameter(self, C, flops_per_param_token: float = 6.0):
         n_opt, d_opt = self.compute_optimal(C, flops_per_param_token)
         return d_opt / n_opt
 
     def as_dict(self) -> dict:
-        return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta, "a": self.a,
-                "b": self.b, "G": self.G, "intervals": {k: list(v) for k, v in self.intervals.items()}}
+        return {
+            "E": self.E,
+            "A": self.A,
+            "B": self.B,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "a": self.a,
+            "b": self.b,
+            "G": self.G,
+            "intervals": {k: list(v) for k, v in self.intervals.items()},
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +128,9 @@ def group_budgets(C, rtol: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
 def fit_power_law(x, y) -> PowerLaw:
     x, y = _positive("x", x), _positive("y", y)
     if np.unique(x).size < 2:
-        raise ValueError("A power law needs points at two or more distinct x (compute budgets); got "
-                         f"{np.unique(x).size}.")
+        raise ValueError(
+            f"A power law needs points at two or more distinct x (compute budgets); got {np.unique(x).size}."
+        )
     exponent, log_coefficient = np.polyfit(np.log(x), np.log(y), 1)
     return PowerLaw(float(np.exp(log_coefficient)), float(exponent))
 
@@ -145,25 +155,40 @@ def approach2(N, D, C, L, rtol: float = 0.05) -> AllocationFit:
     for i, budget in enumerate(budgets):
         members = labels == i
         if np.unique(N[members]).size < 3:
-            raise ValueError(f"The IsoFLOP profile at C={budget:.3g} has {np.unique(N[members]).size} distinct "
-                             "model sizes; a parabola needs at least 3.")
+            raise ValueError(
+                f"The IsoFLOP profile at C={budget:.3g} has {np.unique(N[members]).size} distinct "
+                "model sizes; a parabola needs at least 3."
+            )
         x = np.log(N[members])
         p = np.polyfit(x, L[members], 2)
         if p[0] <= 0:
-            raise ValueError(f"The IsoFLOP profile at C={budget:.3g} curves downwards, so it has no minimum: "
-                             "its sizes do not bracket the optimum; add smaller and larger models.")
+            raise ValueError(
+                f"The IsoFLOP profile at C={budget:.3g} curves downwards, so it has no minimum: "
+                "its sizes do not bracket the optimum; add smaller and larger models."
+            )
         vertex = -p[1] / (2 * p[0])
         slope, intercept = np.polyfit(x, np.log(D[members]), 1)
         parabolas.append(p)
         n_opt.append(np.exp(vertex))
         d_opt.append(np.exp(intercept + slope * vertex))
     n_opt, d_opt = np.array(n_opt), np.array(d_opt)
-    return AllocationFit(budgets, n_opt, d_opt, fit_power_law(budgets, n_opt), fit_power_law(budgets, d_opt),
-                         np.array(parabolas))
+    return AllocationFit(
+        budgets, n_opt, d_opt, fit_power_law(budgets, n_opt), fit_power_law(budgets, d_opt), np.array(parabolas)
+    )
 
 
-def approach3(N, D, L, *, exclude_highest: int = 0, delta: float = HUBER_DELTA, starts: int | None = 32,
-              bootstrap: int = 0, confidence: float = 0.95, seed: int = 0) -> ChinchillaLaw:
+def approach3(
+    N,
+    D,
+    L,
+    *,
+    exclude_highest: int = 0,
+    delta: float = HUBER_DELTA,
+    starts: int | None = 32,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> ChinchillaLaw:
     """Approach 3: fit L(N, D) = E + A/N^alpha + B/D^beta as Hoffmann et al. did.
 
     Minimises the Huber loss (`delta`) of log L against LSE(a - alpha ln N, b - beta ln D, e)
@@ -210,16 +235,30 @@ def holdout_largest_budget(N, D, C, L, rtol: float = 0.05, **approach3_kwargs) -
     law = approach3(N[~held], D[~held], L[~held], **approach3_kwargs)
     best = np.flatnonzero(held)[np.argmin(L[held])]
     predicted = float(law.loss(N[best], D[best]))
-    return {"budget": float(budgets[-1]), "N": float(N[best]), "D": float(D[best]), "actual_loss": float(L[best]),
-            "predicted_loss": predicted, "relative_error": predicted / float(L[best]) - 1.0}
+    return {
+        "budget": float(budgets[-1]),
+        "N": float(N[best]),
+        "D": float(D[best]),
+        "actual_loss": float(L[best]),
+        "predicted_loss": predicted,
+        "relative_error": predicted / float(L[best]) - 1.0,
+    }
 
 
 def summary(N, D, C, L, *, bootstrap: int = 0, rtol: float = 0.05) -> dict:
     """Every fit of a sweep as plain numbers (JSON-ready): what `t5lite sweep fit` prints."""
     law = approach3(N, D, L, bootstrap=bootstrap)
     allocations = {"approach1": approach1(N, D, C, L, rtol), "approach2": approach2(N, D, C, L, rtol)}
-    out = {name: {"a": fit.n_law.exponent, "b": fit.d_law.exponent, "budgets": fit.budgets.tolist(),
-                  "n_opt": fit.n_opt.tolist(), "d_opt": fit.d_opt.tolist()} for name, fit in allocations.items()}
+    out = {
+        name: {
+            "a": fit.n_law.exponent,
+            "b": fit.d_law.exponent,
+            "budgets": fit.budgets.tolist(),
+            "n_opt": fit.n_opt.tolist(),
+            "d_opt": fit.d_opt.tolist(),
+        }
+        for name, fit in allocations.items()
+    }
     out["approach3"] = law.as_dict()
     out["kaplan"] = {name: dataclasses.asdict(kaplan(x, L)) for name, x in (("N", N), ("D", D), ("C", C))}
     if group_budgets(C, rtol)[1].size > 2:
@@ -249,8 +288,9 @@ def _fit_lse(y: np.ndarray, log_xs: list[np.ndarray], delta: float, starts) -> n
         for theta in starts:
             # BFGS, not L-BFGS: with 3-5 parameters the limited memory buys nothing, and scipy's
             # L-BFGS-B core calls threaded BLAS that made it 10-30x slower on a busy CPU.
-            result = optimize.minimize(_huber_lse, theta, args=(y, log_xs, delta), jac=True, method="BFGS",
-                                       options={"gtol": 1e-9})
+            result = optimize.minimize(
+                _huber_lse, theta, args=(y, log_xs, delta), jac=True, method="BFGS", options={"gtol": 1e-9}
+            )
             if np.isfinite(result.fun) and (best is None or result.fun < best.fun):
                 best = result
     if best is None:
@@ -268,7 +308,7 @@ def _huber_lse(theta: np.ndarray, y: np.ndarray, log_xs: list[np.ndarray], delta
     prediction = top + np.log(np.exp(terms - top).sum(axis=0))  # log-sum-exp, without scipy's per-call overhead
     residual = prediction - y
     abs_residual = np.abs(residual)
-    value = np.where(abs_residual <= delta, 0.5 * residual ** 2, delta * (abs_residual - 0.5 * delta)).sum()
+    value = np.where(abs_residual <= delta, 0.5 * residual**2, delta * (abs_residual - 0.5 * delta)).sum()
     # d prediction / d term_i is term i's softmax weight.
     weighted = np.exp(terms - prediction) * np.clip(residual, -delta, delta)
     grad = np.empty_like(theta)

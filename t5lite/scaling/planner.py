@@ -20,16 +20,16 @@ mostly embeddings get the tokens their budget really buys.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
 from t5lite.config import ModelConfig
+from t5lite.models import flops
 from t5lite.models.params import param_count
 from t5lite.models.registry import LLAMA, T5_1_1
-from t5lite.models import flops
 
 HEAD_DIM = 64
 ASPECT_RATIO = 64
@@ -54,8 +54,15 @@ def shape(family: str, width: int, layers: int, base: ModelConfig | None = None)
         raise ValueError(f"width={width} must be a multiple of {HEAD_DIM} and layers={layers} at least 1.")
     d_ff = HEAD_DIM * math.ceil(d_ff_ratio * width / HEAD_DIM)
     stacks = {"num_encoder_layers": layers} if default.is_encoder_decoder else {}
-    return (base or default).replace(d_model=width, num_heads=width // HEAD_DIM, num_kv_heads=None,
-                                     head_dim=HEAD_DIM, d_ff=d_ff, num_decoder_layers=layers, **stacks)
+    return (base or default).replace(
+        d_model=width,
+        num_heads=width // HEAD_DIM,
+        num_kv_heads=None,
+        head_dim=HEAD_DIM,
+        d_ff=d_ff,
+        num_decoder_layers=layers,
+        **stacks,
+    )
 
 
 def config_for_size(family: str, target_params: float, base: ModelConfig | None = None) -> ModelConfig:
@@ -76,8 +83,17 @@ def config_for_size(family: str, target_params: float, base: ModelConfig | None 
     return shape(family, best[1], best[2], base)
 
 
-def plan(budgets, family: str, *, inputs_length: int, targets_length: int, num_sizes: int = 5, span: float = 4.0,
-         tokens_per_param: float = 20.0, overrides: Mapping | None = None) -> list[PlanPoint]:
+def plan(
+    budgets,
+    family: str,
+    *,
+    inputs_length: int,
+    targets_length: int,
+    num_sizes: int = 5,
+    span: float = 4.0,
+    tokens_per_param: float = 20.0,
+    overrides: Mapping | None = None,
+) -> list[PlanPoint]:
     """An IsoFLOP grid: per budget C, `num_sizes` shapes spaced in log N and the tokens C buys each.
 
     `inputs_length`/`targets_length` are the sequence lengths the runs will train on (see
@@ -102,16 +118,14 @@ def plan(budgets, family: str, *, inputs_length: int, targets_length: int, num_s
         for (width, layers), config in configs.items():
             tokens = round(budget / flops.training_flops_per_token(config, inputs_length, targets_length))
             if tokens < flops.tokens_per_sequence(config, inputs_length, targets_length):
-                raise ValueError(f"C={budget:.3g} buys {family} d_model={width}, layers={layers} less than one "
-                                 "sequence; raise the budget or lower span.")
-            points.append(PlanPoint(f"{family}_C{budget:.2e}_d{width}_L{layers}".replace("+", ""), config, tokens,
-                                    float(budget)))
+                raise ValueError(
+                    f"C={budget:.3g} buys {family} d_model={width}, layers={layers} less than one "
+                    "sequence; raise the budget or lower span."
+                )
+            points.append(
+                PlanPoint(f"{family}_C{budget:.2e}_d{width}_L{layers}".replace("+", ""), config, tokens, float(budget))
+            )
     return points
-
-
-def gin_bindings(config: ModelConfig) -> list[str]:
-    """Every field of `config` as a gin binding line, so a run's gin file pins the whole model."""
-    return [f"ModelConfig.{field.name} = {getattr(config, field.name)!r}" for field in dataclasses.fields(config)]
 
 
 def family_base(family: str) -> ModelConfig:

@@ -34,8 +34,12 @@ def plot_isoflops(path, N, C, L, fit: fits.AllocationFit, rtol: float = 0.05) ->
     return _save(fig, path)
 
 
-def plot_allocations(path, allocations: dict[str, fits.AllocationFit], law: fits.ChinchillaLaw | None = None,
-                     flops_per_param_token: float = 6.0) -> pathlib.Path:
+def plot_allocations(
+    path,
+    allocations: dict[str, fits.AllocationFit],
+    law: fits.ChinchillaLaw | None = None,
+    flops_per_param_token: float = 6.0,
+) -> pathlib.Path:
     """Optimal N and D against C: each approach's optima and fitted power law, and Approach 3's closed form."""
     fig = Figure(figsize=(11, 4.5))
     axes = fig.subplots(1, 2)
@@ -44,7 +48,7 @@ def plot_allocations(path, allocations: dict[str, fits.AllocationFit], law: fits
     for ax, quantity in zip(axes, ("N", "D")):
         for (name, fit), marker in zip(allocations.items(), "os^v"):
             points, power_law = (fit.n_opt, fit.n_law) if quantity == "N" else (fit.d_opt, fit.d_law)
-            line, = ax.plot(grid, power_law(grid), lw=1, label=f"{name}: exponent {power_law.exponent:.3f}")
+            (line,) = ax.plot(grid, power_law(grid), lw=1, label=f"{name}: exponent {power_law.exponent:.3f}")
             ax.scatter(fit.budgets, points, marker=marker, color=line.get_color())
         if law is not None:
             optimum = law.compute_optimal(grid, flops_per_param_token)[0 if quantity == "N" else 1]
@@ -65,13 +69,22 @@ def plot_loss_contours(path, law: fits.ChinchillaLaw, N, D, flops_per_param_toke
     contours = ax.contourf(n_grid, d_grid, law.loss(n_grid[None, :], d_grid[:, None]), levels=20, cmap="viridis_r")
     fig.colorbar(contours, ax=ax, label="predicted loss")
     ax.scatter(N, D, s=10, color="white", edgecolor="black", lw=0.5, label="runs")
-    compute = np.logspace(np.log10(flops_per_param_token * n_grid[0] * d_grid[0]),
-                          np.log10(flops_per_param_token * n_grid[-1] * d_grid[-1]), 100)
+    compute = np.logspace(
+        np.log10(flops_per_param_token * n_grid[0] * d_grid[0]),
+        np.log10(flops_per_param_token * n_grid[-1] * d_grid[-1]),
+        100,
+    )
     n_opt, d_opt = law.compute_optimal(compute, flops_per_param_token)
     ax.plot(n_opt, d_opt, "r-", lw=2, label=f"efficient frontier: N ∝ C^{law.a:.2f}, D ∝ C^{law.b:.2f}")
-    ax.set(xscale="log", yscale="log", xlim=(n_grid[0], n_grid[-1]), ylim=(d_grid[0], d_grid[-1]),
-           xlabel="parameters N", ylabel="tokens D",
-           title=f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(n_grid[0], n_grid[-1]),
+        ylim=(d_grid[0], d_grid[-1]),
+        xlabel="parameters N",
+        ylabel="tokens D",
+        title=f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}",
+    )
     ax.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
 
@@ -85,9 +98,11 @@ def render_all(csv_path, out_dir, flops_per_param_token: float = 6.0, rtol: floa
     approach2 = fits.approach2(N, D, C, L, rtol)
     law = fits.approach3(N, D, L)
     allocations = {"approach1": fits.approach1(N, D, C, L, rtol), "approach2": approach2}
-    return [plot_isoflops(out_dir / "isoflops.png", N, C, L, approach2, rtol),
-            plot_allocations(out_dir / "allocations.png", allocations, law, flops_per_param_token),
-            plot_loss_contours(out_dir / "loss_contours.png", law, N, D, flops_per_param_token)]
+    return [
+        plot_isoflops(out_dir / "isoflops.png", N, C, L, approach2, rtol),
+        plot_allocations(out_dir / "allocations.png", allocations, law, flops_per_param_token),
+        plot_loss_contours(out_dir / "loss_contours.png", law, N, D, flops_per_param_token),
+    ]
 
 
 def _save(fig: Figure, path) -> pathlib.Path:

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import pathlib
 import shlex
-from typing import Callable
+from collections.abc import Callable
 
 import gin
 import numpy as np
@@ -31,12 +31,12 @@ import numpy as np
 import t5lite.data  # noqa: F401  (registers the tasks a base run names)
 from t5lite import config as config_lib
 from t5lite.config import ModelConfig
-from t5lite.models.params import param_count
 from t5lite.models import flops
+from t5lite.models.params import param_count
 from t5lite.scaling import planner, results
 from t5lite.train import loop
-from t5lite.train.spec import RunSpec
 from t5lite.train.metrics import read_metrics
+from t5lite.train.spec import RunSpec
 
 # Rounding to whole steps moves C by at most 1/(2·MIN_STEPS), inside the 5% fits group budgets by.
 MIN_STEPS = 10
@@ -52,6 +52,7 @@ class SweepSpec:
     `bindings` are gin lines applied on top of `base_gin` for every point (e.g. a float32 dtype,
     a shorter length); `num_sizes`, `span` and `tokens_per_param` go to `planner.plan`.
     """
+
     budgets: tuple[float, ...]
     family: str
     base_gin: str
@@ -63,8 +64,9 @@ class SweepSpec:
     def __post_init__(self):
         budgets = tuple(float(b) for b in np.atleast_1d(self.budgets))
         if not budgets or not all(b > 0 for b in budgets):
-            raise ValueError(f"SweepSpec.budgets must be a non-empty list of positive FLOP counts; "
-                             f"got {list(budgets)}.")
+            raise ValueError(
+                f"SweepSpec.budgets must be a non-empty list of positive FLOP counts; got {list(budgets)}."
+            )
         planner.family_base(self.family)  # an unknown family fails here
         object.__setattr__(self, "budgets", budgets)
         object.__setattr__(self, "bindings", tuple(self.bindings))
@@ -77,6 +79,7 @@ GinSweepSpec = gin.external_configurable(SweepSpec, name="SweepSpec", module="t5
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One planned run: its shape and how many steps of the base run's batches the budget buys."""
+
     name: str
     budget: float
     config: ModelConfig
@@ -93,11 +96,13 @@ class Point:
         return self.num_steps * self.flops_per_step
 
     def to_json(self) -> dict:
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"},
-                "config": json.loads(self.config.to_json())}
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"},
+            "config": json.loads(self.config.to_json()),
+        }
 
     @classmethod
-    def from_json(cls, record: dict) -> "Point":
+    def from_json(cls, record: dict) -> Point:
         return cls(**{**record, "config": ModelConfig.from_json(json.dumps(record["config"]))})
 
 
@@ -107,8 +112,9 @@ def load_spec(gin_file: str, bindings=()) -> SweepSpec:
     try:
         return GinSweepSpec()
     except TypeError as error:
-        raise ValueError(f"{gin_file} must bind SweepSpec.budgets, SweepSpec.family and SweepSpec.base_gin "
-                         f"({error}).") from error
+        raise ValueError(
+            f"{gin_file} must bind SweepSpec.budgets, SweepSpec.family and SweepSpec.base_gin ({error})."
+        ) from error
 
 
 def make_plan(spec: SweepSpec) -> list[Point]:
@@ -117,21 +123,32 @@ def make_plan(spec: SweepSpec) -> list[Point]:
     base = config_lib.GinModelConfig()
     family_architecture = planner.family_base(spec.family).architecture
     if base.architecture != family_architecture:
-        raise ValueError(f"{spec.base_gin} trains a {base.architecture!r} model but family {spec.family!r} is "
-                         f"{family_architecture!r}; pick a base run of that architecture.")
+        raise ValueError(
+            f"{spec.base_gin} trains a {base.architecture!r} model but family {spec.family!r} is "
+            f"{family_architecture!r}; pick a base run of that architecture."
+        )
     base_run = RunSpec.from_gin()
     batch_size = base_run.batch_size
     encoder_length, decoder_length = base_run.lengths
     overrides = {f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig)}
     points = []
-    for p in planner.plan(spec.budgets, spec.family, inputs_length=encoder_length, targets_length=decoder_length,
-                          num_sizes=spec.num_sizes, span=spec.span, tokens_per_param=spec.tokens_per_param,
-                          overrides=overrides):
+    for p in planner.plan(
+        spec.budgets,
+        spec.family,
+        inputs_length=encoder_length,
+        targets_length=decoder_length,
+        num_sizes=spec.num_sizes,
+        span=spec.span,
+        tokens_per_param=spec.tokens_per_param,
+        overrides=overrides,
+    ):
         tokens_per_step = batch_size * flops.tokens_per_sequence(p.config, encoder_length, decoder_length)
         num_steps = round(p.tokens / tokens_per_step)
         if num_steps < MIN_STEPS:
-            raise ValueError(f"{p.name} gets {num_steps} steps of {tokens_per_step} tokens (fewer than {MIN_STEPS}); "
-                             "raise the budgets or lower train.batch_size.")
+            raise ValueError(
+                f"{p.name} gets {num_steps} steps of {tokens_per_step} tokens (fewer than {MIN_STEPS}); "
+                "raise the budgets or lower train.batch_size."
+            )
         flops_per_step = batch_size * flops.training_flops_per_sequence(p.config, encoder_length, decoder_length)
         points.append(Point(p.name, p.flops, p.config, num_steps, tokens_per_step, flops_per_step))
     return points
@@ -144,26 +161,32 @@ def write_plan(spec: SweepSpec, sweep_dir: str | pathlib.Path) -> list[Point]:
     record = json.loads(json.dumps({"spec": dataclasses.asdict(spec), "points": [p.to_json() for p in points]}))
     plan_file = sweep_dir / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != record:
-        raise ValueError(f"{sweep_dir} holds another sweep's plan ({plan_file}); use a new sweep dir, or the spec "
-                         "recorded there.")
+        raise ValueError(
+            f"{sweep_dir} holds another sweep's plan ({plan_file}); use a new sweep dir, or the spec recorded there."
+        )
     for point in points:
         (sweep_dir / point.name).mkdir(parents=True, exist_ok=True)
         (sweep_dir / point.name / POINT_GIN).write_text(_point_gin(spec, point))
     plan_file.write_text(json.dumps(record, indent=1))
     _write_plan_csv(sweep_dir / "plan.csv", points)
-    lines = [f"t5lite train --gin_file={shlex.quote(str(sweep_dir / p.name / POINT_GIN))} "
-             f"--model_dir={shlex.quote(str(sweep_dir / p.name))}" for p in points]
+    lines = [
+        f"t5lite train --gin_file={shlex.quote(str(sweep_dir / p.name / POINT_GIN))} "
+        f"--model_dir={shlex.quote(str(sweep_dir / p.name))}"
+        for p in points
+    ]
     (sweep_dir / "commands.sh").write_text(
         "#!/bin/sh\n# One launch per IsoFLOP point; each resumes from its checkpoint when rerun.\n"
-        "# Submit the lines to a scheduler, or run them all here with `t5lite sweep run`.\n" + "\n".join(lines) + "\n")
+        "# Submit the lines to a scheduler, or run them all here with `t5lite sweep run`.\n" + "\n".join(lines) + "\n"
+    )
     return points
 
 
 def read_plan(sweep_dir: str | pathlib.Path) -> list[Point]:
     plan_file = pathlib.Path(sweep_dir) / "plan.json"
     if not plan_file.is_file():
-        raise FileNotFoundError(f"No plan at {plan_file}; write one with `t5lite sweep plan --spec=... "
-                                f"--sweep_dir={sweep_dir}` first.")
+        raise FileNotFoundError(
+            f"No plan at {plan_file}; write one with `t5lite sweep plan --spec=... --sweep_dir={sweep_dir}` first."
+        )
     return [Point.from_json(p) for p in json.loads(plan_file.read_text())["points"]]
 
 
@@ -171,8 +194,11 @@ def is_finished(sweep_dir: str | pathlib.Path, point: Point) -> bool:
     """Its final checkpoint and final evaluation exist (Orbax shows a step dir only once the save completed)."""
     run_dir = pathlib.Path(sweep_dir) / point.name
     evals = run_dir / "eval_metrics.jsonl"
-    return ((run_dir / "checkpoints" / str(point.num_steps)).is_dir() and evals.is_file()
-            and any(row["step"] == point.num_steps for row in read_metrics(evals)))
+    return (
+        (run_dir / "checkpoints" / str(point.num_steps)).is_dir()
+        and evals.is_file()
+        and any(row["step"] == point.num_steps for row in read_metrics(evals))
+    )
 
 
 def run(sweep_dir: str | pathlib.Path, log: Callable[[str], None] = print) -> list[dict]:
@@ -209,10 +235,19 @@ def collect_results(sweep_dir: str | pathlib.Path, points: list[Point]) -> list[
             continue
         run_dir = pathlib.Path(sweep_dir) / point.name
         final_eval = next(r for r in read_metrics(run_dir / "eval_metrics.jsonl") if r["step"] == point.num_steps)
-        rows.append({"config": point.name, "N": param_count(point.config), "D": point.tokens, "C": point.flops,
-                     "loss": final_eval["loss"], "train_loss": _smoothed_train_loss(run_dir, point.num_steps),
-                     "N_non_embedding": flops.non_embedding_param_count(point.config), "budget": point.budget,
-                     "steps": point.num_steps})
+        rows.append(
+            {
+                "config": point.name,
+                "N": param_count(point.config),
+                "D": point.tokens,
+                "C": point.flops,
+                "loss": final_eval["loss"],
+                "train_loss": _smoothed_train_loss(run_dir, point.num_steps),
+                "N_non_embedding": flops.non_embedding_param_count(point.config),
+                "budget": point.budget,
+                "steps": point.num_steps,
+            }
+        )
     return rows
 
 
@@ -224,21 +259,37 @@ def _smoothed_train_loss(run_dir: pathlib.Path, num_steps: int) -> float:
 
 def _point_gin(spec: SweepSpec, point: Point) -> str:
     """Evaluation only at the end: the final validation loss is what a point is for."""
-    lines = [f"# IsoFLOP point {point.name}: C = {point.budget:.3g} FLOPs planned, {point.num_steps} steps of "
-             f"{point.tokens_per_step} tokens. Written by `t5lite sweep plan`.",
-             f"include {spec.base_gin!r}", "", *spec.bindings, *planner.gin_bindings(point.config),
-             f"train.num_steps = {point.num_steps}", f"train.eval_every = {point.num_steps}"]
+    lines = [
+        f"# IsoFLOP point {point.name}: C = {point.budget:.3g} FLOPs planned, {point.num_steps} steps of "
+        f"{point.tokens_per_step} tokens. Written by `t5lite sweep plan`.",
+        f"include {spec.base_gin!r}",
+        "",
+        *spec.bindings,
+        *config_lib.gin_bindings(point.config),
+        f"train.num_steps = {point.num_steps}",
+        f"train.eval_every = {point.num_steps}",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def _write_plan_csv(path: pathlib.Path, points: list[Point]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["name", "budget", "d_model", "layers", "N", "N_non_embedding", "num_steps", "tokens",
-                         "flops"])
+        writer.writerow(["name", "budget", "d_model", "layers", "N", "N_non_embedding", "num_steps", "tokens", "flops"])
         for p in points:
-            writer.writerow([p.name, p.budget, p.config.d_model, p.config.num_decoder_layers, param_count(p.config),
-                             flops.non_embedding_param_count(p.config), p.num_steps, p.tokens, p.flops])
+            writer.writerow(
+                [
+                    p.name,
+                    p.budget,
+                    p.config.d_model,
+                    p.config.num_decoder_layers,
+                    param_count(p.config),
+                    flops.non_embedding_param_count(p.config),
+                    p.num_steps,
+                    p.tokens,
+                    p.flops,
+                ]
+            )
 
 
 def _resolve_gin(name: str) -> str:
@@ -247,5 +298,7 @@ def _resolve_gin(name: str) -> str:
         return str(pathlib.Path(name).absolute())
     if (config_lib.GIN_CONFIG_DIR / name).is_file():
         return name
-    raise FileNotFoundError(f"Base run gin {name!r} not found here or under {config_lib.GIN_CONFIG_DIR}; "
-                            "shipped run configs are runs/*.gin.")
+    raise FileNotFoundError(
+        f"Base run gin {name!r} not found here or under {config_lib.GIN_CONFIG_DIR}; "
+        "shipped run configs are runs/*.gin."
+    )

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +38,19 @@ import optax
 BATCH, ROW, COLUMN, NONE = "batch", "row", "column", "none"
 # Logical axis name -> how Adafactor treats it. Every axis a parameter can carry is listed.
 FACTOR_RULES = {
-    "layers": BATCH, "expert": BATCH,
+    "layers": BATCH,
+    "expert": BATCH,
     "embed": ROW,
-    "vocab": COLUMN, "mlp": COLUMN, "expert_mlp": COLUMN, "heads": COLUMN, "kv_heads": COLUMN, "kv": COLUMN,
-    "joined_kv": COLUMN, "abspos_buckets": COLUMN,
-    "relpos_buckets": NONE, None: NONE,
+    "vocab": COLUMN,
+    "mlp": COLUMN,
+    "expert_mlp": COLUMN,
+    "heads": COLUMN,
+    "kv_heads": COLUMN,
+    "kv": COLUMN,
+    "joined_kv": COLUMN,
+    "abspos_buckets": COLUMN,
+    "relpos_buckets": NONE,
+    None: NONE,
 }
 
 
@@ -69,9 +78,11 @@ def layout(axes: Sequence[str | None], shape: Sequence[int], min_dim_size_to_fac
     """The Layout of a parameter of `shape` whose axes are named `axes`."""
     unknown = [name for name in axes if name not in FACTOR_RULES]
     if unknown or len(axes) != len(shape):
-        raise ValueError(f"Adafactor has no factoring rule for axes {tuple(axes)} of a parameter shaped "
-                         f"{tuple(shape)}; add {unknown or 'one name per axis'} to "
-                         f"t5lite.train.adafactor.FACTOR_RULES.")
+        raise ValueError(
+            f"Adafactor has no factoring rule for axes {tuple(axes)} of a parameter shaped "
+            f"{tuple(shape)}; add {unknown or 'one name per axis'} to "
+            f"t5lite.train.adafactor.FACTOR_RULES."
+        )
     kinds = [FACTOR_RULES[name] for name in axes]
     of = lambda kind: tuple(i for i, k in enumerate(kinds) if k == kind)  # noqa: E731
     batch, rows, cols = of(BATCH), of(ROW), of(COLUMN)
@@ -89,20 +100,31 @@ class AdafactorState(NamedTuple):
     v: Any
 
 
-def adafactor(learning_rate: float | Callable, param_axes: Mapping[str, Sequence[str | None]], *,
-              decay_rate: float = 0.8, clipping_threshold: float | None = 1.0, epsilon1: float = 1e-30,
-              epsilon2: float = 1e-3, min_dim_size_to_factor: int = 128,
-              weight_decay_rate: float | None = None) -> optax.GradientTransformation:
+def adafactor(
+    learning_rate: float | Callable,
+    param_axes: Mapping[str, Sequence[str | None]],
+    *,
+    decay_rate: float = 0.8,
+    clipping_threshold: float | None = 1.0,
+    epsilon1: float = 1e-30,
+    epsilon2: float = 1e-3,
+    min_dim_size_to_factor: int = 128,
+    weight_decay_rate: float | None = None,
+) -> optax.GradientTransformation:
     """T5X's Adafactor (no momentum) for parameters whose "/"-joined paths `param_axes` names the
     logical axes of; `learning_rate` is a number or a schedule of the step. Weight decay, as in
     T5X, shrinks the parameters by `weight_decay_rate` each step, whatever the learning rate."""
+
     def layouts(params):
         def one(path, param):
             name = "/".join(str(getattr(key, "key", key)) for key in path)
             if name not in param_axes:
-                raise ValueError(f"Adafactor knows no logical axes for parameter {name!r}; build it with the "
-                                 f"param_axes of the model it trains.")
+                raise ValueError(
+                    f"Adafactor knows no logical axes for parameter {name!r}; build it with the "
+                    f"param_axes of the model it trains."
+                )
             return layout(param_axes[name], param.shape, min_dim_size_to_factor)
+
         return jax.tree_util.tree_map_with_path(one, params)
 
     def init(params):
@@ -114,8 +136,9 @@ def adafactor(learning_rate: float | Callable, param_axes: Mapping[str, Sequence
             return placeholder, placeholder, jnp.zeros(param.shape, jnp.float32)
 
         stats = jax.tree.map(statistics, params, layouts(params))
-        v_row, v_col, v = (jax.tree.map(lambda s, i=i: s[i], stats, is_leaf=lambda x: isinstance(x, tuple))
-                           for i in range(3))
+        v_row, v_col, v = (
+            jax.tree.map(lambda s, i=i: s[i], stats, is_leaf=lambda x: isinstance(x, tuple)) for i in range(3)
+        )
         return AdafactorState(jnp.zeros((), jnp.int32), v_row, v_col, v)
 
     def update(grads, state, params):
@@ -160,6 +183,7 @@ def from_optax(saved: Mapping[str, Any], params, like: AdafactorState) -> Adafac
     Adafactor followed T5X's rules hold. Each parameter's second-moment estimate is rebuilt as
     optax kept it (whole, or factored along its two largest axes) and refit along this layout's
     rows and columns, so a resumed run keeps its statistics and its step."""
+
     def refit(param, v_row, v_col, v, *targets):
         if v.shape == param.shape:
             full = v
@@ -167,8 +191,9 @@ def from_optax(saved: Mapping[str, Any], params, like: AdafactorState) -> Adafac
             rows, cols = (int(axis) for axis in np.argsort(param.shape)[-2:])
             row_mean = jnp.mean(v_row, axis=rows - (rows > cols), keepdims=True)
             full = jnp.expand_dims(v_row / row_mean, cols) * jnp.expand_dims(v_col, rows)
-        return tuple(jnp.zeros(t.shape, jnp.float32) if t.size == 1 < param.size else _mean_to(full, t.shape)
-                     for t in targets)
+        return tuple(
+            jnp.zeros(t.shape, jnp.float32) if t.size == 1 < param.size else _mean_to(full, t.shape) for t in targets
+        )
 
     out = jax.tree.map(refit, params, saved["v_row"], saved["v_col"], saved["v"], like.v_row, like.v_col, like.v)
     pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=lambda x: isinstance(x, tuple))  # noqa: E731

@@ -15,8 +15,8 @@ import os
 import jax
 
 from pallas_kernels.backend import compiling_for
-from t5lite.models import abstract_params, active_param_count, param_count
 from t5lite import hardware
+from t5lite.models import abstract_params, active_param_count, param_count
 from t5lite.sharding import BATCH_LOGICAL, abstract_with_shardings
 from t5lite.train import loop
 from t5lite.train.distillation import teacher_for
@@ -54,20 +54,24 @@ class CompileReport:
 
     def summary(self) -> str:
         mesh = " ".join(f"{axis}={size}" for axis, size in self.mesh.items())
-        lines = [f"topology      {self.topology}: {self.num_devices} x {self.device_kind}, mesh {mesh}",
-                 f"parameters    {self.params / 1e6:,.1f}M ({self.active_params / 1e6:,.1f}M active per token)"]
+        lines = [
+            f"topology      {self.topology}: {self.num_devices} x {self.device_kind}, mesh {mesh}",
+            f"parameters    {self.params / 1e6:,.1f}M ({self.active_params / 1e6:,.1f}M active per token)",
+        ]
         if self.error is None:
             m = {key: format_bytes(value) for key, value in self.memory.items()}
             frozen = f"; frozen reference model {format_bytes(self.reference_bytes)}" if self.reference_bytes else ""
-            lines += [f"per device    arguments {m['argument']} (state + batch; optimizer statistics "
-                      f"{format_bytes(self.optimizer_state_bytes)}{frozen}), outputs {m['output']} ({m['alias']} of "
-                      f"them in the arguments' buffers), temporaries {m['temp']}, code {m['code']}",
-                      f"total         {format_bytes(self.bytes_per_device)} of {format_bytes(self.hbm_bytes)} HBM: "
-                      f"{'fits' if self.fits else 'DOES NOT FIT'} "
-                      f"({self.bytes_per_device / self.hbm_bytes:.0%})",
-                      f"step FLOPs    {self.model_flops:.3g} per device (XLA's cost analysis, which counts a "
-                      f"scanned layer once: {self.xla_flops or 0:.3g})",
-                      f"Pallas calls  {self.pallas_kernels} Mosaic kernel call sites in the compiled step"]
+            lines += [
+                f"per device    arguments {m['argument']} (state + batch; optimizer statistics "
+                f"{format_bytes(self.optimizer_state_bytes)}{frozen}), outputs {m['output']} ({m['alias']} of "
+                f"them in the arguments' buffers), temporaries {m['temp']}, code {m['code']}",
+                f"total         {format_bytes(self.bytes_per_device)} of {format_bytes(self.hbm_bytes)} HBM: "
+                f"{'fits' if self.fits else 'DOES NOT FIT'} "
+                f"({self.bytes_per_device / self.hbm_bytes:.0%})",
+                f"step FLOPs    {self.model_flops:.3g} per device (XLA's cost analysis, which counts a "
+                f"scanned layer once: {self.xla_flops or 0:.3g})",
+                f"Pallas calls  {self.pallas_kernels} Mosaic kernel call sites in the compiled step",
+            ]
         else:
             lines += [f"DOES NOT FIT  {self.error}"]
         return "\n".join(lines)
@@ -84,7 +88,7 @@ def shard_bytes(tree) -> int:
 
 def format_bytes(num_bytes: int) -> str:
     gib = hardware.GIB
-    return f"{num_bytes / gib:.2f} GiB" if num_bytes >= gib / 10 else f"{num_bytes / 2 ** 20:.1f} MiB"
+    return f"{num_bytes / gib:.2f} GiB" if num_bytes >= gib / 10 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def topology_devices(topology: str) -> list:
@@ -101,8 +105,10 @@ def topology_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **megacore).devices)
     except Exception as error:  # libtpu reports bad names as runtime errors of several kinds
-        raise ValueError(f"libtpu does not know the TPU topology {topology!r} ({error}). Name a chip generation "
-                         f"and its chip grid, e.g. {TOPOLOGY_EXAMPLES}.") from None
+        raise ValueError(
+            f"libtpu does not know the TPU topology {topology!r} ({error}). Name a chip generation "
+            f"and its chip grid, e.g. {TOPOLOGY_EXAMPLES}."
+        ) from None
 
 
 def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
@@ -112,16 +118,21 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
     devices = topology_devices(topology)
     chip = hardware.chip_name(devices[0])
     if chip not in hardware.HBM_BYTES:
-        raise ValueError(f"t5lite knows the HBM of {', '.join(hardware.HBM_BYTES)} chips, not of "
-                         f"{devices[0].device_kind!r} ({topology}); add it to t5lite.hardware.HBM_BYTES.")
+        raise ValueError(
+            f"t5lite knows the HBM of {', '.join(hardware.HBM_BYTES)} chips, not of "
+            f"{devices[0].device_kind!r} ({topology}); add it to t5lite.hardware.HBM_BYTES."
+        )
     teacher = teacher_for(spec.distillation, config, spec.num_steps) if spec.distillation else None
     reference_config = teacher.config if teacher else spec.reference_config
     with compiling_for("tpu"):
         step = loop.TrainStep.for_run(spec, teacher, devices)
         partitioner = step.partitioner
-        batch = {name: jax.ShapeDtypeStruct((spec.batch_size, *shape[1:]), dtype,
-                                            sharding=partitioner.sharding(BATCH_LOGICAL))
-                 for name, (shape, dtype) in spec.data_stream().batch_spec.items()}
+        batch = {
+            name: jax.ShapeDtypeStruct(
+                (spec.batch_size, *shape[1:]), dtype, sharding=partitioner.sharding(BATCH_LOGICAL)
+            )
+            for name, (shape, dtype) in spec.data_stream().batch_spec.items()
+        }
         key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated)
         references = ()
@@ -130,10 +141,16 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
         with partitioner.context():
             lowered = step.fn.lower(step.abstract_state, batch, rng, *references)
     report = CompileReport(
-        topology=topology, device_kind=devices[0].device_kind, mesh=dict(partitioner.mesh.shape),
-        hbm_bytes=hardware.HBM_BYTES[chip], params=param_count(config), active_params=active_param_count(config),
-        optimizer_state_bytes=shard_bytes(step.abstract_state.opt_state), reference_bytes=shard_bytes(references),
-        model_flops=spec.flops_per_step(reference_config) / len(devices))
+        topology=topology,
+        device_kind=devices[0].device_kind,
+        mesh=dict(partitioner.mesh.shape),
+        hbm_bytes=hardware.HBM_BYTES[chip],
+        params=param_count(config),
+        active_params=active_param_count(config),
+        optimizer_state_bytes=shard_bytes(step.abstract_state.opt_state),
+        reference_bytes=shard_bytes(references),
+        model_flops=spec.flops_per_step(reference_config) / len(devices),
+    )
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:
@@ -143,8 +160,15 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return dataclasses.replace(report, xla_flops=(cost or {}).get("flops"),
-                               pallas_kernels=compiled.as_text().count("tpu_custom_call"), memory={
-        "argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
-        "alias": memory.alias_size_in_bytes, "temp": memory.temp_size_in_bytes,
-        "code": memory.generated_code_size_in_bytes})
+    return dataclasses.replace(
+        report,
+        xla_flops=(cost or {}).get("flops"),
+        pallas_kernels=compiled.as_text().count("tpu_custom_call"),
+        memory={
+            "argument": memory.argument_size_in_bytes,
+            "output": memory.output_size_in_bytes,
+            "alias": memory.alias_size_in_bytes,
+            "temp": memory.temp_size_in_bytes,
+            "code": memory.generated_code_size_in_bytes,
+        },
+    )

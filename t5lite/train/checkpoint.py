@@ -16,10 +16,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-
-from t5lite.config import ModelConfig
 from flax import traverse_util
 
+from t5lite.config import ModelConfig
 from t5lite.models import abstract_params
 from t5lite.models.params import added_params, added_pattern
 from t5lite.train import migration
@@ -50,7 +49,7 @@ def save_adapters(directory: str | pathlib.Path, config: ModelConfig, params) ->
     """Writes what LoRA, BitFit or prompt tuning added to a model alone (with the model's config)."""
     found = added_params(config, params)
     if not found:
-        raise ValueError("These parameters hold no adapters: set ModelConfig.lora_rank, bitfit or prompt_length.")
+        raise ValueError("These parameters hold no adapters: set AdapterConfig.lora_rank, bitfit or prompt_length.")
     return save_params(directory, config, traverse_util.unflatten_dict(found, sep="/"), subdir=ADAPTERS_DIR)
 
 
@@ -63,13 +62,20 @@ def load_adapters(directory: str | pathlib.Path, base_params):
     config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
     abstract = traverse_util.flatten_dict(abstract_params(config), sep="/")
     base = traverse_util.flatten_dict(base_params, sep="/")
-    wrong = [p for p, leaf in abstract.items() if not re.search(added_pattern(config), p)
-             and (p not in base or base[p].shape != leaf.shape)]
+    wrong = [
+        p
+        for p, leaf in abstract.items()
+        if not re.search(added_pattern(config), p) and (p not in base or base[p].shape != leaf.shape)
+    ]
     if wrong:
-        raise ValueError(f"The base parameters do not fit the adapters' model ({', '.join(wrong[:4])}); load the "
-                         f"base model the adapters were trained on.")
+        raise ValueError(
+            f"The base parameters do not fit the adapters' model ({', '.join(wrong[:4])}); load the "
+            f"base model the adapters were trained on."
+        )
     with ocp.StandardCheckpointer() as checkpointer:
-        saved = checkpointer.restore(directory / ADAPTERS_DIR, traverse_util.unflatten_dict(added_params(config, abstract), sep="/"))
+        saved = checkpointer.restore(
+            directory / ADAPTERS_DIR, traverse_util.unflatten_dict(added_params(config, abstract), sep="/")
+        )
     base.update(traverse_util.flatten_dict(saved, sep="/"))
     return config, traverse_util.unflatten_dict(base, sep="/")
 
@@ -91,11 +97,11 @@ class DataStreamHandler(ocp.CheckpointHandler):
     shard; a process restores the state of the shard it reads, its own file first (processes of a
     tensor group spanning hosts read one shard)."""
 
-    def save(self, directory, args: "DataStreamSave") -> None:
+    def save(self, directory, args: DataStreamSave) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         args.stream.save(str(directory / _stream_file(args.stream, jax.process_index())))
 
-    def restore(self, directory, args: "DataStreamRestore"):
+    def restore(self, directory, args: DataStreamRestore):
         args.stream.restore(str(saved_stream(directory, args.stream)), args.position)
         return args.stream
 
@@ -135,8 +141,9 @@ class TrainCheckpoints:
     a save is visible only once complete, so a run killed mid-save resumes from the previous one."""
 
     def __init__(self, model_dir: str | pathlib.Path, save_every: int, keep: int | None):
-        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=True)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every, max_to_keep=keep, create=True, enable_async_checkpointing=True
+        )
         self.manager = ocp.CheckpointManager(pathlib.Path(model_dir).absolute() / "checkpoints", options=options)
 
     def latest_step(self) -> int | None:
@@ -147,10 +154,15 @@ class TrainCheckpoints:
 
     def save(self, step: int, state, stream, force: bool = False) -> bool:
         """Saves `state` and where `stream` (a t5lite.data.DataStream) stands."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"position": int(stream.position), "stream": stream.description}),
-            stream=DataStreamSave(stream)), force=force)
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({"position": int(stream.position), "stream": stream.description}),
+                stream=DataStreamSave(stream),
+            ),
+            force=force,
+        )
 
     def restore(self, abstract_state, step: int | None = None):
         """The train state at `step`, or at the latest complete step. Adafactor statistics that
@@ -160,14 +172,17 @@ class TrainCheckpoints:
         if migrated is not None:
             return migrated
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))["state"]
+            return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+                "state"
+            ]
         except ValueError as error:
             if "tree structures do not match" not in str(error):
                 raise
-            raise ValueError(f"Checkpoint {step} in {self.manager.directory} holds the state of another optimizer "
-                             f"or model than this run's. Resume with the config the run started with (its "
-                             f"config.gin), or start a new run from its parameters with train.init_from.") from None
+            raise ValueError(
+                f"Checkpoint {step} in {self.manager.directory} holds the state of another optimizer "
+                f"or model than this run's. Resume with the config the run started with (its "
+                f"config.gin), or start a new run from its parameters with train.init_from."
+            ) from None
 
     def restore_stream(self, stream, step: int) -> None:
         """Moves a fresh `stream` to where the run's stream stood at `step`: its saved state, read in
@@ -178,19 +193,26 @@ class TrainCheckpoints:
         data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
         saved, now = data.get("stream", stream.description), stream.description
         changed = {key: (saved.get(key), value) for key, value in now.items() if saved.get(key) != value}
-        resharded = set(changed) == {"rows_per_process", "processes"} and \
-            saved["rows_per_process"] * saved["processes"] == now["rows_per_process"] * now["processes"]
+        resharded = (
+            set(changed) == {"rows_per_process", "processes"}
+            and saved["rows_per_process"] * saved["processes"] == now["rows_per_process"] * now["processes"]
+        )
         if changed and not resharded:
             details = "; ".join(f"{key}: {was!r} there, {here!r} here" for key, (was, here) in changed.items())
-            raise ValueError(f"This run's data differs from the data of the run it resumes ({details}), so it cannot "
-                             f"continue where that stopped. Resume with the run's settings (its config.gin), or "
-                             f"start a new run from its parameters with train.init_from.")
+            raise ValueError(
+                f"This run's data differs from the data of the run it resumes ({details}), so it cannot "
+                f"continue where that stopped. Resume with the run's settings (its config.gin), or "
+                f"start a new run from its parameters with train.init_from."
+            )
         if not resharded and saved_stream(self.manager.directory / str(step) / "stream", stream) is not None:
             self.manager.restore(step, args=ocp.args.Composite(stream=DataStreamRestore(stream, data["position"])))
             return
         why = "split over other processes" if resharded else "saved without its input state (by an earlier t5lite)"
-        print(f"Checkpoint {step} was {why}: continuing the data from batch {data['position']} of this pipeline "
-              f"(replayed; its order may differ from what the run saw).", flush=True)
+        print(
+            f"Checkpoint {step} was {why}: continuing the data from batch {data['position']} of this pipeline "
+            f"(replayed; its order may differ from what the run saw).",
+            flush=True,
+        )
         stream.skip(data["position"])
 
     def _complete(self, step: int | None) -> int:
@@ -204,8 +226,9 @@ class TrainCheckpoints:
         devices the run was sharded over are not all here, on this process's first device."""
         step = self._complete(step)
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(fallback_sharding=here)))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=here))
+        )
         return restored["state"]["params"], step
 
     def close(self) -> None:
@@ -235,8 +258,10 @@ def restore_params(model_dir: str | pathlib.Path, step: int | None = None):
     model_dir = pathlib.Path(model_dir).absolute()
     config_file = model_dir / CONFIG_FILE
     if not config_file.is_file() or not (model_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{model_dir} holds no training run (no {CONFIG_FILE} and checkpoints/); "
-                                f"train one with `t5lite train --model_dir={model_dir} ...` first.")
+        raise FileNotFoundError(
+            f"{model_dir} holds no training run (no {CONFIG_FILE} and checkpoints/); "
+            f"train one with `t5lite train --model_dir={model_dir} ...` first."
+        )
     config = ModelConfig.from_json(config_file.read_text())
     checkpoints = TrainCheckpoints(model_dir, 1, None)
     try:

@@ -46,8 +46,10 @@ class Distillation:
         if not self.hidden_weight >= 0.0:
             raise ValueError(f"Distillation.hidden_weight={self.hidden_weight} must be >= 0 (0: no hidden-state loss).")
         if self.layer_map is not None and not self.hidden_weight:
-            raise ValueError("Distillation.layer_map maps layers for the hidden-state loss; set "
-                             "Distillation.hidden_weight > 0 to use it.")
+            raise ValueError(
+                "Distillation.layer_map maps layers for the hidden-state loss; set "
+                "Distillation.hidden_weight > 0 to use it."
+            )
 
     def schedule(self, num_steps: int):
         """The temperature as a function of the step."""
@@ -71,12 +73,19 @@ def teacher_for(distillation: Distillation, student: ModelConfig, num_steps: int
     refuses a teacher whose logits do not line up with the student's."""
     config = checkpoint.pretrained_config(distillation.teacher)
     if config.vocab_size != student.vocab_size or config.is_encoder_decoder != student.is_encoder_decoder:
-        raise ValueError(f"Distillation.teacher={distillation.teacher} is a {config.architecture} model with "
-                         f"vocab_size={config.vocab_size}; the student is a {student.architecture} model with "
-                         f"vocab_size={student.vocab_size}. Teacher and student need one vocabulary and one kind.")
+        raise ValueError(
+            f"Distillation.teacher={distillation.teacher} is a {config.architecture} model with "
+            f"vocab_size={config.vocab_size}; the student is a {student.architecture} model with "
+            f"vocab_size={student.vocab_size}. Teacher and student need one vocabulary and one kind."
+        )
     layer_map = hidden_layer_map(distillation, student, config) if distillation.hidden_weight else ()
-    return Teacher(config.replace(dropout_rate=0.0), distillation.alpha, distillation.schedule(num_steps),
-                   distillation.hidden_weight, layer_map)
+    return Teacher(
+        config.replace(dropout_rate=0.0),
+        distillation.alpha,
+        distillation.schedule(num_steps),
+        distillation.hidden_weight,
+        layer_map,
+    )
 
 
 def teacher_params(distillation: Distillation):
@@ -87,14 +96,18 @@ def teacher_params(distillation: Distillation):
 def hidden_layer_map(distillation: Distillation, student: ModelConfig, teacher: ModelConfig):
     """(stack, student layer, teacher layer) triples, checked against both models."""
     if student.d_model != teacher.d_model:
-        raise ValueError(f"Distillation.hidden_weight compares layer outputs directly: the student's d_model="
-                         f"{student.d_model} differs from the teacher's {teacher.d_model}. Use equal widths or "
-                         f"hidden_weight=0.")
+        raise ValueError(
+            f"Distillation.hidden_weight compares layer outputs directly: the student's d_model="
+            f"{student.d_model} differs from the teacher's {teacher.d_model}. Use equal widths or "
+            f"hidden_weight=0."
+        )
     depths = {stack: (depth, stacks(teacher)[stack]) for stack, depth in stacks(student).items()}
     mapping = distillation.layer_map
     if mapping is None:
-        mapping = {stack: [(i, -(-(i + 1) * theirs // ours) - 1) for i in range(ours)]
-                   for stack, (ours, theirs) in depths.items()}
+        mapping = {
+            stack: [(i, -(-(i + 1) * theirs // ours) - 1) for i in range(ours)]
+            for stack, (ours, theirs) in depths.items()
+        }
     triples = []
     for stack, pairs in mapping.items():
         if stack not in depths:
@@ -102,8 +115,10 @@ def hidden_layer_map(distillation: Distillation, student: ModelConfig, teacher: 
         for pair in pairs:
             ours, theirs = depths[stack]
             if len(pair) != 2 or not (0 <= pair[0] < ours and 0 <= pair[1] < theirs):
-                raise ValueError(f"Distillation.layer_map[{stack!r}] has {tuple(pair)}; pairs are (student layer "
-                                 f"in 0..{ours - 1}, teacher layer in 0..{theirs - 1}).")
+                raise ValueError(
+                    f"Distillation.layer_map[{stack!r}] has {tuple(pair)}; pairs are (student layer "
+                    f"in 0..{ours - 1}, teacher layer in 0..{theirs - 1})."
+                )
             triples.append((stack, int(pair[0]), int(pair[1])))
     if not triples:
         raise ValueError("Distillation.layer_map maps no layer; give (student, teacher) pairs per stack.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -12,8 +12,14 @@ from t5lite.train.spec import RunSpec
 VALIDATION_SEED = 0  # every run of a task is evaluated on the same validation examples
 
 
-def evaluate(params, spec: RunSpec, eval_fn: Callable, num_batches: int, global_batch: Callable = dict,
-             data_shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
+def evaluate(
+    params,
+    spec: RunSpec,
+    eval_fn: Callable,
+    num_batches: int,
+    global_batch: Callable = dict,
+    data_shard: tuple[int, int] = (0, 1),
+) -> dict[str, float]:
     """Perplexity and token accuracy over the first `num_batches` validation batches of `spec`'s task.
 
     `eval_fn(params, batch)` returns the sums of one batch (`step.eval_step`); `global_batch` turns
@@ -31,4 +37,8 @@ def evaluate(params, spec: RunSpec, eval_fn: Callable, num_batches: int, global_
     if not totals["weight"]:
         raise ValueError(f"The validation split of {spec.mixture_or_task_name!r} gave no target tokens to evaluate on.")
     loss = totals["loss_sum"] / totals["weight"]
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "accuracy": totals["correct"] / totals["weight"]}
+    return {
+        "loss": loss,
+        "perplexity": float(np.exp(min(loss, 50.0))),
+        "accuracy": totals["correct"] / totals["weight"],
+    }

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gin
 import jax
@@ -20,8 +21,8 @@ import optax
 import tqdm
 
 from t5lite import data as t5data
-from t5lite.config import ModelConfig
 from t5lite import hardware
+from t5lite.config import ModelConfig
 from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
 from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
@@ -67,8 +68,11 @@ def train(model_dir: str, spec: RunSpec | None = None) -> dict[str, float]:
         (model_dir / ckpt.CONFIG_FILE).write_text(config.to_json())
     checkpoints = checkpoints or ckpt.TrainCheckpoints(model_dir, spec.checkpoint_every, spec.keep_checkpoints)
     # Measured (where no peak is known) on one local device, outside the mesh context.
-    peak = (spec.peak_flops_per_device or hardware.peak_flops_per_device(jax.devices()[0])
-            or metrics_lib.measure_peak_flops())
+    peak = (
+        spec.peak_flops_per_device
+        or hardware.peak_flops_per_device(jax.devices()[0])
+        or metrics_lib.measure_peak_flops()
+    )
     with step.partitioner.context():
         key = jax.random.PRNGKey(spec.seed)
         if state is None:
@@ -77,10 +81,20 @@ def train(model_dir: str, spec: RunSpec | None = None) -> dict[str, float]:
         if teacher is not None:
             references = (jax.device_put(teacher_arrays, step.reference_shardings),)
         if spec.reference_config is not None:
-            references = (init_state(config, step.tx, key, step.state_shardings, spec.trainable_params,
-                                     pretrained).params,)
-        loop = StepLoop(model_dir, spec, step, stream, data_shard, checkpoints, references,
-                        spec.flops_per_step(teacher.config if teacher else spec.reference_config), peak)
+            references = (
+                init_state(config, step.tx, key, step.state_shardings, spec.trainable_params, pretrained).params,
+            )
+        loop = StepLoop(
+            model_dir,
+            spec,
+            step,
+            stream,
+            data_shard,
+            checkpoints,
+            references,
+            spec.flops_per_step(teacher.config if teacher else spec.reference_config),
+            peak,
+        )
         return loop.run(state, first_batch)
 
 
@@ -92,21 +106,26 @@ def check_model_dir(model_dir: pathlib.Path, config: ModelConfig) -> None:
     saved = ModelConfig.from_json(saved_file.read_text())
     details = saved.differences(config, RESUMABLE_FIELDS)
     if details:
-        raise ValueError(f"{model_dir} holds a run of a different model ({details}). Use a new --model_dir, or the "
-                         f"gin config that run used ({model_dir / 'config.gin'}).")
+        raise ValueError(
+            f"{model_dir} holds a run of a different model ({details}). Use a new --model_dir, or the "
+            f"gin config that run used ({model_dir / 'config.gin'})."
+        )
 
 
-def _train_stream(spec: RunSpec, data_shard: tuple[int, int], checkpoints: ckpt.TrainCheckpoints | None,
-                  resume_step: int | None) -> t5data.DataStream:
+def _train_stream(
+    spec: RunSpec, data_shard: tuple[int, int], checkpoints: ckpt.TrainCheckpoints | None, resume_step: int | None
+) -> t5data.DataStream:
     """This process's training data, where the resumed run left it, checked against the model and objective."""
     stream = spec.data_stream("train", data_shard)
     if resume_step is not None:
         checkpoints.restore_stream(stream, resume_step)
     t5data.check_vocabulary_fits(stream.vocabulary, spec.model_config.vocab_size)
     if stream.pairs != (spec.preference is not None):
-        raise ValueError(f"Task {spec.mixture_or_task_name!r} {'holds' if stream.pairs else 'has no'} preference "
-                         f"pairs; train.preference=@Preference() and a preference task (e.g. t5lite_preferences) "
-                         f"go together.")
+        raise ValueError(
+            f"Task {spec.mixture_or_task_name!r} {'holds' if stream.pairs else 'has no'} preference "
+            f"pairs; train.preference=@Preference() and a preference task (e.g. t5lite_preferences) "
+            f"go together."
+        )
     return stream
 
 
@@ -117,7 +136,7 @@ class StepLoop:
 
     model_dir: pathlib.Path
     spec: RunSpec
-    step: "TrainStep"
+    step: TrainStep
     stream: t5data.DataStream
     data_shard: tuple[int, int]
     checkpoints: ckpt.TrainCheckpoints
@@ -128,12 +147,21 @@ class StepLoop:
     def run(self, state: TrainState, first_batch) -> dict[str, float]:
         spec, partitioner, start = self.spec, self.step.partitioner, int(state.step)
         primary = jax.process_index() == 0
-        writers = {split: metrics_lib.MetricsWriter(self.model_dir, split, after_step=start)
-                   for split in ("train", "eval")} if primary else {}
-        bar = tqdm.tqdm(total=spec.num_steps, initial=start, disable=not (spec.progress and primary), unit="step",
-                        dynamic_ncols=True)
-        step_metrics = metrics_lib.StepMetrics(self.flops_per_step, spec.batch_size * sum(spec.lengths),
-                                               partitioner.mesh.size, self.peak_flops_per_device)
+        writers = (
+            {split: metrics_lib.MetricsWriter(self.model_dir, split, after_step=start) for split in ("train", "eval")}
+            if primary
+            else {}
+        )
+        bar = tqdm.tqdm(
+            total=spec.num_steps,
+            initial=start,
+            disable=not (spec.progress and primary),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        step_metrics = metrics_lib.StepMetrics(
+            self.flops_per_step, spec.batch_size * sum(spec.lengths), partitioner.mesh.size, self.peak_flops_per_device
+        )
         global_batch = functools.partial(partitioner.global_batch, batch_size=spec.batch_size)
         eval_fn = sharded_eval_step(partitioner, self.step.state_shardings.params, spec.model_config)
         dropout_rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(spec.seed), 1), partitioner.replicated)
@@ -154,8 +182,9 @@ class StepLoop:
                     if saving:
                         self.checkpoints.save(done, state, self.stream, force=end)
                     if spec.eval_every and (done % spec.eval_every == 0 or done == spec.num_steps):
-                        results = evaluate(state.params, spec, eval_fn, spec.eval_batches, global_batch,
-                                           self.data_shard)
+                        results = evaluate(
+                            state.params, spec, eval_fn, spec.eval_batches, global_batch, self.data_shard
+                        )
                         if writers:
                             writers["eval"].write(done, results)
                     bar.update(1)
@@ -175,8 +204,11 @@ class StepLoop:
     def _log(writers, bar, step: int, metrics: dict[str, float]) -> None:
         if writers:
             writers["train"].write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics.get('tokens_per_s', 0):.0f}",
-                        mfu=f"{metrics.get('mfu', 0):.1%}")
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            tok_s=f"{metrics.get('tokens_per_s', 0):.0f}",
+            mfu=f"{metrics.get('mfu', 0):.1%}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,30 +224,71 @@ class TrainStep:
     reference_shardings: Any = None  # of a distillation teacher's or a DPO reference's parameters
 
     @classmethod
-    def for_run(cls, spec: RunSpec, teacher: Teacher | None = None, devices=None) -> "TrainStep":
+    def for_run(cls, spec: RunSpec, teacher: Teacher | None = None, devices=None) -> TrainStep:
         """The step `spec` trains with (`teacher`: its distillation teacher, `distillation.teacher_for`),
         over `devices` (default: all devices of all processes)."""
-        return cls.create(spec.model_config, spec.mesh_shape, spec.tx(), spec.learning_rate, seed=spec.seed,
-                          batch_size=spec.batch_size, num_microbatches=spec.num_microbatches, z_loss=spec.z_loss,
-                          label_smoothing=spec.label_smoothing, trainable=spec.trainable_params, teacher=teacher,
-                          preference=spec.preference, devices=devices)
+        return cls.create(
+            spec.model_config,
+            spec.mesh_shape,
+            spec.tx(),
+            spec.learning_rate,
+            seed=spec.seed,
+            batch_size=spec.batch_size,
+            num_microbatches=spec.num_microbatches,
+            z_loss=spec.z_loss,
+            label_smoothing=spec.label_smoothing,
+            trainable=spec.trainable_params,
+            teacher=teacher,
+            preference=spec.preference,
+            devices=devices,
+        )
 
     @classmethod
-    def create(cls, config: ModelConfig, mesh_shape: MeshShape, tx: optax.GradientTransformation,
-               schedule: Callable, *, seed: int, batch_size: int, num_microbatches: int, z_loss: float,
-               label_smoothing: float, trainable: str | None = None, teacher: Teacher | None = None,
-               preference: Preference | None = None, devices=None) -> "TrainStep":
+    def create(
+        cls,
+        config: ModelConfig,
+        mesh_shape: MeshShape,
+        tx: optax.GradientTransformation,
+        schedule: Callable,
+        *,
+        seed: int,
+        batch_size: int,
+        num_microbatches: int,
+        z_loss: float,
+        label_smoothing: float,
+        trainable: str | None = None,
+        teacher: Teacher | None = None,
+        preference: Preference | None = None,
+        devices=None,
+    ) -> TrainStep:
         partitioner = Partitioner.create(config, mesh_shape, devices)
         partitioner.check_batch(batch_size, num_microbatches)
-        abstract = jax.eval_shape(functools.partial(init_state, config, tx, trainable=trainable),
-                                  jax.random.PRNGKey(seed))
+        abstract = jax.eval_shape(
+            functools.partial(init_state, config, tx, trainable=trainable), jax.random.PRNGKey(seed)
+        )
         state_shardings = partitioner.state(abstract, partitioner.params(config), trainable)
         reference_shardings = None
         if teacher is not None or (preference is not None and preference.needs_reference):
             reference_shardings = partitioner.params(teacher.config if teacher else config)
-        fn = sharded_train_step(partitioner, state_shardings, reference_shardings, config=config, tx=tx,
-                                schedule=schedule, num_microbatches=num_microbatches, z_loss=z_loss,
-                                label_smoothing=label_smoothing, trainable=trainable, teacher=teacher,
-                                preference=preference)
-        return cls(partitioner, tx, abstract_with_shardings(abstract, state_shardings), state_shardings, fn,
-                   reference_shardings)
+        fn = sharded_train_step(
+            partitioner,
+            state_shardings,
+            reference_shardings,
+            config=config,
+            tx=tx,
+            schedule=schedule,
+            num_microbatches=num_microbatches,
+            z_loss=z_loss,
+            label_smoothing=label_smoothing,
+            trainable=trainable,
+            teacher=teacher,
+            preference=preference,
+        )
+        return cls(
+            partitioner,
+            tx,
+            abstract_with_shardings(abstract, state_shardings),
+            state_shardings,
+            fn,
+            reference_shardings,
+        )

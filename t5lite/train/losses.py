@@ -59,7 +59,7 @@ def distillation(student_logits, teacher_logits, targets, weights, temperature: 
     kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
     kl_sum = jnp.sum(kl * weights)
     ce_sum = -jnp.sum(sequence_log_probs(student_logits, targets, weights))
-    return alpha * temperature ** 2 * kl_sum + (1.0 - alpha) * ce_sum, kl_sum
+    return alpha * temperature**2 * kl_sum + (1.0 - alpha) * ce_sum, kl_sum
 
 
 def hidden_distance(student, teacher, valid):

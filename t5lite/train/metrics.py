@@ -71,7 +71,7 @@ def measure_peak_flops(seconds: float = 0.5, size: int = 1024) -> float:
     while time.perf_counter() - start < seconds:
         matmul(a).block_until_ready()
         runs += 1
-    return 2 * size ** 3 * runs / (time.perf_counter() - start)
+    return 2 * size**3 * runs / (time.perf_counter() - start)
 
 
 # Steps dispatched before the oldest must finish: enough to hide the host's work, few enough that
@@ -107,7 +107,8 @@ class StepMetrics:
                 raise FloatingPointError(
                     f"The loss became {float(values['loss'])} at step {step}. Training stopped; the last good "
                     f"checkpoint is step {last_checkpoint}. Lower the learning rate or enable clipping "
-                    f"(optimizer.clip_norm).")
+                    f"(optimizer.clip_norm)."
+                )
         self._window += [values for _, values in fetched]
 
     def summary(self) -> dict[str, float]:
@@ -116,8 +117,15 @@ class StepMetrics:
         return summary
 
 
-def summarize(window: list[dict], seconds: float, steps: int, flops_per_step: float, tokens_per_step: int,
-              num_devices: int, peak_flops_per_device: float) -> dict[str, float]:
+def summarize(
+    window: list[dict],
+    seconds: float,
+    steps: int,
+    flops_per_step: float,
+    tokens_per_step: int,
+    num_devices: int,
+    peak_flops_per_device: float,
+) -> dict[str, float]:
     """Means over the steps of a logging window, plus throughput over the `steps` of it that were
     timed (the first step of a run compiles and is not)."""
     means = {name: float(np.mean([m[name] for m in window])) for name in window[0] if name != "target_tokens"}
@@ -126,6 +134,11 @@ def summarize(window: list[dict], seconds: float, steps: int, flops_per_step: fl
         return means
     step_time = seconds / steps
     flops_per_device = flops_per_step / step_time / num_devices
-    return {**means, "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
-            "target_tokens_per_s": float(np.mean([m["target_tokens"] for m in window])) / step_time,
-            "tflops_per_device": flops_per_device / 1e12, "mfu": flops_per_device / peak_flops_per_device}
+    return {
+        **means,
+        "step_time_s": step_time,
+        "tokens_per_s": tokens_per_step / step_time,
+        "target_tokens_per_s": float(np.mean([m["target_tokens"] for m in window])) / step_time,
+        "tflops_per_device": flops_per_device / 1e12,
+        "mfu": flops_per_device / peak_flops_per_device,
+    }

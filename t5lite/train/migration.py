@@ -38,19 +38,24 @@ def restore_optax_adafactor(manager: ocp.CheckpointManager, step: int, abstract_
         if keys[0] != "opt_state":  # the step and the parameters, as this run has them
             return _at(getattr(abstract_state, keys[0]), tuple(keys[1:]))
         # opt_state / <legacy path> / v_row|v_col|v / <parameter path>
-        param = params.get("/".join(keys[len(legacy) + 2:]))
+        param = params.get("/".join(keys[len(legacy) + 2 :]))
         sharding = param.sharding if param is not None and param.shape == tuple(leaf.shape) else replicated
         return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
 
     targets = jax.tree_util.tree_map_with_path(target, saved, is_leaf=lambda x: hasattr(x, "shape"))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(targets)))["state"]
     like = _at(abstract_state.opt_state, current)
-    refit = jax.jit(lambda params, old: adafactor.from_optax(old, params, like),
-                    out_shardings=jax.tree.map(lambda x: x.sharding, like))
+    refit = jax.jit(
+        lambda params, old: adafactor.from_optax(old, params, like),
+        out_shardings=jax.tree.map(lambda x: x.sharding, like),
+    )
     statistics = refit(restored["params"], _at(restored["opt_state"], legacy))
     print(f"Checkpoint {step} holds optax.adafactor's statistics: refit to t5lite's Adafactor.", flush=True)
-    return abstract_state.replace(step=restored["step"], params=restored["params"],
-                                  opt_state=_replace_at(abstract_state.opt_state, current, statistics))
+    return abstract_state.replace(
+        step=restored["step"],
+        params=restored["params"],
+        opt_state=_replace_at(abstract_state.opt_state, current, statistics),
+    )
 
 
 def _shapes(tree) -> list[tuple[int, ...]]:

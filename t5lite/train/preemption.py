@@ -33,7 +33,7 @@ class StopRequests:
         self.signum: int | None = None
         self._previous, self._processes = {}, 1
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         import jax  # here, so that the CLI can catch Interrupted without importing JAX
 
         self._processes = jax.process_count()
@@ -53,8 +53,9 @@ class StopRequests:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.signum = self.signum or signum
         again = " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step with a checkpoint{again}.",
-              flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: stopping after this step with a checkpoint{again}.", flush=True
+        )
         if self._processes > 1 and signum == signal.SIGINT:
             signal.raise_signal(signal.SIGTERM)  # to JAX's preemption service, which tells the others
 

@@ -6,7 +6,7 @@ pairs as two rows, chosen on even rows). With objective "dpo" the loss is
 row's response tokens under the policy and under the reference. The reference is the model the
 run starts from (`train.init_from`, adapters at zero): the step-0 parameters, which the loop
 rebuilds, identically, when it resumes. With objective "reward" a model with
-`ModelConfig.reward_head` learns a scalar reward r per response (the head's value at its last
+`AdapterConfig.reward_head` learns a scalar reward r per response (the head's value at its last
 token) with the Bradley-Terry loss -log σ(r_c - r_r).
 """
 
@@ -34,8 +34,9 @@ class Preference:
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"Preference.objective={self.objective!r} is not supported. Allowed values: "
-                             f"{', '.join(OBJECTIVES)}.")
+            raise ValueError(
+                f"Preference.objective={self.objective!r} is not supported. Allowed values: {', '.join(OBJECTIVES)}."
+            )
         if not self.beta > 0:
             raise ValueError(f"Preference.beta={self.beta} must be > 0.")
 
@@ -44,10 +45,12 @@ class Preference:
         return self.objective == "dpo"
 
     def check(self, config: ModelConfig) -> None:
-        if (self.objective == "reward") != config.reward_head:
-            raise ValueError(f"Preference.objective={self.objective!r} with ModelConfig.reward_head="
-                             f"{config.reward_head}: a reward model needs the head (reward_head=True), and DPO "
-                             f"trains a language model without one.")
+        if (self.objective == "reward") != config.adapters.reward_head:
+            raise ValueError(
+                f"Preference.objective={self.objective!r} with AdapterConfig.reward_head="
+                f"{config.adapters.reward_head}: a reward model needs the head (reward_head=True), and DPO "
+                f"trains a language model without one."
+            )
 
     def sums(self, config: ModelConfig, params, reference_params, batch, rng, enable_dropout: bool):
         """(objective, sums) of a batch of pair rows, as the train step accumulates them: the loss
@@ -63,15 +66,25 @@ class Preference:
             policy = response_log_probs(config, params, batch, enable_dropout, rng)
             losses, margins = dpo(policy[0::2], policy[1::2], reference[0::2], reference[1::2], self.beta)
         pairs = (jnp.sum(loss_weights(batch)[0::2], axis=-1) > 0).astype(jnp.float32)
-        sums = {"loss": jnp.sum(losses * pairs), "z_loss": jnp.zeros(()), "correct": jnp.sum((margins > 0) * pairs),
-                "weight": jnp.sum(pairs), "margin": jnp.sum(margins * pairs)}
+        sums = {
+            "loss": jnp.sum(losses * pairs),
+            "z_loss": jnp.zeros(()),
+            "correct": jnp.sum((margins > 0) * pairs),
+            "weight": jnp.sum(pairs),
+            "margin": jnp.sum(margins * pairs),
+        }
         return sums["loss"], sums
 
 
 def response_rewards(config: ModelConfig, params, batch, enable_dropout: bool = False, rng=None) -> jax.Array:
     """The reward head's value at each row's last loss-weighted token (its response's EOS). [rows]."""
-    _, state = build(config).apply({"params": params}, **model_features(config, batch), enable_dropout=enable_dropout,
-                                   rngs={"dropout": rng} if enable_dropout else None, mutable=["intermediates"])
+    _, state = build(config).apply(
+        {"params": params},
+        **model_features(config, batch),
+        enable_dropout=enable_dropout,
+        rngs={"dropout": rng} if enable_dropout else None,
+        mutable=["intermediates"],
+    )
     rewards = state["intermediates"]["decoder"]["reward"][0]
     weights = loss_weights(batch) > 0
     last = weights.shape[1] - 1 - jnp.argmax(weights[:, ::-1], axis=1)
@@ -80,8 +93,10 @@ def response_rewards(config: ModelConfig, params, batch, enable_dropout: bool = 
 
 def response_log_probs(config: ModelConfig, params, batch, enable_dropout: bool = False, rng=None) -> jax.Array:
     """log p(response) of every row: the sum over its loss-weighted tokens. [rows]."""
-    logits = build(config).apply({"params": params}, **model_features(config, batch), enable_dropout=enable_dropout,
-                                 rngs={"dropout": rng} if enable_dropout else None)
+    logits = build(config).apply(
+        {"params": params},
+        **model_features(config, batch),
+        enable_dropout=enable_dropout,
+        rngs={"dropout": rng} if enable_dropout else None,
+    )
     return sequence_log_probs(logits, batch["decoder_target_tokens"], loss_weights(batch))
-
-

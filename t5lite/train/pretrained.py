@@ -21,9 +21,16 @@ from t5lite.quantization.weights import quantize_weights
 from t5lite.train import checkpoint
 
 # Fields a fine-tuning run may set differently from its pretrained model.
-FINETUNE_FIELDS = ("dtype", "dropout_rate", "remat_policy", "scan_layers", "attention_impl", "int8_dense",
-                   "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora", "bitfit", "prompt_length",
-                   "reward_head", "expert_dropout_rate")
+FINETUNE_FIELDS = (
+    "dtype",
+    "dropout_rate",
+    "remat_policy",
+    "scan_layers",
+    "attention_impl",
+    "int8_dense",
+    "adapters",
+    "moe.expert_dropout_rate",
+)
 PROMPT_FROM_TOKENS = 5000  # the soft prompt starts as embeddings of tokens sampled from the first ids
 
 
@@ -31,16 +38,25 @@ def pretrained_params(config: ModelConfig, path: str) -> dict[str, np.ndarray]:
     """The parameters of `config`'s model found at `path` ("/"-joined paths to host arrays), a soft
     prompt included; only what LoRA and BitFit add may be missing. Raises ValueError naming what differs."""
     source_config, params = checkpoint.load_pretrained(path)
-    if config.int8_weights and not source_config.int8_weights:
+    quant = config.weight_quant
+    if quant.families and not source_config.weight_quant.families:
         source_config, params = quantize_weights(
-            source_config, params, families=config.int8_weights, bits=config.weight_bits,
-            group_size=config.weight_group_size, zero_points=config.weight_zero_points,
-            format=config.weight_format, double_quant=config.weight_double_quant)
+            source_config,
+            params,
+            families=quant.families,
+            bits=quant.bits,
+            group_size=quant.group_size,
+            zero_points=quant.zero_points,
+            format=quant.format,
+            double_quant=quant.double_quant,
+        )
     details = source_config.differences(config, FINETUNE_FIELDS)
     if details:
-        raise ValueError(f"train.init_from={path} holds a different model ({details}). Fine-tune with the "
-                         f"pretrained model's ModelConfig; only {', '.join(FINETUNE_FIELDS)} and the "
-                         f"quantisation of its weights may change.")
+        raise ValueError(
+            f"train.init_from={path} holds a different model ({details}). Fine-tune with the "
+            f"pretrained model's ModelConfig; only {', '.join(FINETUNE_FIELDS)} and the "
+            f"quantisation of its weights may change."
+        )
     flat = traverse_util.flatten_dict(params, sep="/")
     if source_config.scan_layers != config.scan_layers:
         flat = stack_layers(flat, config) if config.scan_layers else unstack_layers(flat, source_config)
@@ -49,9 +65,8 @@ def pretrained_params(config: ModelConfig, path: str) -> dict[str, np.ndarray]:
     missing = [p for p in expected if p not in flat and not (added and re.search(added, p))]
     if missing:
         raise ValueError(f"train.init_from={path} lacks parameters of this model: {', '.join(missing[:5])}.")
-    if config.prompt_length and PROMPT_PATH not in flat:
-        flat[PROMPT_PATH] = sampled_token_embeddings(flat["token_embedder/embedding"],
-                                                                    config.prompt_length)
+    if config.adapters.prompt_length and PROMPT_PATH not in flat:
+        flat[PROMPT_PATH] = sampled_token_embeddings(flat["token_embedder/embedding"], config.adapters.prompt_length)
     return {p: np.asarray(flat[p], leaf.dtype) for p, leaf in expected.items() if p in flat}
 
 

@@ -9,15 +9,15 @@ lengths from it, and the sweep runner plans with it: none of them reads gin on i
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import gin
 import jax
 
 from t5lite import data as t5data
 from t5lite.config import ModelConfig
-from t5lite.models.params import param_axes, trainable_pattern
 from t5lite.models import flops
+from t5lite.models.params import param_axes, trainable_pattern
 from t5lite.sharding import MeshShape
 from t5lite.train.distillation import Distillation
 from t5lite.train.preference import Preference
@@ -65,8 +65,9 @@ class RunSpec:
     def __post_init__(self):
         config = self.model_config
         object.__setattr__(self, "task_feature_lengths", dict(self.task_feature_lengths))
-        object.__setattr__(self, "kind", self.model_kind or ("encoder_decoder" if config.is_encoder_decoder
-                                                            else "decoder"))
+        object.__setattr__(
+            self, "kind", self.model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
+        )
         self._check_data()
         self._check_objectives()
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
@@ -74,14 +75,19 @@ class RunSpec:
         object.__setattr__(self, "trainable_params", trainable_pattern(config, self.trainable))
 
     @classmethod
-    def from_gin(cls) -> "RunSpec":
+    def from_gin(cls) -> RunSpec:
         """The RunSpec the parsed gin config binds (`train.*`)."""
         bound = gin.get_bindings("t5lite.train")
-        missing = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
-                   and f.name not in bound]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init and f.default is dataclasses.MISSING and f.name not in bound
+        ]
         if missing:
-            raise ValueError(f"The gin config binds no {', '.join('train.' + name for name in missing)}; give a run "
-                             f"gin file (gin_configs/runs/) or bind them with --gin.train.NAME=VALUE.")
+            raise ValueError(
+                f"The gin config binds no {', '.join('train.' + name for name in missing)}; give a run "
+                f"gin file (gin_configs/runs/) or bind them with --gin.train.NAME=VALUE."
+            )
         return GinRunSpec()
 
     @property
@@ -98,22 +104,39 @@ class RunSpec:
         """The optimizer, over the model's parameters."""
         return self.optimizer(learning_rate=self.learning_rate, param_axes=param_axes(self.model_config))
 
-    def data_stream(self, split: str = "train", data_shard: tuple[int, int] = (0, 1), *, shuffle: bool = True,
-                    repeat: bool = True, seed: int | None = None) -> t5data.DataStream:
+    def data_stream(
+        self,
+        split: str = "train",
+        data_shard: tuple[int, int] = (0, 1),
+        *,
+        shuffle: bool = True,
+        repeat: bool = True,
+        seed: int | None = None,
+    ) -> t5data.DataStream:
         """This process's stream: shard `data_shard` = (index, count) of the data, batch_size / count rows
         (seeded with the run's seed, or `seed`)."""
         index, count = data_shard
-        return t5data.DataStream(self.mixture_or_task_name, split=split, task_feature_lengths=self.task_feature_lengths,
-                                 batch_size=self.batch_size // count, model_kind=self.kind, pack=self.pack,
-                                 shuffle=shuffle, seed=self.seed if seed is None else seed, shard_index=index,
-                                 num_shards=count, repeat=repeat)
+        return t5data.DataStream(
+            self.mixture_or_task_name,
+            split=split,
+            task_feature_lengths=self.task_feature_lengths,
+            batch_size=self.batch_size // count,
+            model_kind=self.kind,
+            pack=self.pack,
+            shuffle=shuffle,
+            seed=self.seed if seed is None else seed,
+            shard_index=index,
+            num_shards=count,
+            repeat=repeat,
+        )
 
     def flops_per_step(self, reference: ModelConfig | None = None) -> float:
         """Model FLOPs of one step (3 x forward; 2 x with a frozen base), plus the forward of a frozen
         `reference` model (a teacher, a DPO reference) that the step also runs."""
         encoder, decoder = self.lengths
-        total = flops.training_flops_per_sequence(self.model_config, encoder, decoder,
-                                                  frozen_base=self.trainable_params is not None)
+        total = flops.training_flops_per_sequence(
+            self.model_config, encoder, decoder, frozen_base=self.trainable_params is not None
+        )
         if reference is not None:
             total += flops.forward_flops_per_sequence(reference, encoder, decoder)
         return self.batch_size * total
@@ -121,27 +144,37 @@ class RunSpec:
     def _check_data(self) -> None:
         config, kind, lengths = self.model_config, self.kind, self.task_feature_lengths
         if kind not in t5data.MODEL_KINDS:
-            raise ValueError(f"train.model_kind={kind!r} is not supported. Allowed values: "
-                             f"{', '.join(t5data.MODEL_KINDS)}.")
+            raise ValueError(
+                f"train.model_kind={kind!r} is not supported. Allowed values: {', '.join(t5data.MODEL_KINDS)}."
+            )
         if config.is_encoder_decoder != (kind == "encoder_decoder"):
-            raise ValueError(f"train.model_kind={kind!r} does not fit ModelConfig.architecture="
-                             f"{config.architecture!r}: encoder_decoder models take encoder_decoder data, decoders "
-                             f"take decoder, prefix_lm or causal_prefix_lm data.")
+            raise ValueError(
+                f"train.model_kind={kind!r} does not fit ModelConfig.architecture="
+                f"{config.architecture!r}: encoder_decoder models take encoder_decoder data, decoders "
+                f"take decoder, prefix_lm or causal_prefix_lm data."
+            )
         needed = {"targets"} if kind == "decoder" else {"inputs", "targets"}
         if not needed <= set(lengths):
-            raise ValueError(f"train.task_feature_lengths={lengths} must give lengths for {sorted(needed)} with "
-                             f"model_kind={kind!r}.")
+            raise ValueError(
+                f"train.task_feature_lengths={lengths} must give lengths for {sorted(needed)} with model_kind={kind!r}."
+            )
         if config.position_encoding == "learned" and max(self.lengths) > config.max_length:
-            raise ValueError(f"Sequences of {max(self.lengths)} tokens are longer than the model's learned position "
-                             f"table (ModelConfig.max_length={config.max_length}); shorten "
-                             f"train.task_feature_lengths or raise max_length.")
-        if config.prompt_length and self.pack:
-            raise ValueError(f"ModelConfig.prompt_length={config.prompt_length}: every row needs its own soft "
-                             f"prompt; set train.pack=False.")
+            raise ValueError(
+                f"Sequences of {max(self.lengths)} tokens are longer than the model's learned position "
+                f"table (ModelConfig.max_length={config.max_length}); shorten "
+                f"train.task_feature_lengths or raise max_length."
+            )
+        if config.adapters.prompt_length and self.pack:
+            raise ValueError(
+                f"AdapterConfig.prompt_length={config.adapters.prompt_length}: every row needs its own soft "
+                f"prompt; set train.pack=False."
+            )
         processes = jax.process_count()
         if self.batch_size % (processes * self.num_microbatches):
-            raise ValueError(f"train.batch_size={self.batch_size} must divide evenly over {processes} process(es) "
-                             f"and num_microbatches={self.num_microbatches}.")
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must divide evenly over {processes} process(es) "
+                f"and num_microbatches={self.num_microbatches}."
+            )
 
     def _check_objectives(self) -> None:
         """What preference training needs, and cannot be combined with (yet)."""
@@ -151,11 +184,15 @@ class RunSpec:
         if self.distillation is not None:
             raise ValueError("train.preference and train.distillation are two objectives; choose one.")
         if self.num_microbatches != 1:
-            raise ValueError(f"train.preference scores pairs of neighbouring rows, which microbatches would split; "
-                             f"set train.num_microbatches=1 (it is {self.num_microbatches}).")
+            raise ValueError(
+                f"train.preference scores pairs of neighbouring rows, which microbatches would split; "
+                f"set train.num_microbatches=1 (it is {self.num_microbatches})."
+            )
         if self.eval_every:
-            raise ValueError("train.preference logs its pair accuracy and margin while training; validation "
-                             "measures token loss, which DPO does not optimise: set train.eval_every=None.")
+            raise ValueError(
+                "train.preference logs its pair accuracy and margin while training; validation "
+                "measures token loss, which DPO does not optimise: set train.eval_every=None."
+            )
 
 
 GinRunSpec = gin.external_configurable(RunSpec, name="train", module="t5lite")

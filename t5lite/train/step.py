@@ -10,7 +10,8 @@ differentiated and have optimizer state; the others are constants of the step.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -37,18 +38,27 @@ class TrainState:
     opt_state: Any
 
 
-def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, shardings=None,
-               trainable: str | None = None, pretrained: dict[str, jax.Array] | None = None) -> TrainState:
+def init_state(
+    config: ModelConfig,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    shardings=None,
+    trainable: str | None = None,
+    pretrained: dict[str, jax.Array] | None = None,
+) -> TrainState:
     """A fresh state; with `shardings` (a TrainState of NamedShardings, from `Partitioner.state`)
     every array is created where it lives. The values do not depend on the sharding. `pretrained`
     ("/"-joined paths to arrays) replaces those parameters of the initialisation; the optimizer
     state covers the `trainable` ones."""
+
     def init(key, pretrained):
         params = nn.unbox(build(config).init(key, **dummy_inputs(config), enable_dropout=False)["params"])
         if pretrained:
             params = merge_params(traverse_util.unflatten_dict(pretrained, sep="/"), params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(split_params(params, trainable)[0]))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(split_params(params, trainable)[0])
+        )
+
     return jax.jit(init, out_shardings=shardings)(rng, pretrained or {})
 
 
@@ -69,8 +79,12 @@ def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout, t
     entropy in it (plus the hidden-state loss, times the weight, when the teacher has one)."""
     hidden = teaching is not None and teaching.hidden is not None
     logits, state = build(config).apply(
-        {"params": params}, **model_features(config, batch), enable_dropout=enable_dropout,
-        rngs={"dropout": rng} if enable_dropout else None, mutable=["moe", "intermediates"] if hidden else ["moe"])
+        {"params": params},
+        **model_features(config, batch),
+        enable_dropout=enable_dropout,
+        rngs={"dropout": rng} if enable_dropout else None,
+        mutable=["moe", "intermediates"] if hidden else ["moe"],
+    )
     weights = loss_weights(batch)
     weight = jnp.sum(weights.astype(jnp.float32))
     loss, z, correct = cross_entropy(logits, batch["decoder_target_tokens"], weights, z_loss, label_smoothing)
@@ -78,20 +92,24 @@ def _sums(config, params, batch, rng, z_loss, label_smoothing, enable_dropout, t
     objective = loss
     if teaching is not None:
         teacher = teaching.teacher
-        soft, sums["distill_kl"] = distillation(logits, teaching.logits, batch["decoder_target_tokens"], weights,
-                                                teaching.temperature, teacher.alpha)
+        soft, sums["distill_kl"] = distillation(
+            logits, teaching.logits, batch["decoder_target_tokens"], weights, teaching.temperature, teacher.alpha
+        )
         objective = soft + z
         if hidden:
             ours, valid = hidden_states(state["intermediates"], config), stack_valid(batch)
             sums["distill_hidden"] = weight * sum(
                 hidden_distance(ours[stack][i], teaching.hidden[stack][j], valid[stack])
-                for stack, i, j in teacher.layer_map)
+                for stack, i, j in teacher.layer_map
+            )
             objective = objective + teacher.hidden_weight * sums["distill_hidden"]
     moe = moe_summary(state.get("moe", {}))
     if not moe:
         return objective, sums
     sums.update({f"moe_{name}": weight * value for name, value in moe.items()})
-    auxiliary = config.load_balance_loss * moe["load_balance_loss"] + config.router_z_loss * moe["router_z_loss"]
+    auxiliary = (
+        config.moe.load_balance_loss * moe["load_balance_loss"] + config.moe.router_z_loss * moe["router_z_loss"]
+    )
     return objective + weight * auxiliary, sums
 
 
@@ -108,17 +126,32 @@ def teach(teacher: Teacher, teacher_params, batch, step) -> Teaching:
     """The teacher's (constant) outputs on `batch`: its logits, and its layers' outputs when needed."""
     hidden = bool(teacher.hidden_weight)
     logits, state = build(teacher.config).apply(
-        {"params": teacher_params}, **model_features(teacher.config, batch), enable_dropout=False,
-        mutable=["intermediates"] if hidden else [])
+        {"params": teacher_params},
+        **model_features(teacher.config, batch),
+        enable_dropout=False,
+        mutable=["intermediates"] if hidden else [],
+    )
     layers = hidden_states(state["intermediates"], teacher.config) if hidden else None
     logits, layers = jax.lax.stop_gradient((logits, layers))
     return Teaching(teacher, logits, layers, teacher.temperature(step))
 
 
-def train_step(state: TrainState, batch, base_rng, reference_params=None, *, config: ModelConfig,
-               tx: optax.GradientTransformation, schedule: Callable, num_microbatches: int = 1, z_loss: float = 1e-4,
-               label_smoothing: float = 0.0, trainable: str | None = None, teacher: Teacher | None = None,
-               preference: Preference | None = None):
+def train_step(
+    state: TrainState,
+    batch,
+    base_rng,
+    reference_params=None,
+    *,
+    config: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    num_microbatches: int = 1,
+    z_loss: float = 1e-4,
+    label_smoothing: float = 0.0,
+    trainable: str | None = None,
+    teacher: Teacher | None = None,
+    preference: Preference | None = None,
+):
     """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch
     (plus MoE auxiliary losses), whatever the number of microbatches, with respect to the parameters
     whose paths match `trainable` (all when None). The `loss` metric is the cross entropy (with
@@ -149,18 +182,23 @@ def train_step(state: TrainState, batch, base_rng, reference_params=None, *, con
             (_, aux), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
             return jax.tree.map(jnp.add, carry, (aux, grads)), None
 
-        shapes = jax.eval_shape(lambda p, b: grad_fn(p, b, rng), params,
-                                jax.tree.map(lambda x: x[0], micro))
+        shapes = jax.eval_shape(lambda p, b: grad_fn(p, b, rng), params, jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
         (aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
     denominator = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
-    new_state = TrainState(step=state.step + 1, params=merge_params(optax.apply_updates(params, updates), frozen),
-                           opt_state=opt_state)
-    metrics = {"loss": aux["loss"] / denominator, "z_loss": aux["z_loss"] / denominator,
-               "accuracy": aux["correct"] / denominator, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.step), "target_tokens": aux["weight"]}
+    new_state = TrainState(
+        step=state.step + 1, params=merge_params(optax.apply_updates(params, updates), frozen), opt_state=opt_state
+    )
+    metrics = {
+        "loss": aux["loss"] / denominator,
+        "z_loss": aux["z_loss"] / denominator,
+        "accuracy": aux["correct"] / denominator,
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+        "target_tokens": aux["weight"],
+    }
     if teacher is not None:
         metrics.update(distill_kl=aux["distill_kl"] / denominator, temperature=teacher.temperature(state.step))
         if teacher.hidden_weight:
@@ -185,13 +223,17 @@ def sharded_train_step(partitioner: Partitioner, state_shardings, reference_shar
     distillation teacher's or DPO reference's parameters where `reference_shardings` puts them.
     Trace and compile it inside `partitioner.context()`."""
     reference = () if reference_shardings is None else (reference_shardings,)
-    return jax.jit(functools.partial(train_step, **step_kwargs),
-                   in_shardings=(state_shardings, partitioner.sharding(BATCH_LOGICAL), partitioner.replicated,
-                                 *reference),
-                   out_shardings=(state_shardings, partitioner.replicated), donate_argnums=(0,))
+    return jax.jit(
+        functools.partial(train_step, **step_kwargs),
+        in_shardings=(state_shardings, partitioner.sharding(BATCH_LOGICAL), partitioner.replicated, *reference),
+        out_shardings=(state_shardings, partitioner.replicated),
+        donate_argnums=(0,),
+    )
 
 
 def sharded_eval_step(partitioner: Partitioner, param_shardings, config: ModelConfig):
-    return jax.jit(functools.partial(eval_step, config=config),
-                   in_shardings=(param_shardings, partitioner.sharding(BATCH_LOGICAL)),
-                   out_shardings=partitioner.replicated)
+    return jax.jit(
+        functools.partial(eval_step, config=config),
+        in_shardings=(param_shardings, partitioner.sharding(BATCH_LOGICAL)),
+        out_shardings=partitioner.replicated,
+    )

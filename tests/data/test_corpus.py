@@ -34,8 +34,14 @@ def test_prose_filter_rejects_code_and_tables():
 
 def test_validation_split_is_disjoint_and_small(corpus_lines):
     source = sources.TextFilesSource([str(data.corpus_path())])
-    texts = {split: [t.decode() for batch in source.get_dataset(split, shuffle=False).batch(4096).as_numpy_iterator()
-                     for t in batch["text"]] for split in ("train", "validation")}
+    texts = {
+        split: [
+            t.decode()
+            for batch in source.get_dataset(split, shuffle=False).batch(4096).as_numpy_iterator()
+            for t in batch["text"]
+        ]
+        for split in ("train", "validation")
+    }
     assert not set(texts["train"]) & set(texts["validation"])
     assert len(texts["train"]) + len(texts["validation"]) == len(corpus_lines)
     assert 0.02 < len(texts["validation"]) / len(corpus_lines) < 0.04

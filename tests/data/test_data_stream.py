@@ -5,19 +5,42 @@ from t5lite import data
 
 ENC_DEC = {"inputs": 64, "targets": 16}
 FEATURES = {
-    "encoder_decoder": {"encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                        "decoder_loss_weights", "encoder_segment_ids", "decoder_segment_ids",
-                        "encoder_positions", "decoder_positions"},
-    "decoder": {"decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_segment_ids",
-                "decoder_positions"},
-    "prefix_lm": {"decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_segment_ids",
-                  "decoder_positions", "decoder_causal_attention"},
+    "encoder_decoder": {
+        "encoder_input_tokens",
+        "decoder_input_tokens",
+        "decoder_target_tokens",
+        "decoder_loss_weights",
+        "encoder_segment_ids",
+        "decoder_segment_ids",
+        "encoder_positions",
+        "decoder_positions",
+    },
+    "decoder": {
+        "decoder_input_tokens",
+        "decoder_target_tokens",
+        "decoder_loss_weights",
+        "decoder_segment_ids",
+        "decoder_positions",
+    },
+    "prefix_lm": {
+        "decoder_input_tokens",
+        "decoder_target_tokens",
+        "decoder_loss_weights",
+        "decoder_segment_ids",
+        "decoder_positions",
+        "decoder_causal_attention",
+    },
 }
 
 
 def stream(name="t5lite_corpus_span_corruption", **kwargs):
-    kwargs = {"split": "train", "task_feature_lengths": ENC_DEC, "batch_size": 4, "model_kind": "encoder_decoder",
-              **kwargs}
+    kwargs = {
+        "split": "train",
+        "task_feature_lengths": ENC_DEC,
+        "batch_size": 4,
+        "model_kind": "encoder_decoder",
+        **kwargs,
+    }
     return data.DataStream(name, **kwargs)
 
 
@@ -33,11 +56,14 @@ def assert_same(batches_a, batches_b):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("name, model_kind, lengths", [
-    ("t5lite_corpus_span_corruption", "encoder_decoder", ENC_DEC),
-    ("t5lite_corpus_lm", "decoder", {"targets": 64}),
-    ("t5lite_corpus_prefix_lm", "prefix_lm", {"inputs": 32, "targets": 32}),
-])
+@pytest.mark.parametrize(
+    "name, model_kind, lengths",
+    [
+        ("t5lite_corpus_span_corruption", "encoder_decoder", ENC_DEC),
+        ("t5lite_corpus_lm", "decoder", {"targets": 64}),
+        ("t5lite_corpus_prefix_lm", "prefix_lm", {"inputs": 32, "targets": 32}),
+    ],
+)
 def test_packed_batches_have_seqio_features(vocabulary, name, model_kind, lengths):
     s = stream(name, model_kind=model_kind, task_feature_lengths=lengths, shuffle=False)
     assert s.vocabulary == vocabulary
@@ -71,8 +97,12 @@ def test_packed_batches_have_seqio_features(vocabulary, name, model_kind, length
 
 def test_unpacked_rows_hold_one_example():
     batch = next(stream(pack=False, shuffle=False))
-    assert set(batch) == {"encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                          "decoder_loss_weights"}
+    assert set(batch) == {
+        "encoder_input_tokens",
+        "decoder_input_tokens",
+        "decoder_target_tokens",
+        "decoder_loss_weights",
+    }
     for row in batch["decoder_target_tokens"]:
         assert np.sum(row == 1) == 1  # a single EOS
 
@@ -106,8 +136,14 @@ def rows(s):
 
 
 def test_shards_are_disjoint_and_cover_the_split():
-    kwargs = dict(split="validation", task_feature_lengths={"inputs": 16, "targets": 16}, pack=False,
-                  shuffle=True, repeat=False, batch_size=32)
+    kwargs = dict(
+        split="validation",
+        task_feature_lengths={"inputs": 16, "targets": 16},
+        pack=False,
+        shuffle=True,
+        repeat=False,
+        batch_size=32,
+    )
     everything = rows(stream("t5lite_synthetic_reverse", **kwargs))
     shards = [rows(stream("t5lite_synthetic_reverse", shard_index=i, num_shards=2, **kwargs)) for i in range(2)]
     assert len(everything) == 500 and 200 < len(shards[0]) < 300
@@ -116,18 +152,30 @@ def test_shards_are_disjoint_and_cover_the_split():
 
 
 def test_finite_stream_pads_its_last_batch():
-    s = stream("t5lite_synthetic_copy", split="validation", task_feature_lengths={"inputs": 16, "targets": 16},
-               batch_size=64, pack=False, shuffle=False, repeat=False)
+    s = stream(
+        "t5lite_synthetic_copy",
+        split="validation",
+        task_feature_lengths={"inputs": 16, "targets": 16},
+        batch_size=64,
+        pack=False,
+        shuffle=False,
+        repeat=False,
+    )
     batches = list(s)
     assert s.position == len(batches) == 8  # 500 examples
     assert {b["encoder_input_tokens"].shape for b in batches} == {(64, 16)}
     last = batches[-1]["decoder_loss_weights"]
-    assert last[:500 - 7 * 64].any(axis=1).all() and not last[500 - 7 * 64:].any()
+    assert last[: 500 - 7 * 64].any(axis=1).all() and not last[500 - 7 * 64 :].any()
 
 
 def test_mixture_stream_for_prefix_lm():
-    s = stream("t5lite_synthetic", model_kind="prefix_lm", task_feature_lengths={"inputs": 16, "targets": 16},
-               batch_size=8, shuffle=False)
+    s = stream(
+        "t5lite_synthetic",
+        model_kind="prefix_lm",
+        task_feature_lengths={"inputs": 16, "targets": 16},
+        batch_size=8,
+        shuffle=False,
+    )
     batch = next(s)
     assert set(batch) == FEATURES["prefix_lm"]
     text = s.vocabulary.decode(batch["decoder_target_tokens"][0].tolist())
@@ -135,8 +183,11 @@ def test_mixture_stream_for_prefix_lm():
 
 
 def test_bad_input_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown task or mixture 't5lite_corpus_spam'.*did you mean.*"
-                                         r"Registered: .*t5lite_corpus_lm"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown task or mixture 't5lite_corpus_spam'.*did you mean.*"
+        r"Registered: .*t5lite_corpus_lm",
+    ):
         stream("t5lite_corpus_spam")
     with pytest.raises(ValueError, match="model_kind='decoder' needs \\['targets'\\].*t5lite_corpus_lm"):
         stream(model_kind="decoder")

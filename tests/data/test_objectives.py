@@ -7,9 +7,11 @@ import tensorflow as tf
 
 from t5lite import data
 
-TEXTS = ["The quick brown fox jumps over the lazy dog, again and again and again.",
-         "Short line.",
-         "Every object has an identity, a type and a value; the identity never changes once it has been created."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, again and again and again.",
+    "Short line.",
+    "Every object has an identity, a type and a value; the identity never changes once it has been created.",
+]
 EOS = 1
 
 
@@ -19,8 +21,14 @@ def examples(tmp_path, objective, lengths, texts=TEXTS, suffix=".txt"):
         path.write_text("".join(json.dumps({"body": t, "n": i}) + "\n" for i, t in enumerate(texts)))
     else:
         path.write_text("\n".join(texts) + "\n\n   \n")  # blank lines are skipped
-    name = data.register_text_file_task(f"test_{objective}", str(path), validation_files=str(path),
-                                        objective=objective, vocabulary="bytes", text_key="body")
+    name = data.register_text_file_task(
+        f"test_{objective}",
+        str(path),
+        validation_files=str(path),
+        objective=objective,
+        vocabulary="bytes",
+        text_key="body",
+    )
     task = seqio.get_mixture_or_task(name)
     return list(task.get_dataset(sequence_length=lengths, split="train", shuffle=False, seed=0).as_numpy_iterator())
 
@@ -104,9 +112,15 @@ class FakeTfdsSource(seqio.DataSource):
 
 def test_tfds_task_reads_text_key_and_mixes(monkeypatch):
     monkeypatch.setattr(seqio, "TfdsDataSource", FakeTfdsSource)
-    name = data.register_tfds_task("test_tfds", "lm1b:1.1.0", objective="lm", vocabulary="bytes",
-                                   text_key="sentence", splits={"train": "train", "validation": "test"},
-                                   tfds_data_dir="/data/tfds")
+    name = data.register_tfds_task(
+        "test_tfds",
+        "lm1b:1.1.0",
+        objective="lm",
+        vocabulary="bytes",
+        text_key="sentence",
+        splits={"train": "train", "validation": "test"},
+        tfds_data_dir="/data/tfds",
+    )
     task = seqio.get_mixture_or_task(name)
     assert task.source.arguments == ("lm1b:1.1.0", {"train": "train", "validation": "test"}, "/data/tfds")
     pieces = list(task.get_dataset({"targets": 512}, split="validation", shuffle=False).as_numpy_iterator())

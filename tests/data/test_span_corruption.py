@@ -16,8 +16,9 @@ LENGTHS = {"inputs": 512, "targets": 114}
 
 
 def corrupt(token_lists, lengths=LENGTHS, seed=0, **kwargs):
-    dataset = tf.data.Dataset.from_generator(lambda: ({"targets": t} for t in token_lists),
-                                             output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+    dataset = tf.data.Dataset.from_generator(
+        lambda: ({"targets": t} for t in token_lists), output_signature={"targets": tf.TensorSpec([None], tf.int32)}
+    )
     with seqio.utils.map_seed_manager(seed):
         dataset = sc.span_corruption(dataset, lengths, FEATURES, **kwargs)
     return list(dataset.as_numpy_iterator())
@@ -100,8 +101,12 @@ def test_seeded_and_long_texts_are_split_not_truncated():
 
 def test_other_noise_settings():
     rng = np.random.default_rng(3)
-    [ex] = corrupt([random_tokens(rng, 400)], lengths={"inputs": 512, "targets": 512}, noise_density=0.5,
-                   mean_noise_span_length=10.0)
+    [ex] = corrupt(
+        [random_tokens(rng, 400)],
+        lengths={"inputs": 512, "targets": 512},
+        noise_density=0.5,
+        mean_noise_span_length=10.0,
+    )
     assert len(ex["targets"]) - np.sum(ex["targets"] > 258) == 200
     assert np.sum(ex["targets"] > 258) == 20 and len(ex["inputs"]) == 220
     # The targets length limits the chunk too: 114 targets fit about 100 noise tokens.
@@ -147,8 +152,9 @@ def t5_preprocessors():
 
 
 def documents(token_lists):
-    return tf.data.Dataset.from_generator(lambda: ({"targets": t} for t in token_lists),
-                                          output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+    return tf.data.Dataset.from_generator(
+        lambda: ({"targets": t} for t in token_lists), output_signature={"targets": tf.TensorSpec([None], tf.int32)}
+    )
 
 
 def t5_span_corruption(token_lists, seed=0):
@@ -175,8 +181,9 @@ def test_documents_are_concatenated_and_chunked_as_t5_does():
     ours, theirs = corrupt(texts), t5_span_corruption(texts)
     theirs = [e for e in theirs if len(e["inputs"]) > 1]  # T5 keeps 1-token tails (no noise); we drop them
     assert len(ours) == len(theirs) > 50
-    assert [reconstruct(e["inputs"], e["targets"]) for e in ours] == \
-        [reconstruct(e["inputs"], e["targets"]) for e in theirs]
+    assert [reconstruct(e["inputs"], e["targets"]) for e in ours] == [
+        reconstruct(e["inputs"], e["targets"]) for e in theirs
+    ]
     np.testing.assert_allclose(statistics(ours), statistics(theirs), rtol=1e-12)
     assert np.mean([len(e["inputs"]) == 511 for e in ours]) > 0.9  # nearly all full length
     assert not all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(ours, theirs))
@@ -200,7 +207,7 @@ def test_long_documents_give_one_random_chunk_as_t5_does():
         assert abs(np.mean(np.array(lengths) == 100) - expected) < 0.08
     chunks = [e["targets"] for e in sc.select_random_chunk(documents(texts), 100).as_numpy_iterator()]
     for text, chunk in zip(texts, chunks):  # aligned chunks of the document
-        assert any(np.array_equal(text[i:i + 100], chunk) for i in range(0, len(text), 100))
+        assert any(np.array_equal(text[i : i + 100], chunk) for i in range(0, len(text), 100))
 
 
 def test_documents_can_be_corrupted_one_by_one():

@@ -27,17 +27,18 @@ def test_exact_match_metric():
 
 
 def test_evaluate_predictions_scores_a_perfect_and_a_wrong_model(vocabulary):
-    perfect = data.evaluate_predictions("t5lite_synthetic_reverse", "validation", lambda xs: [solve(x) for x in xs],
-                                        max_examples=50)
+    perfect = data.evaluate_predictions(
+        "t5lite_synthetic_reverse", "validation", lambda xs: [solve(x) for x in xs], max_examples=50
+    )
     assert perfect == {"t5lite_synthetic_reverse": {"exact_match": 100.0}}
-    copying = data.evaluate_predictions("t5lite_synthetic", "validation",
-                                        lambda xs: [x.split(": ")[1] for x in xs], max_examples=100)
+    copying = data.evaluate_predictions(
+        "t5lite_synthetic", "validation", lambda xs: [x.split(": ")[1] for x in xs], max_examples=100
+    )
     assert set(copying) == {"t5lite_synthetic_copy", "t5lite_synthetic_reverse", "t5lite_synthetic_sort"}
     assert copying["t5lite_synthetic_copy"]["exact_match"] == 100.0
     assert copying["t5lite_synthetic_reverse"]["exact_match"] < 10.0
     with pytest.raises(ValueError, match="3 predictions for 100 inputs"):
-        data.evaluate_predictions("t5lite_synthetic_sort", "validation", lambda xs: ["1", "2", "3"],
-                                  max_examples=100)
+        data.evaluate_predictions("t5lite_synthetic_sort", "validation", lambda xs: ["1", "2", "3"], max_examples=100)
 
 
 def test_gin_registers_a_text_task_by_evaluated_reference(tmp_path):
@@ -60,8 +61,11 @@ def test_gin_registers_a_text_task_by_evaluated_reference(tmp_path):
     try:
         name = fake_train()
         assert name == "test_gin_notes" and name in data.registered_names()
-        batch = next(data.DataStream(name, split="validation", task_feature_lengths={"targets": 128},
-                                     batch_size=2, model_kind="decoder"))
+        batch = next(
+            data.DataStream(
+                name, split="validation", task_feature_lengths={"targets": 128}, batch_size=2, model_kind="decoder"
+            )
+        )
         assert data.get_vocabulary("bytes").decode(batch["decoder_target_tokens"][0].tolist()).startswith("A first")
     finally:
         gin.clear_config()

@@ -47,11 +47,15 @@ def test_trains_model_type_and_round_trips(tmp_path, text_file, model_type):
     round_trip(vocab, SENTENCES[2])
     # The same text and settings reuse the file; other settings make another one.
     mtime = path.stat().st_mtime_ns
-    assert data.build_vocabulary(tmp_path / "vocab", vocab_size=600, model_type=model_type,
-                                 input_files=[text_file]) == path
+    assert (
+        data.build_vocabulary(tmp_path / "vocab", vocab_size=600, model_type=model_type, input_files=[text_file])
+        == path
+    )
     assert path.stat().st_mtime_ns == mtime
-    assert data.build_vocabulary(tmp_path / "vocab", vocab_size=700, model_type=model_type,
-                                 input_files=[text_file]) != path
+    assert (
+        data.build_vocabulary(tmp_path / "vocab", vocab_size=700, model_type=model_type, input_files=[text_file])
+        != path
+    )
 
 
 def test_jsonl_input_uses_text_key(tmp_path, corpus_lines):
@@ -98,8 +102,9 @@ def test_vocabulary_size_for_model_and_fit_check(vocabulary):
 def test_vocab_command(tmp_path, text_file, capsys):
     parser = argparse.ArgumentParser()
     data.add_vocab_arguments(parser)
-    args = parser.parse_args(["--output_dir", str(tmp_path), "--vocab_size", "500", "--model_type", "bpe",
-                              "--input", str(text_file)])
+    args = parser.parse_args(
+        ["--output_dir", str(tmp_path), "--vocab_size", "500", "--model_type", "bpe", "--input", str(text_file)]
+    )
     data.vocab_command(args)
     out = capsys.readouterr().out
     [model] = tmp_path.glob("*.model")

@@ -68,10 +68,13 @@ class Case:
             first = min(15, self.T - 5)
             seg = np.ones((self.B, self.T), np.int32)
             seg[0, first:] = 2
-            seg[0, self.T - 4:] = 0  # trailing padding
+            seg[0, self.T - 4 :] = 0  # trailing padding
             pos = np.concatenate([np.arange(first), np.arange(self.T - first)])
-            opts.update(segment_ids=seg, q_positions=np.stack([pos, np.arange(self.T)]),
-                        kv_positions=np.stack([pos, np.arange(self.S)]))
+            opts.update(
+                segment_ids=seg,
+                q_positions=np.stack([pos, np.arange(self.T)]),
+                kv_positions=np.stack([pos, np.arange(self.S)]),
+            )
         if self.segments == "pair":
             q_seg = np.ones((self.B, self.T), np.int32)
             kv_seg = np.ones((self.B, self.S), np.int32)
@@ -92,6 +95,7 @@ def _apply(fn, case, names):
     def run(*values):
         a = dict(zip(names, values))
         return fn(a["q"], a["k"], a["v"], **case.options(a))
+
     return run
 
 
@@ -99,8 +103,9 @@ def kernel_vjp(case, dtype, backend, block_q=16, block_k=16, seed=0):
     """(output, gradients by input name) of the kernel for a fixed random cotangent."""
     a = case.arrays(dtype, seed)
     names, values = _loss_inputs(case, a)
-    fn = _apply(lambda *x, **kw: flash_attention(*x, block_q=block_q, block_k=block_k, backend=backend, **kw),
-                case, names)
+    fn = _apply(
+        lambda *x, **kw: flash_attention(*x, block_q=block_q, block_k=block_k, backend=backend, **kw), case, names
+    )
     out, vjp = jax.vjp(jax.jit(fn), *values)
     grads = vjp(cotangent(case, dtype, seed))
     return out, dict(zip(names, grads))

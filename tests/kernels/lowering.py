@@ -9,12 +9,13 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 TPU_TOPOLOGY = "v5e:2x2"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tpu_devices():
     """The topology's devices, or skip when libtpu is missing (it is in the test extras)."""
     try:

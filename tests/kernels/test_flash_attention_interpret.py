@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from kernel_testing import TOLERANCE, Case, kernel_vjp, reference_vjp, rel_err
+
 from pallas_kernels.flash_attention import api, flash_attention
 
 CASES = {
@@ -15,8 +15,18 @@ CASES = {
         Case("gqa_prefix_relpos_unidirectional", B=2, T=45, S=45, H=4, KVH=2, prefix=(7, 30), relpos=(16, False, 24)),
         Case("mqa_packed_alibi", B=2, T=40, S=40, H=4, KVH=1, causal=True, segments="packed", alibi=True),
         Case("window_sinks", B=1, T=50, S=50, H=2, KVH=2, causal=True, window=9, sinks=3),
-        Case("cross_pairs_bias_offset", B=2, T=21, S=50, H=4, KVH=2, segments="pair", bias=True, kv_offset=5,
-             relpos=(8, True, 12)),
+        Case(
+            "cross_pairs_bias_offset",
+            B=2,
+            T=21,
+            S=50,
+            H=4,
+            KVH=2,
+            segments="pair",
+            bias=True,
+            kv_offset=5,
+            relpos=(8, True, 12),
+        ),
     ]
 }
 
@@ -62,25 +72,39 @@ def test_every_output_element_is_written(backend):
     """
     case = Case("poison", B=2, T=37, S=45, H=4, KVH=2, segments="pair", window=12, alibi=True, bias=True)
     a = case.arrays(jnp.float32)
-    args = api.prepare(a["q"], a["k"], a["v"], **_full_options(case.options(a)), block_q=16, block_k=16,
-                       backend=backend)
+    args = api.prepare(
+        a["q"], a["k"], a["v"], **_full_options(case.options(a)), block_q=16, block_k=16, backend=backend
+    )
     module, interpret = api.kernels(args.backend)
     ops = args.ops._replace(weights=args.weights, bias=args.bias)
     assert np.asarray(args.tables.live).min() == 0  # some tiles really are skipped
     out, lse = module.forward(args.cfg, args.q, args.k, args.v, ops, args.tables, interpret=interpret)
     do = jnp.ones_like(out)
     delta = jnp.sum(do * out, axis=-1, keepdims=True)
-    dq, dw, dbias = module.backward_dq(args.cfg, args.q, args.k, args.v, do, lse, delta, ops, args.tables,
-                                       interpret=interpret)
-    dk, dv = module.backward_dkv(args.cfg, args.q, args.k, args.v, do, lse, delta, ops, args.tables,
-                                 interpret=interpret)
+    dq, dw, dbias = module.backward_dq(
+        args.cfg, args.q, args.k, args.v, do, lse, delta, ops, args.tables, interpret=interpret
+    )
+    dk, dv = module.backward_dkv(
+        args.cfg, args.q, args.k, args.v, do, lse, delta, ops, args.tables, interpret=interpret
+    )
     for name, x in dict(out=out, lse=lse, dq=dq, dw=dw, dbias=dbias, dk=dk, dv=dv).items():
         assert np.isfinite(np.asarray(x, np.float32)).all(), name
 
 
 def _full_options(opts):
-    keys = ("causal", "segment_ids", "prefix_length", "relpos_bias", "alibi_slopes", "bias", "window", "sinks",
-            "q_positions", "kv_positions", "sm_scale")
+    keys = (
+        "causal",
+        "segment_ids",
+        "prefix_length",
+        "relpos_bias",
+        "alibi_slopes",
+        "bias",
+        "window",
+        "sinks",
+        "q_positions",
+        "kv_positions",
+        "sm_scale",
+    )
     return {k: opts.get(k, {"causal": False, "sinks": 0}.get(k)) for k in keys}
 
 
@@ -109,8 +133,11 @@ def test_default_blocks_match_small_blocks():
     ],
 )
 def test_bad_arguments_raise_value_error(change, message):
-    args = dict(q=np.zeros((2, 8, 4, 16), np.float32), k=np.zeros((2, 8, 2, 16), np.float32),
-                v=np.zeros((2, 8, 2, 16), np.float32))
+    args = dict(
+        q=np.zeros((2, 8, 4, 16), np.float32),
+        k=np.zeros((2, 8, 2, 16), np.float32),
+        v=np.zeros((2, 8, 2, 16), np.float32),
+    )
     args.update(change)
     q, k, v = (jnp.asarray(args.pop(n), jnp.float32) for n in ("q", "k", "v"))
     if k.shape != v.shape:

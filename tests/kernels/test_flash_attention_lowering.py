@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
-
 from lowering import TPU_KERNEL, TRITON_KERNEL, compile_for_tpu, lower_for_cuda
+
 from pallas_kernels.flash_attention import flash_attention
 
 B, H = 4, 4
@@ -14,20 +14,38 @@ B, H = 4, 4
 CONFIGS = {
     "gqa_causal_relpos_f32": (300, 300, 2, jnp.float32, lambda x: dict(causal=True, relpos_bias=(x, True, 128))),
     "mqa_packed_prefix_alibi_bf16": (
-        256, 256, 1, jnp.bfloat16,
-        lambda x: dict(prefix_length=jnp.full((B,), 40, jnp.int32), segment_ids=jnp.ones((B, 256), jnp.int32),
-                       q_positions=jnp.arange(256), alibi_slopes=x[:, 0]),
+        256,
+        256,
+        1,
+        jnp.bfloat16,
+        lambda x: dict(
+            prefix_length=jnp.full((B,), 40, jnp.int32),
+            segment_ids=jnp.ones((B, 256), jnp.int32),
+            q_positions=jnp.arange(256),
+            alibi_slopes=x[:, 0],
+        ),
     ),
     "cross_window_sinks_bias_bf16": (
-        200, 384, 4, jnp.bfloat16,
-        lambda x: dict(window=64, sinks=4, bias=jnp.zeros((1, H, 200, 384)) + x[None, :, :1, None],
-                       kv_positions=jnp.arange(384) + 3),
+        200,
+        384,
+        4,
+        jnp.bfloat16,
+        lambda x: dict(
+            window=64,
+            sinks=4,
+            bias=jnp.zeros((1, H, 200, 384)) + x[None, :, :1, None],
+            kv_positions=jnp.arange(384) + 3,
+        ),
     ),
     # A cached decoding step: one new query over a 40-slot cache, later slots hidden by causality.
     "decode_step_gqa_relpos_bf16": (
-        1, 40, 2, jnp.bfloat16,
-        lambda x: dict(causal=True, q_positions=jnp.full((B, 1), 17), kv_positions=jnp.arange(40),
-                       relpos_bias=(x, False, 128)),
+        1,
+        40,
+        2,
+        jnp.bfloat16,
+        lambda x: dict(
+            causal=True, q_positions=jnp.full((B, 1), 17), kv_positions=jnp.arange(40), relpos_bias=(x, False, 128)
+        ),
     ),
 }
 

@@ -4,10 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from lowering import TPU_KERNEL, TRITON_KERNEL, compile_for_tpu, lower_for_cuda
-from pallas_kernels.int8_matmul import (dequantize, int8_dense, int8_matmul, int8_matmul_reference, quantize,
-                                        quantize_weight, weight_only_dense)
+
+from pallas_kernels.int8_matmul import (
+    dequantize,
+    int8_dense,
+    int8_matmul,
+    int8_matmul_reference,
+    quantize,
+    quantize_weight,
+    weight_only_dense,
+)
 
 M, K, N, G = 40, 256, 72, 4
 RNG = np.random.RandomState(0)
@@ -20,10 +27,18 @@ SCALINGS = {
     "channel": (RNG.rand(M).astype(np.float32), RNG.rand(N).astype(np.float32), None, None),
     "group": (RNG.rand(M, G).astype(np.float32), RNG.rand(G, N).astype(np.float32), None, None),
     "tensor_by_group": (np.float32(0.25), RNG.rand(G, N).astype(np.float32), None, None),
-    "channel_zero_points": (RNG.rand(M, 1).astype(np.float32), RNG.rand(1, N).astype(np.float32), 3,
-                            RNG.randint(-9, 9, N)),
-    "group_zero_points": (RNG.rand(M, G).astype(np.float32), RNG.rand(G, N).astype(np.float32),
-                          RNG.randint(-9, 9, M), -4),
+    "channel_zero_points": (
+        RNG.rand(M, 1).astype(np.float32),
+        RNG.rand(1, N).astype(np.float32),
+        3,
+        RNG.randint(-9, 9, N),
+    ),
+    "group_zero_points": (
+        RNG.rand(M, G).astype(np.float32),
+        RNG.rand(G, N).astype(np.float32),
+        RNG.randint(-9, 9, M),
+        -4,
+    ),
 }
 BACKENDS = ["interpret", "gpu_interpret", "xla"]
 
@@ -39,11 +54,21 @@ def test_integer_products_are_exact(backend):
 @pytest.mark.parametrize("name", sorted(SCALINGS))
 def test_matches_dequantised_float_matmul(name, backend):
     a_scale, b_scale, a_zero, b_zero = SCALINGS[name]
-    out = np.asarray(int8_matmul(A, B, a_scale, b_scale, jnp.float32, a_zero_point=a_zero, b_zero_point=b_zero,
-                                 backend=backend))
+    out = np.asarray(
+        int8_matmul(A, B, a_scale, b_scale, jnp.float32, a_zero_point=a_zero, b_zero_point=b_zero, backend=backend)
+    )
     with jax.enable_x64(True):
-        ref = np.asarray(int8_matmul_reference(A, B, a_scale, b_scale, a_zero_point=0 if a_zero is None else a_zero,
-                                               b_zero_point=0 if b_zero is None else b_zero, dtype=jnp.float64))
+        ref = np.asarray(
+            int8_matmul_reference(
+                A,
+                B,
+                a_scale,
+                b_scale,
+                a_zero_point=0 if a_zero is None else a_zero,
+                b_zero_point=0 if b_zero is None else b_zero,
+                dtype=jnp.float64,
+            )
+        )
     if name in ("tensor", "channel", "channel_zero_points"):
         # One scale over all of K: int32 accumulation, then the same float32 scaling, bit for bit.
         za = np.reshape(0 if a_zero is None else a_zero, (-1, 1)).astype(np.int64)
@@ -83,14 +108,26 @@ def test_bad_arguments_raise_value_error(args, message):
 def test_kernels_compile_for_tpu_and_lower_to_triton(name):
     a_scale, b_scale, a_zero, b_zero = SCALINGS[name]
     shapes = [jax.ShapeDtypeStruct((512, 1024), jnp.int8), jax.ShapeDtypeStruct((1024, 384), jnp.int8)]
-    scales = [np.resize(s, (512, G) if s.ndim == 2 and s.shape[0] == M else s.shape) if s.ndim else s
-              for s in (a_scale, b_scale)]
-    b_scale = np.ones((G, 384), np.float32) if name == "group" else np.resize(b_scale, (1, 384)) if b_scale.ndim else b_scale
+    scales = [
+        np.resize(s, (512, G) if s.ndim == 2 and s.shape[0] == M else s.shape) if s.ndim else s
+        for s in (a_scale, b_scale)
+    ]
+    b_scale = (
+        np.ones((G, 384), np.float32) if name == "group" else np.resize(b_scale, (1, 384)) if b_scale.ndim else b_scale
+    )
 
     def make(backend):
         def fn(a, b):
-            return int8_matmul(a, b, scales[0], b_scale, a_zero_point=a_zero,
-                               b_zero_point=None if b_zero is None else np.resize(b_zero, 384), backend=backend)
+            return int8_matmul(
+                a,
+                b,
+                scales[0],
+                b_scale,
+                a_zero_point=a_zero,
+                b_zero_point=None if b_zero is None else np.resize(b_zero, 384),
+                backend=backend,
+            )
+
         return fn
 
     assert compile_for_tpu(make("tpu"), *shapes).count(TPU_KERNEL) == 1

@@ -17,16 +17,20 @@ def test_buckets_match_hugging_face(num_buckets, bidirectional, max_distance):
     expected = t5.T5Attention._relative_position_bucket(
         torch.tensor(DISTANCES), bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
     ).numpy()
-    actual = relative_position_bucket(DISTANCES, bidirectional=bidirectional, num_buckets=num_buckets,
-                                      max_distance=max_distance)
+    actual = relative_position_bucket(
+        DISTANCES, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
     np.testing.assert_array_equal(np.asarray(actual), expected)
 
 
 @pytest.mark.parametrize("num_buckets,bidirectional,max_distance", CONFIGS)
 def test_steps_reproduce_table_lookup_up_to_a_constant(num_buckets, bidirectional, max_distance):
     table = np.random.RandomState(0).randn(3, num_buckets)
-    buckets = np.asarray(relative_position_bucket(DISTANCES, bidirectional=bidirectional, num_buckets=num_buckets,
-                                                  max_distance=max_distance))
+    buckets = np.asarray(
+        relative_position_bucket(
+            DISTANCES, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+        )
+    )
     steps = relpos_steps(num_buckets, bidirectional, max_distance)
     code = np.asarray(steps.distance_code(jnp.asarray(DISTANCES)))
     weights = np.asarray(steps.weights(jnp.asarray(table)))

@@ -5,31 +5,59 @@ import functools
 import jax
 import numpy as np
 
-from t5lite.config import ModelConfig
+from t5lite.config import ModelConfig, MoeConfig
 from t5lite.models import param_axes
 from t5lite.sharding import MeshShape
 from t5lite.train import optimizers
 from t5lite.train.loop import TrainStep
 from t5lite.train.step import init_state
 
-ENCODER_DECODER = ModelConfig(architecture="encoder_decoder", vocab_size=64, d_model=32, num_heads=4, head_dim=8,
-                              d_ff=64, num_encoder_layers=2, num_decoder_layers=2, mlp_activation="geglu",
-                              dtype="float32", tie_embeddings=False)
+ENCODER_DECODER = ModelConfig(
+    architecture="encoder_decoder",
+    vocab_size=64,
+    d_model=32,
+    num_heads=4,
+    head_dim=8,
+    d_ff=64,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    mlp_activation="geglu",
+    dtype="float32",
+    tie_embeddings=False,
+)
 # GQA with 2 key/value heads: on tensor=4 its K/V projections stay whole on every device.
-DECODER = ModelConfig(architecture="decoder", vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                      d_ff=64, num_decoder_layers=2, mlp_activation="swiglu", position_encoding="rope",
-                      dtype="float32", tie_embeddings=True)
+DECODER = ModelConfig(
+    architecture="decoder",
+    vocab_size=64,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    d_ff=64,
+    num_decoder_layers=2,
+    mlp_activation="swiglu",
+    position_encoding="rope",
+    dtype="float32",
+    tie_embeddings=True,
+)
 CONFIGS = {"encoder_decoder": ENCODER_DECODER, "decoder": DECODER}
 # Switch (top-1, experts every other layer of both stacks, some tokens dropped at capacity 1.0) and
 # a top-2 decoder with experts in every layer.
 MOE_CONFIGS = {
-    "switch": ENCODER_DECODER.replace(num_experts=8, train_capacity_factor=1.0, min_expert_capacity=1),
-    "moe_decoder_top2": DECODER.replace(num_experts=8, experts_per_token=2, decoder_moe_every=1),
+    "switch": ENCODER_DECODER.replace(moe=MoeConfig(num_experts=8, train_capacity_factor=1.0, min_expert_capacity=1)),
+    "moe_decoder_top2": DECODER.replace(moe=MoeConfig(num_experts=8, experts_per_token=2, decoder_every=1)),
 }
-MESHES = {"data8": MeshShape(data=8), "fsdp8": MeshShape(data=1, fsdp=8),
-          "data2_tensor4": MeshShape(data=2, tensor=4), "fsdp4_tensor2": MeshShape(data=1, fsdp=4, tensor=2)}
-EXPERT_MESHES = {"expert4_data2": MeshShape(data=2, expert=4), "expert8": MeshShape(data=1, expert=8),
-                 "expert2_fsdp2_tensor2": MeshShape(data=1, fsdp=2, tensor=2, expert=2)}
+MESHES = {
+    "data8": MeshShape(data=8),
+    "fsdp8": MeshShape(data=1, fsdp=8),
+    "data2_tensor4": MeshShape(data=2, tensor=4),
+    "fsdp4_tensor2": MeshShape(data=1, fsdp=4, tensor=2),
+}
+EXPERT_MESHES = {
+    "expert4_data2": MeshShape(data=2, expert=4),
+    "expert8": MeshShape(data=1, expert=8),
+    "expert2_fsdp2_tensor2": MeshShape(data=1, fsdp=2, tensor=2, expert=2),
+}
 BATCH, MICROBATCHES, STEPS = 16, 2, 3
 
 
@@ -39,8 +67,10 @@ def batches(config, seed=0):
     for _ in range(STEPS):
         targets = rs.randint(1, config.vocab_size, (BATCH, 8)).astype(np.int32)
         targets[:, -2:] = 0  # padding carries no loss
-        batch = {"decoder_input_tokens": np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], 1),
-                 "decoder_target_tokens": targets}
+        batch = {
+            "decoder_input_tokens": np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], 1),
+            "decoder_target_tokens": targets,
+        }
         if config.is_encoder_decoder:
             batch["encoder_input_tokens"] = rs.randint(1, config.vocab_size, (BATCH, 12)).astype(np.int32)
         out.append(batch)
@@ -52,8 +82,18 @@ def train(config, mesh_shape, devices=None):
     models the losses are the objective (cross entropy plus the weighted auxiliary losses)."""
     schedule = optimizers.learning_rate_schedule("constant", 0.01)
     tx = optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(config))
-    step = TrainStep.create(config, mesh_shape, tx, schedule, seed=0, batch_size=BATCH, num_microbatches=MICROBATCHES,
-                            z_loss=1e-4, label_smoothing=0.0, devices=devices)
+    step = TrainStep.create(
+        config,
+        mesh_shape,
+        tx,
+        schedule,
+        seed=0,
+        batch_size=BATCH,
+        num_microbatches=MICROBATCHES,
+        z_loss=1e-4,
+        label_smoothing=0.0,
+        devices=devices,
+    )
     partitioner = step.partitioner
     with partitioner.context():
         state = init_state(config, step.tx, jax.random.PRNGKey(0), step.state_shardings)
@@ -61,12 +101,18 @@ def train(config, mesh_shape, devices=None):
         losses = []
         for batch in batches(config):
             state, metrics = step.fn(state, partitioner.global_batch(batch, BATCH), rng)
-            losses.append(float(metrics["loss"] + config.load_balance_loss * metrics.get("moe_load_balance_loss", 0.0)
-                                + config.router_z_loss * metrics.get("moe_router_z_loss", 0.0)))
+            moe = config.moe
+            losses.append(
+                float(
+                    metrics["loss"]
+                    + moe.load_balance_loss * metrics.get("moe_load_balance_loss", 0.0)
+                    + moe.router_z_loss * metrics.get("moe_router_z_loss", 0.0)
+                )
+            )
     return losses, state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_device(kind):
     losses, state = train({**CONFIGS, **MOE_CONFIGS}[kind], MeshShape(), devices=jax.devices()[:1])
     return losses, jax.device_get(state)
@@ -79,8 +125,14 @@ def train_like_one_device(kind, mesh_shape):
     reference_losses, reference = single_device(kind)
     np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
     assert losses[-1] < losses[0]
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
-                 jax.device_get(state.params), reference.params)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-7),
-                 jax.device_get(state.opt_state), reference.opt_state)
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
+        jax.device_get(state.params),
+        reference.params,
+    )
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-7),
+        jax.device_get(state.opt_state),
+        reference.opt_state,
+    )
     return state

@@ -1,32 +1,40 @@
 """Mesh requests that cannot work fail clearly; the Pallas kernel runs per shard; `t5lite compile`
 compiles the real train step for a TPU topology and says whether it fits."""
 
-
 import jax
 import numpy as np
 import pytest
-
 from sharded_testing import DECODER, ENCODER_DECODER, MESHES, single_device, train
+
 from t5lite import cli
 from t5lite.sharding import MeshShape, Partitioner
 
 
-@pytest.mark.parametrize("shape, message", [
-    (MeshShape(data=3), r"mesh axes \(data=3, fsdp=1, tensor=1, expert=1\) need 3 devices, but there are 8"),
-    (MeshShape(data=-1, fsdp=3), r"need a multiple of 3 devices, but there are 8"),
-    (MeshShape(data=-1, fsdp=-1), r"Only one mesh axis may be -1.*data and fsdp"),
-    (MeshShape(data=8, tensor=0), r"positive integers.*'tensor': 0"),
-    (MeshShape(data=8, slices=2), r"slices=2 needs multi-slice TPU devices"),
-    (MeshShape(data=4, slices=3, tensor=2), r"slices=3 must be a positive integer dividing the data axis \(data=4\)"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        (MeshShape(data=3), r"mesh axes \(data=3, fsdp=1, tensor=1, expert=1\) need 3 devices, but there are 8"),
+        (MeshShape(data=-1, fsdp=3), r"need a multiple of 3 devices, but there are 8"),
+        (MeshShape(data=-1, fsdp=-1), r"Only one mesh axis may be -1.*data and fsdp"),
+        (MeshShape(data=8, tensor=0), r"positive integers.*'tensor': 0"),
+        (MeshShape(data=8, slices=2), r"slices=2 needs multi-slice TPU devices"),
+        (
+            MeshShape(data=4, slices=3, tensor=2),
+            r"slices=3 must be a positive integer dividing the data axis \(data=4\)",
+        ),
+    ],
+)
 def test_bad_mesh_shapes_name_the_axes(shape, message):
     with pytest.raises(ValueError, match=message):
         Partitioner.create(ENCODER_DECODER, shape)
 
 
 def test_tensor_axis_must_divide_heads_and_dimensions():
-    with pytest.raises(ValueError, match=r"tensor axis \(tensor=8\) must divide ModelConfig.num_heads=4; choose "
-                                         r"MeshShape.tensor from \[1, 2, 4\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor axis \(tensor=8\) must divide ModelConfig.num_heads=4; choose "
+        r"MeshShape.tensor from \[1, 2, 4\]",
+    ):
         Partitioner.create(ENCODER_DECODER, MeshShape(data=1, tensor=8))
     odd_mlp = ENCODER_DECODER.replace(d_ff=66)
     with pytest.raises(ValueError, match=r"has 66 entries along its 'mlp' axis, which the mesh splits over tensor=4"):
@@ -38,11 +46,25 @@ def test_tensor_axis_must_divide_heads_and_dimensions():
 
 def test_bad_mesh_in_a_run_fails_before_writing(tmp_path):
     model_dir = tmp_path / "run"
-    code = cli.main(["train", "--gin_file=runs/t5_tiny_span_corruption.gin", "--gin_file=sharding/fsdp_tensor.gin",
-                     f"--model_dir={model_dir}", "--gin.MeshShape.tensor=8"])
+    code = cli.main(
+        [
+            "train",
+            "--gin_file=runs/t5_tiny_span_corruption.gin",
+            "--gin_file=sharding/fsdp_tensor.gin",
+            f"--model_dir={model_dir}",
+            "--gin.MeshShape.tensor=8",
+        ]
+    )
     assert code == 2 and not model_dir.exists()
-    code = cli.main(["train", "--gin_file=runs/t5_tiny_span_corruption.gin", f"--model_dir={model_dir}",
-                     "--coordinator_address=localhost:1234", "--num_processes=2"])
+    code = cli.main(
+        [
+            "train",
+            "--gin_file=runs/t5_tiny_span_corruption.gin",
+            f"--model_dir={model_dir}",
+            "--coordinator_address=localhost:1234",
+            "--num_processes=2",
+        ]
+    )
     assert code == 2 and not model_dir.exists()
 
 
@@ -52,8 +74,11 @@ def test_pallas_attention_runs_per_shard():
     losses, state = train(DECODER.replace(attention_impl="pallas"), MESHES["data2_tensor4"])
     reference_losses, reference = single_device("decoder")
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), jax.device_get(state.params),
-                 reference.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+        jax.device_get(state.params),
+        reference.params,
+    )
 
 
 def compile_run(capsys, *args):
@@ -63,9 +88,15 @@ def compile_run(capsys, *args):
 
 def test_compile_for_a_tpu_topology(capsys):
     pytest.importorskip("libtpu", reason="libtpu (in the test extras) compiles for TPU topologies")
-    code, out = compile_run(capsys, "--gin_file=runs/t5_tiny_span_corruption.gin",
-                            "--gin_file=sharding/fsdp_tensor.gin", "--gin.MeshShape.tensor=2", "--topology=v5e:2x2",
-                            "--gin.ModelConfig.attention_impl='auto'", "--gin.train.batch_size=8")
+    code, out = compile_run(
+        capsys,
+        "--gin_file=runs/t5_tiny_span_corruption.gin",
+        "--gin_file=sharding/fsdp_tensor.gin",
+        "--gin.MeshShape.tensor=2",
+        "--topology=v5e:2x2",
+        "--gin.ModelConfig.attention_impl='auto'",
+        "--gin.train.batch_size=8",
+    )
     assert code == 0, out
     assert "4 x TPU v5 lite, mesh data=1 fsdp=2 tensor=2 expert=1" in out
     assert "of 16.00 GiB HBM: fits" in out
@@ -94,8 +125,14 @@ def test_compile_sizes_the_dpo_step_with_its_reference_model():
 def test_compile_reports_a_model_that_does_not_fit(capsys):
     pytest.importorskip("libtpu", reason="libtpu (in the test extras) compiles for TPU topologies")
     # T5 v1.1 XL replicated on each 16 GiB v5e chip: 3B float32 weights, gradients, Adafactor state.
-    code, out = compile_run(capsys, "--gin_file=models/t5_1_1/xl.gin", "--gin_file=runs/pretrain_span_corruption.gin",
-                            "--gin_file=sharding/data_parallel.gin", "--topology=v5e:2x2", "--gin.train.batch_size=8")
+    code, out = compile_run(
+        capsys,
+        "--gin_file=models/t5_1_1/xl.gin",
+        "--gin_file=runs/pretrain_span_corruption.gin",
+        "--gin_file=sharding/data_parallel.gin",
+        "--topology=v5e:2x2",
+        "--gin.train.batch_size=8",
+    )
     assert code == 1, out
     assert "DOES NOT FIT" in out and "exceeds available HBM" in out
     code, out = compile_run(capsys, "--gin_file=runs/t5_tiny_span_corruption.gin", "--topology=v9:2x2")
@@ -131,9 +168,14 @@ def test_cluster_environment_decides_multi_process(monkeypatch):
         distributed.initialize("localhost:1234", 2, 2)
 
 
-@pytest.mark.parametrize("topology, shape", [("v5p:4x4x4", MeshShape(data=1, fsdp=-1, tensor=4)),
-                                             ("v5e:4x4", MeshShape(data=1, fsdp=-1, tensor=4)),
-                                             ("v5e:4x4", MeshShape(data=-1))])
+@pytest.mark.parametrize(
+    "topology, shape",
+    [
+        ("v5p:4x4x4", MeshShape(data=1, fsdp=-1, tensor=4)),
+        ("v5e:4x4", MeshShape(data=1, fsdp=-1, tensor=4)),
+        ("v5e:4x4", MeshShape(data=-1)),
+    ],
+)
 def test_processes_sharing_batch_rows_read_the_same_data_shard(topology, shape):
     """On a pod, a tensor group can span hosts: those hosts hold the same batch rows and must feed
     the same examples, so they read the same shard."""
@@ -149,8 +191,10 @@ def test_processes_sharing_batch_rows_read_the_same_data_shard(topology, shape):
     shards = {process: partitioner.data_shard(batch_size, process) for process in processes}
     count = {count for _, count in shards.values()}.pop()
     assert all(c == count for _, c in shards.values()) and sorted({i for i, _ in shards.values()}) == list(range(count))
-    held = {process: {rows[device][0].indices(batch_size)[:2] for device in devices if device.process_index == process}
-            for process in processes}
+    held = {
+        process: {rows[device][0].indices(batch_size)[:2] for device in devices if device.process_index == process}
+        for process in processes
+    }
     for process in processes:
         index, _ = shards[process]
         assert sum(stop - start for start, stop in held[process]) == batch_size // count

@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from t5lite import config as t5config
 from t5lite.sharding import MeshShape
@@ -24,13 +25,25 @@ from t5lite.train.spec import RunSpec
 from t5lite.train.step import init_state
 
 RUN = ["runs/t5_tiny_span_corruption.gin", "sharding/fsdp.gin"]
-BINDINGS = ["ModelConfig.d_model = 64", "ModelConfig.d_ff = 128", "ModelConfig.num_heads = 4",
-            "ModelConfig.head_dim = 16", "ModelConfig.num_encoder_layers = 1", "ModelConfig.num_decoder_layers = 1",
-            "ModelConfig.dtype = 'float32'", "MeshShape.data = 2", "MeshShape.fsdp = 4", "train.batch_size = 8",
-            "train.task_feature_lengths = {'inputs': 32, 'targets': 8}", "train.log_every = 1",
-            "train.checkpoint_every = 1000", "train.progress = False", "train.eval_batches = 2",
-            "learning_rate_schedule.name = 'constant'",
-            "learning_rate_schedule.base_learning_rate = 0.01"]
+BINDINGS = [
+    "ModelConfig.d_model = 64",
+    "ModelConfig.d_ff = 128",
+    "ModelConfig.num_heads = 4",
+    "ModelConfig.head_dim = 16",
+    "ModelConfig.num_encoder_layers = 1",
+    "ModelConfig.num_decoder_layers = 1",
+    "ModelConfig.dtype = 'float32'",
+    "MeshShape.data = 2",
+    "MeshShape.fsdp = 4",
+    "train.batch_size = 8",
+    "train.task_feature_lengths = {'inputs': 32, 'targets': 8}",
+    "train.log_every = 1",
+    "train.checkpoint_every = 1000",
+    "train.progress = False",
+    "train.eval_batches = 2",
+    "learning_rate_schedule.name = 'constant'",
+    "learning_rate_schedule.base_learning_rate = 0.01",
+]
 
 
 def free_port() -> int:
@@ -43,10 +56,27 @@ def start_two_processes(model_dir, num_steps):
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     bindings = [f"--gin.{b.replace(' = ', '=', 1)}" for b in BINDINGS + [f"train.num_steps = {num_steps}"]]
-    return [subprocess.Popen(
-        [sys.executable, "-m", "t5lite.cli", "train", *(f"--gin_file={f}" for f in RUN), f"--model_dir={model_dir}",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={index}", *bindings],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "t5lite.cli",
+                "train",
+                *(f"--gin_file={f}" for f in RUN),
+                f"--model_dir={model_dir}",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={index}",
+                *bindings,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
 
 
 def finish(processes):
@@ -75,6 +105,7 @@ def one_process_reference(num_steps):
     return losses, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_save_and_resume_like_one(tmp_path):
     """SIGTERM to one process: both stop at the step they agree on, with one checkpoint; the rerun
     continues as one process fed the same global batches would."""
@@ -101,5 +132,6 @@ def test_two_processes_stop_together_save_and_resume_like_one(tmp_path):
     _, params, step = restore_params(tmp_path)
     assert step == all_steps
     # float32 throughout; eight devices sum gradients in another order than one.
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5), jax.device_get(params),
-                 reference_params)
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5), jax.device_get(params), reference_params
+    )

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-
 from sharded_testing import BATCH, CONFIGS, ENCODER_DECODER, MESHES, STEPS, train, train_like_one_device
+
 from t5lite.models import param_axes
 from t5lite.sharding import Partitioner
 from t5lite.train import optimizers
@@ -50,14 +50,21 @@ def test_factored_optimizer_statistics_follow_their_parameter():
     axes = ("layers", "embed", "mlp")
     shardings = {"kernel": partitioner.sharding(axes)}
     tx = optimizers.optimizer(learning_rate=1e-3, param_axes={"kernel": axes})
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                          opt_state=jax.eval_shape(tx.init, params))
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params)
+    )
     placed = partitioner.state(abstract, shardings)
     assert placed.params["kernel"].spec == P(None, "fsdp", "tensor")
-    specs = {jax.tree_util.keystr(path): sharding.spec
-             for path, sharding in jax.tree_util.tree_leaves_with_path(placed.opt_state)}
-    assert specs == {".count": P(), ".v_row['kernel']": P(None, "fsdp", None),
-                     ".v_col['kernel']": P(None, None, "tensor"), ".v['kernel']": P()}
+    specs = {
+        jax.tree_util.keystr(path): sharding.spec
+        for path, sharding in jax.tree_util.tree_leaves_with_path(placed.opt_state)
+    }
+    assert specs == {
+        ".count": P(),
+        ".v_row['kernel']": P(None, "fsdp", None),
+        ".v_col['kernel']": P(None, None, "tensor"),
+        ".v['kernel']": P(),
+    }
 
 
 def leaf_shard_shape(array):
@@ -68,15 +75,29 @@ def test_checkpoint_restores_under_another_mesh(tmp_path):
     from t5lite.data import DataStream
 
     _, state = train(ENCODER_DECODER, MESHES["fsdp8"])
-    stream = DataStream("t5lite_synthetic_copy", split="train", task_feature_lengths={"inputs": 8, "targets": 8},
-                        batch_size=BATCH, model_kind="encoder_decoder")
+    stream = DataStream(
+        "t5lite_synthetic_copy",
+        split="train",
+        task_feature_lengths={"inputs": 8, "targets": 8},
+        batch_size=BATCH,
+        model_kind="encoder_decoder",
+    )
     checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
     checkpoints.save(STEPS, state, stream, force=True)
     checkpoints.close()
     schedule = optimizers.learning_rate_schedule("constant", 0.01)
     tx = optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(ENCODER_DECODER))
-    target = TrainStep.create(ENCODER_DECODER, MESHES["data2_tensor4"], tx, schedule, seed=0, batch_size=BATCH,
-                              num_microbatches=1, z_loss=0.0, label_smoothing=0.0)
+    target = TrainStep.create(
+        ENCODER_DECODER,
+        MESHES["data2_tensor4"],
+        tx,
+        schedule,
+        seed=0,
+        batch_size=BATCH,
+        num_microbatches=1,
+        z_loss=0.0,
+        label_smoothing=0.0,
+    )
     checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
     restored = checkpoints.restore(target.abstract_state)
     checkpoints.close()

@@ -20,7 +20,8 @@ def test_committed_report_matches_its_csv():
     for approach in ("approach1", "approach2", "approach3"):
         row = re.search(rf"^\| {approach} \| ([-0-9.]+)[^|]* \| ([-0-9.]+)[^|]* \|$", report, re.MULTILINE)
         assert row, f"report.md has no row for {approach}"
-        np.testing.assert_allclose([float(row[1]), float(row[2])],
-                                   [summary[approach]["a"], summary[approach]["b"]], atol=1.5e-3)
+        np.testing.assert_allclose(
+            [float(row[1]), float(row[2])], [summary[approach]["a"], summary[approach]["b"]], atol=1.5e-3
+        )
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (SWEEP / image).stat().st_size > 10_000, image

@@ -14,11 +14,24 @@ from t5lite.train.metrics import read_metrics
 
 # Two budgets x two sizes of d_model 64 decoders (1, 2, 4, 5 layers), 21-24 steps of 8 x 32 tokens each
 # (a row per virtual device: runs use all 8).
-TINY = dict(budgets=[1.2e10, 1.8e10], family="decoder", base_gin="runs/llama_tiny_lm.gin", num_sizes=3, span=1.03,
-            tokens_per_param=0.0052,
-            bindings=["ModelConfig.dtype = 'float32'", "train.task_feature_lengths = {'targets': 32}",
-                      "train.batch_size = 8", "train.log_every = 5", "train.checkpoint_every = 10",
-                      "learning_rate_schedule.warmup_steps = 5", "train.eval_batches = 2", "train.progress = False"])
+TINY = dict(
+    budgets=[1.2e10, 1.8e10],
+    family="decoder",
+    base_gin="runs/llama_tiny_lm.gin",
+    num_sizes=3,
+    span=1.03,
+    tokens_per_param=0.0052,
+    bindings=[
+        "ModelConfig.dtype = 'float32'",
+        "train.task_feature_lengths = {'targets': 32}",
+        "train.batch_size = 8",
+        "train.log_every = 5",
+        "train.checkpoint_every = 10",
+        "learning_rate_schedule.warmup_steps = 5",
+        "train.eval_batches = 2",
+        "train.progress = False",
+    ],
+)
 
 
 def _parse(argv):
@@ -42,6 +55,7 @@ def test_plan_gin_files_parse_back_to_the_planned_configs(tmp_path):
     assert len({p.name for p in points}) == len(points) == 4
     assert {p.budget for p in points} == {1.2e10, 1.8e10}
     import gin
+
     for point in points:
         gin_file = tmp_path / point.name / runner.POINT_GIN
         assert model_config_from_gin([str(gin_file)]) == point.config
@@ -54,8 +68,9 @@ def test_plan_gin_files_parse_back_to_the_planned_configs(tmp_path):
     with (tmp_path / "plan.csv").open() as f:
         assert [row["name"] for row in csv.DictReader(f)] == [p.name for p in points]
     launches = (tmp_path / "commands.sh").read_text().splitlines()[3:]
-    assert launches == [f"t5lite train --gin_file={tmp_path / p.name / 'point.gin'} --model_dir={tmp_path / p.name}"
-                        for p in points]
+    assert launches == [
+        f"t5lite train --gin_file={tmp_path / p.name / 'point.gin'} --model_dir={tmp_path / p.name}" for p in points
+    ]
     # The same plan again is a no-op; another one is refused before anything is overwritten.
     runner.write_plan(runner.SweepSpec(**TINY), tmp_path)
     before = (tmp_path / "plan.json").read_text()
@@ -65,6 +80,7 @@ def test_plan_gin_files_parse_back_to_the_planned_configs(tmp_path):
     assert not list(tmp_path.glob("*C2.40e10*"))
 
 
+@pytest.mark.slow
 def test_sweep_runs_end_to_end(sweep):
     sweep_dir, points, log = sweep
     rows = results.read_results(sweep_dir / "results.csv")
@@ -80,6 +96,7 @@ def test_sweep_runs_end_to_end(sweep):
         assert runner.is_finished(sweep_dir, point)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_points(sweep):
     sweep_dir, points, _ = sweep
     watched = [f for p in points for f in (sweep_dir / p.name).rglob("*") if f.is_file()]
@@ -90,6 +107,7 @@ def test_rerun_skips_finished_points(sweep):
     assert {f: f.stat().st_mtime_ns for f in watched} == stamps
 
 
+@pytest.mark.slow
 def test_interrupted_point_resumes_from_its_checkpoint(sweep, tmp_path):
     sweep_dir, points, _ = sweep
     point = points[0]
@@ -101,6 +119,7 @@ def test_interrupted_point_resumes_from_its_checkpoint(sweep, tmp_path):
     # Interrupt: train the point only to step 10 (a checkpoint) with the same gin file.
     from t5lite import cli
     from t5lite.train.loop import train
+
     cli.parse_gin([str(run_dir / runner.POINT_GIN)], ["train.num_steps = 10"])
     train(str(run_dir))
     assert not runner.is_finished(tmp_path, point)
@@ -123,7 +142,7 @@ def _synthetic_csv(path, budgets=(1e18, 1e19, 1e20), sizes=5):
         n_opt = 0.1 * (C / 6) ** 0.5
         for N in n_opt * np.logspace(-1, 1, sizes):
             D = C / (6 * N)
-            loss = (1.69 + 406.4 / N ** 0.34 + 410.7 / D ** 0.28) * np.exp(rng.normal(0, 0.002))
+            loss = (1.69 + 406.4 / N**0.34 + 410.7 / D**0.28) * np.exp(rng.normal(0, 0.002))
             rows.append({"config": f"C{C:.0e}_N{N:.3g}", "N": N, "D": D, "C": C, "loss": loss})
     results.write_results(path, rows)
     return path
@@ -165,13 +184,16 @@ def test_too_few_points_are_refused_before_writing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"family": "encoder"}, "Unknown model family 'encoder'"),
-    ({"budgets": [1e9, -1.0]}, "positive FLOP counts"),
-    ({"budgets": []}, "positive FLOP counts"),
-    ({"base_gin": "runs/t5_tiny_span_corruption.gin"}, "trains a 'encoder_decoder' model"),
-    ({"budgets": [1e9]}, "fewer than 10"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"family": "encoder"}, "Unknown model family 'encoder'"),
+        ({"budgets": [1e9, -1.0]}, "positive FLOP counts"),
+        ({"budgets": []}, "positive FLOP counts"),
+        ({"base_gin": "runs/t5_tiny_span_corruption.gin"}, "trains a 'encoder_decoder' model"),
+        ({"budgets": [1e9]}, "fewer than 10"),
+    ],
+)
 def test_bad_specs_are_refused_before_writing(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         runner.write_plan(runner.SweepSpec(**{**TINY, **change}), tmp_path)

@@ -19,7 +19,7 @@ A_EXPONENT, B_EXPONENT = BETA / (ALPHA + BETA), ALPHA / (ALPHA + BETA)  # 0.4516
 
 
 def true_loss(N, D):
-    return E + A / N ** ALPHA + B / D ** BETA
+    return E + A / N**ALPHA + B / D**BETA
 
 
 def isoflop_sweep(sizes_per_budget, span_decades, noise, seed=0):
@@ -35,7 +35,9 @@ def isoflop_sweep(sizes_per_budget, span_decades, noise, seed=0):
     return N, D, C, true_loss(N, D) * np.exp(noise * rng.standard_normal(N.size))
 
 
-@pytest.mark.skipif(not FIGURE4.is_file(), reason=f"{FIGURE4} is absent (Epoch AI's Figure 4 points live outside the repo)")
+@pytest.mark.skipif(
+    not FIGURE4.is_file(), reason=f"{FIGURE4} is absent (Epoch AI's Figure 4 points live outside the repo)"
+)
 def test_approach3_reproduces_epoch_ai_refit_of_chinchilla_figure4():
     with FIGURE4.open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -99,8 +101,12 @@ def test_approach2_recovers_the_exponents_from_noisy_profiles():
 def test_closed_form_optimum_is_the_numerical_argmin(k):
     law = fits.ChinchillaLaw(E, A, B, ALPHA, BETA)
     for budget in (1e18, 5.76e23):
-        result = optimize.minimize_scalar(lambda log_n: true_loss(np.exp(log_n), budget / (k * np.exp(log_n))),
-                                          bounds=(5, 40), method="bounded", options={"xatol": 1e-10})
+        result = optimize.minimize_scalar(
+            lambda log_n: true_loss(np.exp(log_n), budget / (k * np.exp(log_n))),
+            bounds=(5, 40),
+            method="bounded",
+            options={"xatol": 1e-10},
+        )
         n_opt, d_opt = law.compute_optimal(budget, k)
         assert n_opt == pytest.approx(np.exp(result.x), rel=1e-4)
         assert d_opt == pytest.approx(budget / (k * np.exp(result.x)), rel=1e-4)
@@ -150,7 +156,7 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="differ in length"):
         fits.approach1(N, D[:-1], C, L)
     with pytest.raises(ValueError, match="at least 3"):
-        keep = np.r_[0:2, 9:len(N)]
+        keep = np.r_[0:2, 9 : len(N)]
         fits.approach2(N[keep], D[keep], C[keep], L[keep])
     with pytest.raises(ValueError, match="two or more"):
         fits.approach1(N[:9], D[:9], C[:9], L[:9])
@@ -159,6 +165,6 @@ def test_bad_input_raises():
 def test_public_api_reads_like_a_dict():
     N = np.array([1e8, 3e8, 1e9, 3e9] * 3)
     D = np.repeat([2e9, 2e10, 2e11], 4)
-    L = 1.7 + 400 / N ** 0.34 + 410 / D ** 0.28
+    L = 1.7 + 400 / N**0.34 + 410 / D**0.28
     r = fit.approach3(N, D, L, exclude_highest=0)
     np.testing.assert_allclose([r["alpha"], r["beta"], r["E"]], [0.34, 0.28, 1.7], rtol=0.02)

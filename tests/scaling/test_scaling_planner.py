@@ -4,14 +4,14 @@ import gin
 import numpy as np
 import pytest
 
-from t5lite.config import model_config_from_gin
-from t5lite.models import param_count
-from t5lite.models import flops
+from t5lite.config import gin_bindings, model_config_from_gin
+from t5lite.models import flops, param_count
 from t5lite.scaling import planner
 
 
-@pytest.mark.parametrize("family, activation, d_ff_ratio", [("decoder", "swiglu", 8 / 3),
-                                                             ("encoder_decoder", "geglu", 2.5)])
+@pytest.mark.parametrize(
+    "family, activation, d_ff_ratio", [("decoder", "swiglu", 8 / 3), ("encoder_decoder", "geglu", 2.5)]
+)
 @pytest.mark.parametrize("target", [3e7, 3e8, 3e9])
 def test_shape_rule(family, activation, d_ff_ratio, target):
     config = planner.config_for_size(family, target)
@@ -26,8 +26,9 @@ def test_shape_rule(family, activation, d_ff_ratio, target):
 
 def test_plan_spaces_sizes_in_log_n_and_spends_each_budget():
     budgets = [1e17, 1e18]
-    points = planner.plan(budgets, "decoder", inputs_length=0, targets_length=256, num_sizes=5, span=4.0,
-                          overrides={"vocab_size": 8192})
+    points = planner.plan(
+        budgets, "decoder", inputs_length=0, targets_length=256, num_sizes=5, span=4.0, overrides={"vocab_size": 8192}
+    )
     assert len(points) == 10 and len({p.name for p in points}) == 10
     for budget in budgets:
         profile = [p for p in points if p.flops == budget]
@@ -51,19 +52,22 @@ def test_encoder_decoder_plan_counts_both_stacks_tokens():
 def test_gin_bindings_round_trip(family):
     config = planner.config_for_size(family, 1e8)
     try:
-        assert model_config_from_gin([], planner.gin_bindings(config)) == config
+        assert model_config_from_gin([], gin_bindings(config)) == config
     finally:
         gin.clear_config()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(budgets=[1e17], family="mlp_mixer"), "Unknown model family"),
-    (dict(budgets=[], family="decoder"), "non-empty"),
-    (dict(budgets=[-1.0], family="decoder"), "positive"),
-    (dict(budgets=[1e17], family="decoder", num_sizes=2), "at least 3"),
-    (dict(budgets=[1e17], family="decoder", span=1.0), "span"),
-    (dict(budgets=[1e9], family="decoder"), "less than one sequence"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(budgets=[1e17], family="mlp_mixer"), "Unknown model family"),
+        (dict(budgets=[], family="decoder"), "non-empty"),
+        (dict(budgets=[-1.0], family="decoder"), "positive"),
+        (dict(budgets=[1e17], family="decoder", num_sizes=2), "at least 3"),
+        (dict(budgets=[1e17], family="decoder", span=1.0), "span"),
+        (dict(budgets=[1e9], family="decoder"), "less than one sequence"),
+    ],
+)
 def test_bad_plans_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         planner.plan(**kwargs, inputs_length=0, targets_length=512)

@@ -19,7 +19,7 @@ def write_sweep_csv(path):
         for budget in (1e17, 1e18, 1e19):
             for n in np.sqrt(budget / 120) * np.logspace(-0.6, 0.6, 5):
                 d = budget / (6 * n)
-                loss = (1.69 + 406.4 / n ** 0.34 + 410.7 / d ** 0.28) * np.exp(0.002 * rng.standard_normal())
+                loss = (1.69 + 406.4 / n**0.34 + 410.7 / d**0.28) * np.exp(0.002 * rng.standard_normal())
                 writer.writerow([f"run_{budget:.0e}_{n:.0f}", n, d, budget, loss, loss + 0.01])
 
 
