@@ -379,6 +379,16 @@ class ModelConfig:
         return self.num_kv_heads or self.num_heads
 
     @property
+    def query_dim(self) -> int:
+        """The width of all query heads together: the query projection's outputs, the output's inputs."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """The width of all key (or value) heads together."""
+        return self.kv_heads * self.head_dim
+
+    @property
     def is_encoder_decoder(self) -> bool:
         return self.architecture == "encoder_decoder"
 
@@ -497,7 +507,7 @@ def _check_quantised_kernels(config: ModelConfig) -> None:
     quant = config.weight_quant
     # Each quantised family's kernels: (inputs K, last input axis), e.g. `out` takes [heads, head_dim].
     kernels = {
-        "attention": [(config.d_model, config.d_model), (config.num_heads * config.head_dim, config.head_dim)],
+        "attention": [(config.d_model, config.d_model), (config.query_dim, config.head_dim)],
         "mlp": [(config.d_model, config.d_model), (config.d_ff, config.d_ff)],
     }
     shapes = [shape for family in quant.families for shape in kernels[family]]

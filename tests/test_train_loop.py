@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -542,3 +543,44 @@ def test_a_run_of_the_flat_config_layout_evaluates_and_resumes(tmp_path):
     resume = ["train", f"--gin_file={tmp_path / 'config.gin'}", f"--model_dir={tmp_path}", "--gin.train.num_steps=4"]
     assert cli.main(resume) == 0
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_before_saving_anything_non_finite(tmp_path, capsys):
+    """AdamW at lr 1e3 with a checkpoint every step: the run stops at the first bad step, and every
+    checkpoint it kept holds finite parameters (the last of them is the one the message names)."""
+    from t5lite.train.checkpoint import restore_params
+
+    diverging = [
+        "optimizer.name = 'adamw'",
+        "learning_rate_schedule.name = 'constant'",
+        "learning_rate_schedule.base_learning_rate = 1000.0",
+        "train.checkpoint_every = 1",
+        "train.keep_checkpoints = None",
+        "train.num_steps = 30",
+    ]
+    assert train(tmp_path, SPAN, *diverging) == 2
+    error = capsys.readouterr().err
+    stopped = re.search(
+        r"At step (\d+) (the loss became|the gradient norm became|the update made).*the last good "
+        r"checkpoint is step (\d+)",
+        error,
+    )
+    assert stopped, error
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == list(range(1, int(stopped[1]))) and int(stopped[3]) == saved[-1]
+    for step in saved:
+        params = restore_params(tmp_path, step)[1]
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
+
+
+@pytest.mark.slow
+def test_a_run_resumed_between_log_points_logs_the_rows_of_an_uninterrupted_one(tmp_path):
+    """log_every=5, checkpoint_every=2: rows come at checkpoints too, so a run stopped at step 4 and
+    resumed logs at step 5 the average of the steps since the last row, as the run that never stopped."""
+    cadence = ["train.log_every = 5", "train.checkpoint_every = 2"]
+    assert train(tmp_path / "straight", SPAN, *cadence, "train.num_steps = 10") == 0
+    assert train(tmp_path / "resumed", SPAN, *cadence, "train.num_steps = 4") == 0
+    assert train(tmp_path / "resumed", SPAN, *cadence, "train.num_steps = 10") == 0
+    assert logged_steps(tmp_path / "straight") == logged_steps(tmp_path / "resumed") == [2, 4, 5, 6, 8, 10]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")

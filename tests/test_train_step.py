@@ -128,3 +128,71 @@ def test_int8_training_tracks_its_bfloat16_twin():
         assert curve[-1] < 0.2 * curve[0], (int8_dense, curve)
         final[int8_dense] = np.mean(curve[-4:])
     assert abs(final[("attention", "mlp")] - final[()]) <= 0.1 + 0.1 * final[()], final
+
+
+def test_a_non_finite_update_is_flagged_and_skipped_when_asked():
+    """An update to infinity (lr inf): `finite` says so; skipping keeps parameters and optimizer state."""
+    schedule = optimizers.learning_rate_schedule("constant", np.inf)
+    tx = optimizers.optimizer("adamw", schedule)
+    state = init_state(CONFIG, tx, jax.random.PRNGKey(0))
+    before = jax.device_get(state)
+    applied, metrics = step_fn(tx, schedule)(state, batch(), jax.random.PRNGKey(1))
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    assert not metrics["params_finite"] and not metrics["finite"]
+    assert not all(np.isfinite(x).all() for x in jax.tree.leaves(applied.params))
+    state = init_state(CONFIG, tx, jax.random.PRNGKey(0))
+    skipped, metrics = step_fn(tx, schedule, skip_nonfinite=True)(state, batch(), jax.random.PRNGKey(1))
+    assert not metrics["finite"] and int(skipped.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(skipped.params), before.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(skipped.opt_state), before.opt_state)
+
+
+def step_values(loss=1.0, grad_norm=1.0, params_finite=True):
+    finite = bool(np.isfinite(loss) and np.isfinite(grad_norm) and params_finite)
+    return {
+        "loss": np.float32(loss),
+        "z_loss": np.float32(0),
+        "grad_norm": np.float32(grad_norm),
+        "params_finite": params_finite,
+        "finite": finite,
+        "target_tokens": np.float32(10),
+    }
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(loss=np.nan), "At step 3 the loss became nan"),
+        (dict(grad_norm=np.inf), "At step 3 the gradient norm became inf"),
+        (dict(params_finite=False), "At step 3 the update made parameters non-finite"),
+    ],
+)
+def test_the_first_non_finite_step_stops_naming_what_and_the_last_good_checkpoint(bad, message):
+    from t5lite.train.metrics import StepMetrics
+
+    metrics = StepMetrics(1.0, 10, 1, 1.0)
+    for step in (1, 2):
+        metrics.add(step, step_values())
+    metrics.add(3, step_values(**bad))
+    with pytest.raises(FloatingPointError, match=f"{message}.*the last good checkpoint is step 2"):
+        metrics.fetch(last_checkpoint=2)
+
+
+def test_skipped_steps_are_counted_and_left_out_of_the_means(capsys):
+    from t5lite.train.metrics import ZERO_GRADIENT_STEPS, StepMetrics
+
+    metrics = StepMetrics(1.0, 10, 1, 1.0, skip_nonfinite=2)
+    for step, values in enumerate([step_values(2.0), step_values(np.nan), step_values(np.inf), step_values(4.0)], 1):
+        metrics.add(step, values)
+    metrics.fetch(last_checkpoint=None)
+    summary = metrics.summary()
+    assert summary["loss"] == 3.0 and summary["skipped_steps"] == 2
+    for step in range(5, 8):
+        metrics.add(step, step_values(np.nan))
+    with pytest.raises(FloatingPointError, match="At step 7 the loss became nan after skipping 2 such steps"):
+        metrics.fetch(last_checkpoint=4)
+    metrics = StepMetrics(1.0, 10, 1, 1.0)
+    for step in range(1, ZERO_GRADIENT_STEPS + 1):
+        metrics.add(step, step_values(grad_norm=0.0))
+    metrics.fetch(last_checkpoint=None)
+    assert f"the gradient norm has been 0 for {ZERO_GRADIENT_STEPS} steps" in capsys.readouterr().err

@@ -53,13 +53,13 @@ def forward_flops_per_sequence(config: ModelConfig, inputs_length: int, targets_
     length is `targets_length` (prefix included for a prefix LM).
     """
     _check_lengths(config, inputs_length, targets_length)
-    d, heads, kv_heads, hd = config.d_model, config.num_heads, config.kv_heads, config.head_dim
-    query_out = 2 * 2 * d * heads * hd  # per query token: query and output projections
-    key_value = 2 * 2 * d * kv_heads * hd  # per key token: key and value projections
+    d = config.d_model
+    query_out = 2 * 2 * d * config.query_dim  # per query token: query and output projections
+    key_value = 2 * 2 * d * config.kv_dim  # per key token: key and value projections
     mlp = 2 * mlp_param_count(config)
 
     def attention(q_len: int, k_len: int, causal: bool) -> int:
-        scores_and_values = 4 * q_len * k_len * heads * hd
+        scores_and_values = 4 * q_len * k_len * config.query_dim
         return q_len * query_out + k_len * key_value + (scores_and_values // 2 if causal else scores_and_values)
 
     # An MoE layer runs a token through the router and `experts_per_token` experts instead of one MLP.

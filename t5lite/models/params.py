@@ -82,11 +82,11 @@ def mlp_param_count(config: ModelConfig) -> int:
 
 def param_count(config: ModelConfig) -> int:
     """Total parameters, computed from the config alone (no initialisation)."""
-    d, heads, kv_heads, hd = config.d_model, config.num_heads, config.kv_heads, config.head_dim
+    d = config.d_model
     norm = d * (2 if config.norm == "layer" else 1)
-    attention = d * heads * hd + 2 * d * kv_heads * hd + heads * hd * d
+    attention = 2 * d * config.query_dim + 2 * d * config.kv_dim  # query and out; key and value
     mlp = mlp_param_count(config)
-    per_stack = {"relative": heads * config.relative_num_buckets, "learned": config.max_length * d}.get(
+    per_stack = {"relative": config.num_heads * config.relative_num_buckets, "learned": config.max_length * d}.get(
         config.position_encoding, 0
     )
     final_norm = norm if config.residual == "pre" else 0
@@ -107,7 +107,7 @@ def param_count(config: ModelConfig) -> int:
 def _projections(config: ModelConfig) -> dict[str, tuple[list[tuple[int, int]], int]]:
     """Each projection (a LoRA target) -> (its matrices' (inputs, outputs), how many layers have it);
     MLPs in dense layers only."""
-    d, q, kv, ff = config.d_model, config.num_heads * config.head_dim, config.kv_heads * config.head_dim, config.d_ff
+    d, q, kv, ff = config.d_model, config.query_dim, config.kv_dim, config.d_ff
     attention_layers = config.num_decoder_layers * (2 if config.is_encoder_decoder else 1)
     if config.is_encoder_decoder:
         attention_layers += config.num_encoder_layers

@@ -160,7 +160,11 @@ class StepLoop:
             dynamic_ncols=True,
         )
         step_metrics = metrics_lib.StepMetrics(
-            self.flops_per_step, spec.batch_size * sum(spec.lengths), partitioner.mesh.size, self.peak_flops_per_device
+            self.flops_per_step,
+            spec.batch_size * sum(spec.lengths),
+            partitioner.mesh.size,
+            self.peak_flops_per_device,
+            spec.skip_nonfinite_steps,
         )
         global_batch = functools.partial(partitioner.global_batch, batch_size=spec.batch_size)
         eval_fn = sharded_eval_step(partitioner, self.step.state_shardings.params, spec.model_config)
@@ -173,15 +177,20 @@ class StepLoop:
                     step_metrics.add(done, metrics)
                     stopping = stop.now(done)
                     end = done == spec.num_steps or stopping
-                    logging, saving = done % spec.log_every == 0 or end, done % spec.checkpoint_every == 0 or end
-                    if logging or saving:
+                    saving = done % spec.checkpoint_every == 0 or end
+                    evaluating = spec.eval_every and (done % spec.eval_every == 0 or done == spec.num_steps)
+                    # Rows at checkpoints too: a resumed run's first row then averages its own steps only.
+                    logging = done % spec.log_every == 0 or saving
+                    if logging or evaluating:  # what is saved or evaluated is finite, or the run stops here
                         step_metrics.fetch(self.checkpoints.latest_step())
                     if logging:
                         last = step_metrics.summary()
                         self._log(writers, bar, done, last)
                     if saving:
                         self.checkpoints.save(done, state, self.stream, force=end)
-                    if spec.eval_every and (done % spec.eval_every == 0 or done == spec.num_steps):
+                        for writer in writers.values():
+                            writer.sync()
+                    if evaluating:
                         results = evaluate(
                             state.params, spec, eval_fn, spec.eval_batches, global_batch, self.data_shard
                         )
@@ -240,6 +249,7 @@ class TrainStep:
             trainable=spec.trainable_params,
             teacher=teacher,
             preference=spec.preference,
+            skip_nonfinite=bool(spec.skip_nonfinite_steps),
             devices=devices,
         )
 
@@ -259,6 +269,7 @@ class TrainStep:
         trainable: str | None = None,
         teacher: Teacher | None = None,
         preference: Preference | None = None,
+        skip_nonfinite: bool = False,
         devices=None,
     ) -> TrainStep:
         partitioner = Partitioner.create(config, mesh_shape, devices)
@@ -283,6 +294,7 @@ class TrainStep:
             trainable=trainable,
             teacher=teacher,
             preference=preference,
+            skip_nonfinite=skip_nonfinite,
         )
         return cls(
             partitioner,

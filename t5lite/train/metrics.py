@@ -8,7 +8,9 @@ sweeps is the same number.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -34,12 +36,19 @@ class MetricsWriter:
         self._summary = tf.summary.create_file_writer(str(pathlib.Path(model_dir) / "tensorboard" / split))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        row = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        with self.path.open("a") as f:  # one write per row: a crash leaves at most its last row cut short
+            f.write(row)
         with self._summary.as_default(step=int(step)):
             for name, value in scalars.items():
                 self._tf.summary.scalar(name, float(value))
         self._summary.flush()
+
+    def sync(self) -> None:
+        """Rows written so far reach the disk (called at checkpoints, so that they outlive a crash)."""
+        if self.path.is_file():
+            with self.path.open("rb+") as f:
+                os.fsync(f.fileno())
 
 
 def _step(line: str) -> float:
@@ -52,10 +61,16 @@ def _step(line: str) -> float:
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
     """Logged rows in step order; where a file from an earlier t5lite holds a step twice (a resumed
-    run logged it again), the later row."""
+    run logged it again), the later row. A last row cut short (a crash, a full disk) is left out."""
     by_step = {}
-    for line in pathlib.Path(path).read_text().splitlines():
-        row = json.loads(line)
+    lines = pathlib.Path(path).read_text().splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{number} is not a JSON row ({error}).") from None
         by_step[row["step"]] = row
     return [by_step[step] for step in sorted(by_step)]
 
@@ -80,15 +95,30 @@ def measure_peak_flops(seconds: float = 0.5, size: int = 1024) -> float:
 MAX_STEPS_AHEAD = 2
 
 
+# Steps in a row with a zero gradient norm after which a run is warned that it is not learning.
+ZERO_GRADIENT_STEPS = 20
+# Per-step values that say whether a step was usable, not what it measured.
+GUARDS = ("finite", "params_finite", "target_tokens")
+
+
 class StepMetrics:
     """The metrics of the steps since the last log. They stay on the device until the loop logs or
-    saves (`fetch`, which also stops a run whose loss is no longer finite); `summary` averages
-    them and measures throughput over the steps after the first (which compiles)."""
+    saves (`fetch`, which also stops a run at a step whose loss, gradient norm or parameters are not
+    finite, or after `skip_nonfinite` such steps in a row when the step skips them); `summary`
+    averages the usable steps and measures throughput over the steps after the first (which compiles)."""
 
-    def __init__(self, flops_per_step: float, tokens_per_step: int, num_devices: int, peak_flops_per_device: float):
+    def __init__(
+        self,
+        flops_per_step: float,
+        tokens_per_step: int,
+        num_devices: int,
+        peak_flops_per_device: float,
+        skip_nonfinite: int = 0,
+    ):
         self._throughput = (flops_per_step, tokens_per_step, num_devices, peak_flops_per_device)
         self._pending, self._window = [], []
         self._start, self._timed = None, 0
+        self._skip, self._bad_in_a_row, self._zero_gradients = skip_nonfinite, 0, 0
 
     def add(self, step: int, metrics: dict) -> None:
         self._pending.append((step, metrics))
@@ -103,13 +133,36 @@ class StepMetrics:
     def fetch(self, last_checkpoint: int | None) -> None:
         fetched, self._pending = jax.device_get(self._pending), []
         for step, values in fetched:
-            if not np.isfinite(values["loss"]):
-                raise FloatingPointError(
-                    f"The loss became {float(values['loss'])} at step {step}. Training stopped; the last good "
-                    f"checkpoint is step {last_checkpoint}. Lower the learning rate or enable clipping "
-                    f"(optimizer.clip_norm)."
-                )
+            self._check(step, values, last_checkpoint)
         self._window += [values for _, values in fetched]
+
+    def _check(self, step: int, values: dict, last_checkpoint: int | None) -> None:
+        self._zero_gradients = self._zero_gradients + 1 if values["grad_norm"] == 0 else 0
+        if self._zero_gradients == ZERO_GRADIENT_STEPS:
+            print(
+                f"Warning: the gradient norm has been 0 for {ZERO_GRADIENT_STEPS} steps (to step {step}): the model "
+                f"is not learning. A learning rate far too high saturates it; check train.learning_rate.",
+                file=sys.stderr,
+                flush=True,
+            )
+        if values["finite"]:
+            self._bad_in_a_row = 0
+            return
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row <= self._skip:
+            return
+        if not np.isfinite(values["loss"]):
+            what = f"the loss became {float(values['loss'])}"
+        elif not np.isfinite(values["grad_norm"]):
+            what = f"the gradient norm became {float(values['grad_norm'])}"
+        else:
+            what = "the update made parameters non-finite"
+        skipped = f" after skipping {self._skip} such steps in a row" if self._skip else ""
+        raise FloatingPointError(
+            f"At step {step} {what}{skipped}. Training stopped; nothing non-finite was saved: the last good "
+            f"checkpoint is step {last_checkpoint}. Resume from it with a lower train.learning_rate, or set "
+            f"train.skip_nonfinite_steps to skip rare bad steps; clipping (optimizer.clip_norm) needs a new run."
+        )
 
     def summary(self) -> dict[str, float]:
         summary = summarize(self._window, time.perf_counter() - self._start, self._timed, *self._throughput)
@@ -126,9 +179,14 @@ def summarize(
     num_devices: int,
     peak_flops_per_device: float,
 ) -> dict[str, float]:
-    """Means over the steps of a logging window, plus throughput over the `steps` of it that were
-    timed (the first step of a run compiles and is not)."""
-    means = {name: float(np.mean([m[name] for m in window])) for name in window[0] if name != "target_tokens"}
+    """Means over the usable steps of a logging window (`skipped_steps` counts the others, where there
+    are), plus throughput over the `steps` of it that were timed (the first step of a run compiles
+    and is not)."""
+    usable = [m for m in window if m.get("finite", True)] or window
+    means = {name: float(np.mean([m[name] for m in usable])) for name in window[0] if name not in GUARDS}
+    skipped = sum(not m.get("finite", True) for m in window)
+    if skipped:
+        means["skipped_steps"] = float(skipped)
     means["perplexity"] = float(np.exp(min(means["loss"] - means["z_loss"], 50.0)))
     if not steps:
         return means

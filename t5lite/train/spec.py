@@ -32,7 +32,9 @@ class RunSpec:
     t5lite checkpoint or another run's directory) and trains the parameters whose "/"-joined paths
     match the regex `trainable` (default: all, or what LoRA, BitFit or a soft prompt add).
     `distillation` (@Distillation()) trains on a frozen teacher's soft targets; `preference`
-    (@Preference()) trains with DPO or as a reward model on a preference task."""
+    (@Preference()) trains with DPO or as a reward model on a preference task. A step whose loss,
+    gradient norm or updated parameters are not finite stops the run before anything non-finite is
+    saved; with `skip_nonfinite_steps=N` such a step is skipped instead (no update), until N in a row."""
 
     model_config: ModelConfig
     mixture_or_task_name: str
@@ -59,6 +61,7 @@ class RunSpec:
     trainable: str | None = None
     distillation: Distillation | None = None
     preference: Preference | None = None
+    skip_nonfinite_steps: int = 0
     kind: str = dataclasses.field(init=False)  # model_kind, resolved
     trainable_params: str | None = dataclasses.field(init=False)  # trainable, resolved; None: all
 
@@ -70,6 +73,11 @@ class RunSpec:
         )
         self._check_data()
         self._check_objectives()
+        if not isinstance(self.skip_nonfinite_steps, int) or self.skip_nonfinite_steps < 0:
+            raise ValueError(
+                f"train.skip_nonfinite_steps={self.skip_nonfinite_steps!r} must be 0 (stop at the first "
+                f"non-finite step) or how many in a row to skip before stopping."
+            )
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"train.num_steps={self.num_steps!r} must be a positive number of steps.")
         object.__setattr__(self, "trainable_params", trainable_pattern(config, self.trainable))

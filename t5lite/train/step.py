@@ -151,16 +151,19 @@ def train_step(
     trainable: str | None = None,
     teacher: Teacher | None = None,
     preference: Preference | None = None,
+    skip_nonfinite: bool = False,
 ):
     """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch
-    (plus MoE auxiliary losses), whatever the number of microbatches, with respect to the parameters
-    whose paths match `trainable` (all when None). The `loss` metric is the cross entropy (with
-    z-loss); MoE models also log `moe_*` metrics, experts' shares one by one. With a `teacher`
-    (and its parameters as `reference_params`) the loss is distillation's; `distill_kl`,
-    `temperature` and, with a hidden-state loss, `distill_hidden` (summed over mapped layers) are
-    logged. With `preference` the batch holds pair rows and the loss is DPO's against the reference
-    model `reference_params`, or a reward model's; `loss` is the mean loss per pair, `accuracy` the
-    share of pairs ranked right, `margin` the mean (implicit) reward margin."""
+        (plus MoE auxiliary losses), whatever the number of microbatches, with respect to the parameters
+        whose paths match `trainable` (all when None). The `loss` metric is the cross entropy (with
+        z-loss); MoE models also log `moe_*` metrics, experts' shares one by one. With a `teacher`
+        (and its parameters as `reference_params`) the loss is distillation's; `distill_kl`,
+        `temperature` and, with a hidden-state loss, `distill_hidden` (summed over mapped layers) are
+        logged. With `preference` the batch holds pair rows and the loss is DPO's against the reference
+        model `reference_params`, or a reward model's; `loss` is the mean loss per pair, `accuracy` the
+        share of pairs ranked right, `margin` the mean (implicit) reward margin. `finite` is 1 when the loss,
+    the gradient norm and every updated parameter are finite; with `skip_nonfinite` a step where they
+    are not leaves parameters and optimizer state as they were (only the step count moves on)."""
     rng = jax.random.fold_in(base_rng, state.step)
     params, frozen = split_params(state.params, trainable)
 
@@ -188,9 +191,7 @@ def train_step(
     denominator = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
-    new_state = TrainState(
-        step=state.step + 1, params=merge_params(optax.apply_updates(params, updates), frozen), opt_state=opt_state
-    )
+    updated = optax.apply_updates(params, updates)
     metrics = {
         "loss": aux["loss"] / denominator,
         "z_loss": aux["z_loss"] / denominator,
@@ -198,7 +199,14 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "target_tokens": aux["weight"],
+        "params_finite": all_finite(updated),
     }
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & metrics["params_finite"]
+    metrics["finite"] = finite
+    if skip_nonfinite:
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        updated, opt_state = keep(updated, params), keep(opt_state, state.opt_state)
+    new_state = TrainState(step=state.step + 1, params=merge_params(updated, frozen), opt_state=opt_state)
     if teacher is not None:
         metrics.update(distill_kl=aux["distill_kl"] / denominator, temperature=teacher.temperature(state.step))
         if teacher.hidden_weight:
@@ -209,6 +217,11 @@ def train_step(
         value = aux[name] / denominator
         metrics.update({f"{name}_{e}": share for e, share in enumerate(value)} if value.ndim else {name: value})
     return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every value of every array of `tree` is finite: one pass over them, on device."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def eval_step(params, batch, *, config: ModelConfig):
