@@ -584,3 +584,17 @@ def test_a_run_resumed_between_log_points_logs_the_rows_of_an_uninterrupted_one(
     assert train(tmp_path / "resumed", SPAN, *cadence, "train.num_steps = 10") == 0
     assert logged_steps(tmp_path / "straight") == logged_steps(tmp_path / "resumed") == [2, 4, 5, 6, 8, 10]
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_running_model_dir_refuses_and_the_first_is_unharmed(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = start_training(run, ["train.num_steps = 30"], checkpoint_every=2)
+    wait_for(first, lambda: logged_rows(run) >= 3)
+    before = logged_steps(run)
+    assert train(run, SPAN, "train.num_steps = 30", "train.checkpoint_every = 2") == 2
+    assert "is being trained by pid" in capsys.readouterr().err
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, output[-3000:]
+    assert logged_steps(run) == list(range(1, 31)) and logged_steps(run)[: len(before)] == before
+    assert (run / "checkpoints" / "30").is_dir()

@@ -31,6 +31,7 @@ from t5lite.train.distillation import Teacher, teacher_for, teacher_params
 from t5lite.train.evaluation import evaluate
 from t5lite.train.preference import Preference
 from t5lite.train.pretrained import pretrained_params
+from t5lite.train.run_lock import RunLock
 from t5lite.train.spec import RunSpec
 from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded_train_step
 
@@ -45,6 +46,17 @@ def train(model_dir: str, spec: RunSpec | None = None) -> dict[str, float]:
     Ctrl-C stopped it, its checkpoint saved."""
     spec = spec or RunSpec.from_gin()
     model_dir = pathlib.Path(model_dir).absolute()
+    lock = RunLock(model_dir)
+    try:
+        if model_dir.is_dir() and jax.process_index() == 0:
+            lock.acquire()  # before anything reads (or cleans up) its checkpoints
+        return _train(model_dir, spec, lock)
+    finally:
+        lock.release()
+
+
+def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock) -> dict[str, float]:
+    """`train` once the model dir is locked, if it exists; a new one is locked as it is created."""
     config = spec.model_config
     teacher = teacher_for(spec.distillation, config, spec.num_steps) if spec.distillation else None
     step = TrainStep.for_run(spec, teacher)
@@ -64,6 +76,7 @@ def train(model_dir: str, spec: RunSpec | None = None) -> dict[str, float]:
 
     if jax.process_index() == 0:
         model_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
         (model_dir / "config.gin").write_text(gin.config_str())
         (model_dir / ckpt.CONFIG_FILE).write_text(config.to_json())
     checkpoints = checkpoints or ckpt.TrainCheckpoints(model_dir, spec.checkpoint_every, spec.keep_checkpoints)
