@@ -52,7 +52,7 @@ def train(args: argparse.Namespace) -> int:
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     parse_gin(args.gin_file, args.gin_bindings)
-    train_loop(args.model_dir)
+    train_loop(args.model_dir, allow_config_change=args.allow_config_change)
     return 0
 
 
@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator_address", help="host:port of process 0, for a multi-process run set by hand")
     p.add_argument("--num_processes", type=int, help="processes in a multi-process run set by hand")
     p.add_argument("--process_id", type=int, help="this process's index in a multi-process run set by hand")
+    p.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="resume even though the gin settings differ from the run's (optimizer, schedule, ...)",
+    )
     p.set_defaults(run=train)
     p = commands.add_parser("compile", help=compile_step.__doc__, description=compile_step.__doc__)
     _gin_arguments(p)

@@ -587,6 +587,21 @@ def gin_bindings(config: ModelConfig, relative_to: ModelConfig | None = None, al
     return lines
 
 
+def binding_values(text: str) -> dict[str, str]:
+    """The `name = value` bindings of gin text as t5lite writes it (a run's config.gin), flat ones of
+    the old layout migrated, each value as written (continuation lines joined)."""
+    values, name = {}, None
+    for line in migrate_gin(text).splitlines():
+        binding = re.match(r"^([\w./]+) = (.*)$", line)
+        if binding:
+            name, values[binding[1]] = binding[1], binding[2]
+        elif name and line.startswith((" ", "\t", ")", "]", "}")):
+            values[name] += " " + line.strip()
+        else:
+            name = None
+    return values
+
+
 def migrate_gin(text: str) -> str:
     """Gin text with each `ModelConfig.<old flat field> = ...` binding moved to its sub-config."""
 

@@ -38,10 +38,10 @@ SPAN = ["runs/t5_tiny_span_corruption.gin", "train.task_feature_lengths = {'inpu
 PREFIX = ["runs/prefix_lm_tiny.gin", "train.task_feature_lengths = {'inputs': 48, 'targets': 16}"]
 
 
-def train(model_dir, run, *bindings):
+def train(model_dir, run, *bindings, flags=()):
     """Trains in this process as `t5lite train` would; returns the exit code."""
     gin_file, *run_bindings = run
-    args = ["train", f"--gin_file={gin_file}", f"--model_dir={model_dir}"]
+    args = ["train", f"--gin_file={gin_file}", f"--model_dir={model_dir}", *flags]
     return cli.main(args + [f"--gin.{b.replace(' = ', '=', 1)}" for b in TINY + run_bindings + list(bindings)])
 
 
@@ -223,13 +223,17 @@ def trained_dir(tmp_path_factory):
         (["ModelConfig.num_decoder_layers = 3"], "holds a run of a different model"),
         (["train.mixture_or_task_name = 'no_such_task'"], "no_such_task"),
         (["train.no_such_parameter = 1"], "no_such_parameter"),
-        (["train.num_steps = 20", "learning_rate_schedule.base_learning_rate = 1e30"], "at step"),
-        (["train.batch_size = 16"], "data differs from the data of the run it resumes (rows_per_process: 8 there, 16"),
+        (["train.num_steps = 20", "optimizer.name = 'adamw'"], "optimizer.name: 'adafactor' there, 'adamw' here"),
+        (["train.batch_size = 16"], "train.batch_size: 8 there, 16 here"),
+        (["train.batch_size = 16", "ALLOW"], "data differs from the data of the run it resumes (rows_per_process: 8"),
     ],
 )
 def test_bad_input_fails_clearly_and_keeps_checkpoints(trained_dir, bindings, message, capsys):
+    """Also: a resumed run with other settings is refused, naming them (the data position cannot carry
+    over to another batch even with --allow_config_change)."""
     before = _fingerprint(trained_dir / "checkpoints")
-    assert train(trained_dir, SPAN, *bindings) == 2
+    flags = ["--allow_config_change"] if "ALLOW" in bindings else []
+    assert train(trained_dir, SPAN, *(b for b in bindings if b != "ALLOW"), flags=flags) == 2
     assert message in capsys.readouterr().err
     assert _fingerprint(trained_dir / "checkpoints") == before
 
@@ -598,3 +602,18 @@ def test_a_second_trainer_on_a_running_model_dir_refuses_and_the_first_is_unharm
     assert first.returncode == 0, output[-3000:]
     assert logged_steps(run) == list(range(1, 31)) and logged_steps(run)[: len(before)] == before
     assert (run / "checkpoints" / "30").is_dir()
+
+
+@pytest.mark.slow
+def test_a_changed_schedule_resumes_only_when_allowed_and_each_start_is_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, SPAN, "train.num_steps = 2") == 0
+    faster = ["train.num_steps = 4", "learning_rate_schedule.base_learning_rate = 0.5"]
+    assert train(run, SPAN, *faster) == 2
+    assert "learning_rate_schedule.base_learning_rate: 1.0 there, 0.5 here" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert train(run, SPAN, *faster, flags=["--allow_config_change"]) == 0
+    assert "Resuming with changed settings: learning_rate_schedule.base_learning_rate" in capsys.readouterr().out
+    starts = {p.name: p.read_text() for p in (run / "starts").iterdir()}
+    assert sorted(starts) == ["0.gin", "2.gin"]
+    assert "base_learning_rate = 1.0" in starts["0.gin"] and "base_learning_rate = 0.5" in starts["2.gin"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import tqdm
 
 from t5lite import data as t5data
 from t5lite import hardware
-from t5lite.config import ModelConfig
+from t5lite.config import ModelConfig, binding_values
 from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
 from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
@@ -38,24 +39,33 @@ from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded
 # Fields that may differ between a model dir's config and a resumed run's: they change how the
 # same parameters are computed, not which parameters there are.
 RESUMABLE_FIELDS = ("dtype", "dropout_rate", "remat_policy")
+# Gin bindings a resumed run may change: how long it runs, how it logs, saves and evaluates, the mesh
+# it runs on, and the model's settings (compared field by field through t5lite_config.json instead).
+RESUMABLE_BINDINGS = re.compile(
+    r"^(train\.(num_steps|log_every|checkpoint_every|keep_checkpoints|eval_every|eval_batches|progress|"
+    r"peak_flops_per_device|skip_nonfinite_steps|mesh_shape)|MeshShape\.|"
+    r"(ModelConfig|MoeConfig|WeightQuantConfig|AdapterConfig)\.)"
+)
+STARTS_DIR = "starts"  # the config.gin of every start of a run, by the step it started from
 
 
-def train(model_dir: str, spec: RunSpec | None = None) -> dict[str, float]:
+def train(model_dir: str, spec: RunSpec | None = None, allow_config_change: bool = False) -> dict[str, float]:
     """Trains (or resumes) `spec` (default: the run the parsed gin config binds) in `model_dir`;
     returns the last logged training metrics. Raises `preemption.Interrupted` when SIGTERM or
-    Ctrl-C stopped it, its checkpoint saved."""
+    Ctrl-C stopped it, its checkpoint saved. A resumed run whose gin settings differ from those it
+    was saved with (but for RESUMABLE_BINDINGS) is refused, unless `allow_config_change`."""
     spec = spec or RunSpec.from_gin()
     model_dir = pathlib.Path(model_dir).absolute()
     lock = RunLock(model_dir)
     try:
         if model_dir.is_dir() and jax.process_index() == 0:
             lock.acquire()  # before anything reads (or cleans up) its checkpoints
-        return _train(model_dir, spec, lock)
+        return _train(model_dir, spec, lock, allow_config_change)
     finally:
         lock.release()
 
 
-def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock) -> dict[str, float]:
+def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_change: bool) -> dict[str, float]:
     """`train` once the model dir is locked, if it exists; a new one is locked as it is created."""
     config = spec.model_config
     teacher = teacher_for(spec.distillation, config, spec.num_steps) if spec.distillation else None
@@ -65,6 +75,8 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock) -> dict[str, f
     if (model_dir / "checkpoints").is_dir():
         checkpoints = ckpt.TrainCheckpoints(model_dir, spec.checkpoint_every, spec.keep_checkpoints)
     resume_step = checkpoints.latest_step() if checkpoints else None
+    if resume_step is not None:
+        check_settings(model_dir, allow_config_change)
     state = checkpoints.restore(step.abstract_state, resume_step) if resume_step is not None else None
     # A DPO run's reference is its step-0 model, rebuilt from init_from when it resumes.
     rebuild = resume_step is None or spec.reference_config is not None
@@ -78,6 +90,8 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock) -> dict[str, f
         model_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
         (model_dir / "config.gin").write_text(gin.config_str())
+        (model_dir / STARTS_DIR).mkdir(exist_ok=True)
+        (model_dir / STARTS_DIR / f"{resume_step or 0}.gin").write_text(gin.config_str())
         (model_dir / ckpt.CONFIG_FILE).write_text(config.to_json())
     checkpoints = checkpoints or ckpt.TrainCheckpoints(model_dir, spec.checkpoint_every, spec.keep_checkpoints)
     # Measured (where no peak is known) on one local device, outside the mesh context.
@@ -123,6 +137,29 @@ def check_model_dir(model_dir: pathlib.Path, config: ModelConfig) -> None:
             f"{model_dir} holds a run of a different model ({details}). Use a new --model_dir, or the "
             f"gin config that run used ({model_dir / 'config.gin'})."
         )
+
+
+def check_settings(model_dir: pathlib.Path, allow_config_change: bool) -> None:
+    """A resumed run's gin settings against those its model dir was last run with: a change that breaks
+    exact resume (batch, task, optimizer, schedule, ...) is refused naming it, or reported when allowed."""
+    saved_file = model_dir / "config.gin"
+    if not saved_file.is_file():
+        return
+    saved, now = binding_values(saved_file.read_text()), binding_values(gin.config_str())
+    changed = [
+        f"{name}: {saved.get(name, '(unbound)')} there, {now.get(name, '(unbound)')} here"
+        for name in sorted(set(saved) | set(now))
+        if saved.get(name) != now.get(name) and not RESUMABLE_BINDINGS.match(name)
+    ]
+    if not changed:
+        return
+    if not allow_config_change:
+        raise ValueError(
+            f"{model_dir} was trained with other settings ({'; '.join(changed)}); resuming with these would not "
+            f"continue that run. Resume with its config.gin, start a new run (train.init_from takes its "
+            f"parameters), or pass --allow_config_change (each start's settings are kept in {STARTS_DIR}/)."
+        )
+    print(f"Resuming with changed settings: {'; '.join(changed)}.", flush=True)
 
 
 def _train_stream(
