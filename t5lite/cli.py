@@ -74,7 +74,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     from t5lite import inference
 
-    run = inference.load_run(args.model_dir, args.step, args.int8_weights)
+    run = inference.load_run(args.model_dir, args.step, args.int8_weights, args.trust_run)
     results = inference.evaluate_run(run, num_batches=args.batches, max_examples=args.max_examples)
     int8 = "_int8_" + "_".join(args.int8_weights) if args.int8_weights else ""
     out = pathlib.Path(args.model_dir) / f"eval_{run.step}{int8}.json"
@@ -99,7 +99,7 @@ def generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         num_beams=args.num_beams,
     )
-    run = inference.load_run(args.model_dir, args.step, args.int8_weights)
+    run = inference.load_run(args.model_dir, args.step, args.int8_weights, args.trust_run)
     for prompt, output in zip(prompts, inference.generate_texts(run, prompts, options, seed=args.seed)):
         print(f"> {prompt}\n{output}\n")
 
@@ -116,7 +116,7 @@ def quantize(args: argparse.Namespace) -> None:
     output = pathlib.Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"--output {output} is not an empty directory; quantize writes into a new or empty one.")
-    run = inference.load_run(args.checkpoint, args.step)
+    run = inference.load_run(args.checkpoint, args.step, trust=args.trust_run)
     recipe = dict(
         method=args.method,
         bits=args.bits,
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=20, help="validation batches for perplexity")
     p.add_argument("--max_examples", type=int, default=64, help="examples per task decoded for its metrics")
     _int8_weights_argument(p)
+    _trust_argument(p)
     p.set_defaults(run=evaluate)
     p = commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__)
     p.add_argument("--model_dir", required=True)
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_beams", type=int, default=None, help="beam search with this many beams")
     p.add_argument("--seed", type=int, default=0)
     _int8_weights_argument(p)
+    _trust_argument(p)
     p.set_defaults(run=generate)
     p = commands.add_parser("quantize", help=quantize.__doc__, description=quantize.__doc__)
     p.add_argument("--checkpoint", required=True, help="a training run's --model_dir")
@@ -210,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--smoothquant_alpha", type=float, default=0.5, help="share of the activation range moved")
     p.add_argument("--output", required=True, help="a new or empty directory")
+    _trust_argument(p)
     p.set_defaults(run=quantize)
     p = commands.add_parser("vocab", help="Trains (or finds in the cache) a SentencePiece vocabulary.")
     from t5lite.data import add_vocab_arguments, vocab_command
@@ -225,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _gin_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gin_file", action="append", default=[], help="a gin file; may repeat")
     parser.set_defaults(gin_bindings=[])
+
+
+def _trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust_run",
+        action="store_true",
+        help="open a run whose config.gin imports or calls code from outside t5lite (refused by default)",
+    )
 
 
 def _families(text: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import pathlib
@@ -585,6 +586,35 @@ def gin_bindings(config: ModelConfig, relative_to: ModelConfig | None = None, al
             sub, _, field = name.rpartition(".")
             lines.append(f"{SUBCONFIGS[sub].__name__ if sub else 'ModelConfig'}.{field} = {value!r}")
     return lines
+
+
+def check_gin_is_t5lite(text: str, source: str) -> None:
+    """Refuses gin text that would run code from outside t5lite when parsed: an `import` of another
+    module (importing runs it), an `include`, or a reference to a configurable registered outside
+    t5lite. A run's config.gin, as t5lite writes it, holds none of these; one from elsewhere might."""
+    outside = []
+    for line in text.splitlines():
+        statement = re.match(r"^\s*(import|from|include)\s+(\S+)", line)
+        if statement and statement[1] != "include" and _is_t5lite(statement[2]):
+            importlib.import_module(statement[2])  # registers the configurables referenced below
+        elif statement:
+            outside.append(f"{statement[1]} {statement[2]}")
+    for name in re.findall(r"@(?:[\w.]+/)*([\w.]+)", text):
+        try:
+            configurable = gin.config._REGISTRY.get_match(name)  # noqa: SLF001 (gin has no public lookup)
+        except (KeyError, ValueError):
+            configurable = None
+        if configurable is None or not _is_t5lite(configurable.module):
+            outside.append(f"@{name}")
+    if outside:
+        raise ValueError(
+            f"{source} would run code from outside t5lite ({', '.join(dict.fromkeys(outside))}). Opening a run "
+            f"parses its config.gin; pass --trust_run only for a run whose author you trust."
+        )
+
+
+def _is_t5lite(module: str) -> bool:
+    return module == "t5lite" or module.startswith("t5lite.")
 
 
 def binding_values(text: str) -> dict[str, str]:

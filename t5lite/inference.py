@@ -60,9 +60,12 @@ class Run:
         return seqio.get_mixture_or_task(self.task).output_features["targets"].vocabulary
 
 
-def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weights: Sequence[str] = ()) -> Run:
+def load_run(
+    model_dir: str | pathlib.Path, step: int | None = None, int8_weights: Sequence[str] = (), trust: bool = False
+) -> Run:
     """A training run's checkpoint (latest, or `step`), or a quantised run written by `save_quantized`;
-    `int8_weights` families ("attention", "mlp") are quantised to int8 weights on load."""
+    `int8_weights` families ("attention", "mlp") are quantised to int8 weights on load. A config.gin
+    that would import or call anything outside t5lite is refused unless `trust`."""
     model_dir = pathlib.Path(model_dir)
     gin_file = model_dir / "config.gin"
     if not gin_file.is_file():
@@ -72,6 +75,8 @@ def load_run(model_dir: str | pathlib.Path, step: int | None = None, int8_weight
         )
     import t5lite.train.loop  # noqa: F401  (the configurables config.gin binds)
 
+    if not trust:
+        config_lib.check_gin_is_t5lite(gin_file.read_text(), str(gin_file))
     config_lib.parse_gin([str(gin_file)])
     spec = RunSpec.from_gin()  # a task registered from gin registers here
     if checkpoint.is_checkpoint(model_dir):

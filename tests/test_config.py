@@ -72,3 +72,27 @@ def test_sub_configs_bind_from_gin_by_name_or_reference(tmp_path):
 def test_gin_bindings_pin_every_field():
     config = FLAT_RUN_CONFIG.replace(weight_quant=WeightQuantConfig(families=("mlp",), bits=4, group_size=32))
     assert model_config_from_gin([], gin_bindings(config)) == config
+
+
+def test_a_config_gin_that_would_run_outside_code_is_not_opened(tmp_path, monkeypatch, capsys):
+    """Opening a shared run parses its config.gin: an import of another module (which runs it) is
+    refused before gin sees it; with --trust_run the same file does run it (so the check is what stops it)."""
+    from t5lite import cli
+
+    (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = (FLAT_RUN / "config.gin").read_text()
+    for payload, named in [
+        ("import evil\n", "import evil"),
+        ("include 'elsewhere.gin'\n", "include 'elsewhere.gin'"),
+        ("train.seed = @os.system()\n", "@os.system"),
+    ]:
+        (run / "config.gin").write_text(payload + saved)
+        assert cli.main(["eval", f"--model_dir={run}"]) == 2
+        assert f"would run code from outside t5lite ({named})" in capsys.readouterr().err
+        assert not (tmp_path / "ran").exists()
+    (run / "config.gin").write_text("import evil\n" + saved)
+    cli.main(["eval", f"--model_dir={run}", "--trust_run"])  # fails later: the run has no checkpoint
+    assert (tmp_path / "ran").exists()
