@@ -617,3 +617,18 @@ def test_a_changed_schedule_resumes_only_when_allowed_and_each_start_is_kept(tmp
     starts = {p.name: p.read_text() for p in (run / "starts").iterdir()}
     assert sorted(starts) == ["0.gin", "2.gin"]
     assert "base_learning_rate = 1.0" in starts["0.gin"] and "base_learning_rate = 0.5" in starts["2.gin"]
+
+
+def test_an_empty_validation_split_is_refused_before_the_first_step(tmp_path, capsys):
+    """Six lines: the train split has them all; with evaluation on, the run stops before it starts."""
+    text = tmp_path / "six.txt"
+    text.write_text("".join(f"line number {i} of a file far too small to hold out any of it\n" for i in range(6)))
+    task = [
+        "train.mixture_or_task_name = @six/t5lite.data.register_text_file_task()",
+        "six/t5lite.data.register_text_file_task.name = 'test_six_lines'",
+        f"six/t5lite.data.register_text_file_task.train_files = '{text}'",
+        "six/t5lite.data.register_text_file_task.objective = 'prefix_lm'",
+    ]
+    assert train(tmp_path / "run", SPAN, *task, "train.eval_every = 2", "train.num_steps = 4") == 2
+    assert "split 'validation' yields no examples" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,8 @@ saved. `skip` replays batches instead, for checkpoints that hold only a position
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -131,7 +133,8 @@ class DataStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = {name: value.numpy() for name, value in next(self._iterator).items()}
+        with self._errors_reported():
+            batch = {name: value.numpy() for name, value in next(self._iterator).items()}
         self._position += 1
         return batch
 
@@ -159,8 +162,9 @@ class DataStream:
 
     def skip(self, batches: int) -> None:
         """Drops the next `batches` batches: continuing from a position alone replays the pipeline."""
-        for _ in range(batches):
-            next(self._iterator)
+        with self._errors_reported():
+            for _ in range(batches):
+                next(self._iterator)
         self._position += batches
 
     @property
@@ -211,15 +215,38 @@ class DataStream:
 
         return {key: fill(value) for key, value in batch.items()}
 
+    @contextlib.contextmanager
+    def _errors_reported(self):
+        """An error of the input pipeline (a bad line, say) as a ValueError naming the task and what
+        went wrong, raised after TensorFlow's error (and the iterator state it holds) is let go."""
+        try:
+            yield
+        except tf.errors.OpError as error:
+            message = pipeline_error(error)
+        else:
+            return
+        raise ValueError(f"The input pipeline of task {self._name!r} ({self._split} split) failed: {message}")
+
     def _check_not_empty(self) -> None:
         """An empty split repeated forever would hang the first step instead of failing."""
-        if not any(True for _ in self._examples(repeat=False, shuffle=False).take(1)):
+        with self._errors_reported():
+            empty = not any(True for _ in self._examples(repeat=False, shuffle=False).take(1))
+        if empty:
             shard = f" (shard {self._shard.index} of {self._shard.num_shards})" if self._shard.num_shards > 1 else ""
             raise ValueError(
                 f"Task {self._name!r}, split {self._split!r}{shard} yields no examples: its files are empty, or "
                 f"every text is shorter than an objective needs. Check the task's data files, or use another "
                 f"split{', or fewer shards' if shard else ''}."
             )
+
+
+def pipeline_error(error: tf.errors.OpError) -> str:
+    """The message of the Python error raised inside the pipeline (a py_function's), or TensorFlow's
+    own first line, without the traceback TensorFlow wraps around it."""
+    python_errors = re.findall(r"^(\w+(?:Error|Exception)): (.+)$", error.message, re.MULTILINE)
+    if python_errors:
+        return python_errors[-1][1]
+    return error.message.strip().splitlines()[0]
 
 
 def _check_pairs(name: str, model_kind: str, lengths: Mapping[str, int], batch_size: int, pack: bool) -> None:

@@ -23,6 +23,8 @@ _HASH_BUCKETS = 10_000
 # bytes a slot, filled or not, plus the buffered text), so it is sized for a full shuffle of the
 # embedded corpus (11k lines), not of a large text file: file order does that.
 LINE_SHUFFLE_BUFFER = 16_384
+# Files of a split whose first bytes are checked to be text when a task is registered.
+TEXT_CHECKED_FILES = 16
 
 
 class TextFilesSource(seqio.DataSource):
@@ -45,8 +47,9 @@ class TextFilesSource(seqio.DataSource):
         self._text_key = text_key
         self._validation_buckets = round(validation_fraction * _HASH_BUCKETS)
         for split, files in self._files.items():
-            if not callable(files):
-                self.list_shards(split)  # fail at registration, not at the first training step
+            if not callable(files):  # fail at registration, not at the first training step
+                for path in self.list_shards(split)[:TEXT_CHECKED_FILES]:
+                    _check_text(path)
         super().__init__(splits=("train", "validation"))
 
     @property
@@ -100,18 +103,36 @@ class TextFilesSource(seqio.DataSource):
             lines = lines.shuffle(LINE_SHUFFLE_BUFFER, seed=seed)
         return lines.map(lambda line: {"text": tf.strings.strip(line)})
 
+    def _where(self, line: bytes) -> str:
+        """ "<file>:<line number>" of a line of this source's files (searched for when a line is bad)."""
+        for split in self.splits:
+            for path in self.list_shards(split):
+                with tf.io.gfile.GFile(path, "rb") as f:
+                    for number, candidate in enumerate(f, 1):
+                        if candidate.rstrip(b"\r\n") == line:
+                            return f"{path}:{number}"
+        return "A line"
+
     def _is_validation(self, line: tf.Tensor) -> tf.Tensor:
         return tf.strings.to_hash_bucket_fast(tf.strings.strip(line), _HASH_BUCKETS) < self._validation_buckets
 
     def _json_text(self, line: tf.Tensor) -> tf.Tensor:
         def parse(line):
-            record = json.loads(line.numpy())
+            line = line.numpy()
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{self._where(line)} is not a line of UTF-8 JSON ({error}).") from None
             if not isinstance(record, dict) or self._text_key not in record:
                 raise ValueError(
-                    f"A JSON line has no key {self._text_key!r}: {line.numpy()[:200]!r}; set text_key "
-                    f"to the field that holds the text."
+                    f"{self._where(line)} has no key {self._text_key!r}: {line[:200]!r}; set text_key to the "
+                    f"field that holds the text."
                 )
-            return str(record[self._text_key])
+            if not isinstance(record[self._text_key], str):
+                raise ValueError(
+                    f"{self._where(line)}: {self._text_key!r} is {record[self._text_key]!r}, not a string."
+                )
+            return record[self._text_key]
 
         text = tf.py_function(parse, [line], tf.string)
         text.set_shape([])
@@ -149,6 +170,21 @@ class RecordsSource(seqio.DataSource):
         records = self._records(split)
         dataset = tf.data.Dataset.from_tensor_slices({key: [r[key] for r in records] for key in records[0]})
         return dataset.shard(shard_info.num_shards, shard_info.index) if shard_info else dataset
+
+
+def _check_text(path: str, probe: int = 8192) -> None:
+    """Refuses a file whose first bytes are not text (a NUL byte, or not UTF-8): a binary file would
+    otherwise be trained on as lines of noise."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        head = f.read(probe)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        text = error.start > len(head) - 4  # a character cut at the probe's end is still text
+    else:
+        text = True
+    if b"\0" in head or not text:
+        raise ValueError(f"{path} is not a UTF-8 text file (binary data in its first {probe} bytes).")
 
 
 def _not_blank(line: tf.Tensor) -> tf.Tensor:

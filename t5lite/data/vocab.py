@@ -184,7 +184,14 @@ def get_vocabulary(spec: str | seqio.Vocabulary | None = None, extra_ids: int = 
         )
     if not path.is_file():
         raise FileNotFoundError(f"SentencePiece model {path} does not exist; build one with `t5lite vocab`.")
-    return seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
+    vocabulary = seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
+    try:
+        vocabulary.tokenizer  # noqa: B018 (loads the model now, not at the first batch)
+    except Exception as error:  # noqa: BLE001 (SentencePiece raises bare RuntimeErrors and OSErrors)
+        message = f"{path} is not a SentencePiece model ({error}); build one with `t5lite vocab`."
+    else:
+        return vocabulary
+    raise ValueError(message)
 
 
 def vocabulary_size_for_model(vocabulary: seqio.Vocabulary, multiple: int = VOCAB_SIZE_MULTIPLE) -> int:

@@ -85,6 +85,8 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
     data_shard = step.partitioner.data_shard(spec.batch_size)
     stream = _train_stream(spec, data_shard, checkpoints, resume_step)
     first_batch = next(stream)  # an empty dataset fails here, before anything is written
+    if spec.eval_every:  # so does an empty validation split, instead of at the first evaluation
+        spec.data_stream("validation", data_shard, shuffle=False, repeat=False)
 
     if jax.process_index() == 0:
         model_dir.mkdir(parents=True, exist_ok=True)
