@@ -150,18 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="a new or empty directory")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype recorded in an imported t5lite config")
     p.set_defaults(run=convert)
-    p = commands.add_parser("train", help=train.__doc__, description=train.__doc__)
-    _gin_arguments(p)
-    p.add_argument("--model_dir", required=True, help="where checkpoints, metrics and the config go")
-    p.add_argument("--coordinator_address", help="host:port of process 0, for a multi-process run set by hand")
-    p.add_argument("--num_processes", type=int, help="processes in a multi-process run set by hand")
-    p.add_argument("--process_id", type=int, help="this process's index in a multi-process run set by hand")
-    p.add_argument(
-        "--allow_config_change",
-        action="store_true",
-        help="resume even though the gin settings differ from the run's (optimizer, schedule, ...)",
-    )
-    p.set_defaults(run=train)
+    _train_arguments(commands.add_parser("train", help=train.__doc__, description=train.__doc__))
     p = commands.add_parser("compile", help=compile_step.__doc__, description=compile_step.__doc__)
     _gin_arguments(p)
     p.add_argument("--topology", required=True, help="a TPU topology, e.g. v5e:2x2 or v5p:4x4x8")
@@ -223,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_commands(commands)
     return parser
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    _gin_arguments(p)
+    p.add_argument("--model_dir", required=True, help="where checkpoints, metrics and the config go")
+    p.add_argument("--coordinator_address", help="host:port of process 0, for a multi-process run set by hand")
+    p.add_argument("--num_processes", type=int, help="processes in a multi-process run set by hand")
+    p.add_argument("--process_id", type=int, help="this process's index in a multi-process run set by hand")
+    p.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="resume even though the gin settings differ from the run's (optimizer, schedule, ...)",
+    )
+    p.set_defaults(run=train)
 
 
 def _gin_arguments(parser: argparse.ArgumentParser) -> None:

@@ -632,3 +632,14 @@ def test_an_empty_validation_split_is_refused_before_the_first_step(tmp_path, ca
     assert train(tmp_path / "run", SPAN, *task, "train.eval_every = 2", "train.num_steps = 4") == 2
     assert "split 'validation' yields no examples" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_metrics_without_checkpoints_are_not_silently_restarted(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = "".join(json.dumps({"step": step, "loss": 5.0}) + "\n" for step in range(1, 13))
+    (run / "train_metrics.jsonl").write_text(rows)
+    (run / "checkpoints").mkdir()  # emptied, say, by a cleanup script
+    assert train(run, SPAN, "train.num_steps = 20", "train.checkpoint_every = 10") == 2
+    assert "holds metrics to step 12 but no checkpoint" in capsys.readouterr().err
+    assert (run / "train_metrics.jsonl").read_text() == rows

@@ -9,12 +9,15 @@ saved alone (`adapters/` instead of `params/`): megabytes, not the base.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
@@ -153,36 +156,84 @@ class TrainCheckpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, stream, force: bool = False) -> bool:
-        """Saves `state` and where `stream` (a t5lite.data.DataStream) stands."""
+        """Saves `state`, its checksums and where `stream` (a t5lite.data.DataStream) stands."""
+        data = {"position": int(stream.position), "stream": stream.description, "checksums": checksums(state)}
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave({"position": int(stream.position), "stream": stream.description}),
-                stream=DataStreamSave(stream),
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data), stream=DataStreamSave(stream)
             ),
             force=force,
         )
 
     def restore(self, abstract_state, step: int | None = None):
-        """The train state at `step`, or at the latest complete step. Adafactor statistics that
-        `optax.adafactor` saved (runs from before t5lite's own Adafactor) are carried over."""
+        """The train state at `step`, or at the latest complete step, checked against the checksums
+        saved with it (CorruptCheckpoint where it cannot be read or reads back otherwise). Adafactor
+        statistics that `optax.adafactor` saved (runs from before t5lite's own Adafactor) are carried over."""
         step = self._complete(step)
-        migrated = migration.restore_optax_adafactor(self.manager, step, abstract_state)
-        if migrated is not None:
-            return migrated
+        with self._reading(step):
+            migrated = migration.restore_optax_adafactor(self.manager, step, abstract_state)
+            if migrated is not None:
+                return migrated
+            restore = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            state = self.manager.restore(step, args=restore)["state"]
+            self._verify(step, state)
+        return state
+
+    def restore_newest_intact(self, abstract_state):
+        """(step, state) of the newest checkpoint that reads back as saved. A corrupt newer one is moved
+        aside to `<step>.corrupt` (kept, never deleted), with a message; none intact is an error."""
+        corrupt = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, self.restore(abstract_state, step)
+            except CorruptCheckpoint as error:
+                aside = self.manager.directory / f"{step}.corrupt"
+                (self.manager.directory / str(step)).rename(aside)
+                self.manager.reload()
+                corrupt.append(str(aside))
+                print(f"{error} Moved it to {aside}; trying the checkpoint before it.", flush=True)
+        raise ValueError(
+            f"No checkpoint of {self.manager.directory.parent} reads back as saved (moved aside: "
+            f"{', '.join(corrupt)}); restore a copy of them, or start a new run."
+        )
+
+    @contextlib.contextmanager
+    def _reading(self, step: int):
+        """Errors reading a step (a truncated file, a missing item) as one CorruptCheckpoint line;
+        a state of another optimizer or model as the ValueError that says so."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
-                "state"
-            ]
+            yield
+        except CorruptCheckpoint:
+            raise
         except ValueError as error:
             if "tree structures do not match" not in str(error):
                 raise
-            raise ValueError(
-                f"Checkpoint {step} in {self.manager.directory} holds the state of another optimizer "
-                f"or model than this run's. Resume with the config the run started with (its "
-                f"config.gin), or start a new run from its parameters with train.init_from."
-            ) from None
+            message = None
+        except Exception as error:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
+            message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        else:
+            return
+        if message is not None:
+            raise CorruptCheckpoint(f"Checkpoint {step} in {self.manager.directory} cannot be read ({message[:300]}).")
+        raise ValueError(
+            f"Checkpoint {step} in {self.manager.directory} holds the state of another optimizer "
+            f"or model than this run's. Resume with the config the run started with (its "
+            f"config.gin), or start a new run from its parameters with train.init_from."
+        )
+
+    def _verify(self, step: int, state, parts=("params", "opt_state")) -> None:
+        saved = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        if "checksums" not in saved:
+            return  # saved by an earlier t5lite
+        read = checksums(state, parts)
+        changed = [part for part in parts if saved["checksums"][part] != read[part]]
+        if changed:
+            raise CorruptCheckpoint(
+                f"Checkpoint {step} in {self.manager.directory} reads back otherwise than it was saved (checksum "
+                f"of {' and '.join(changed)}: {[saved['checksums'][p] for p in changed]} saved, "
+                f"{[read[p] for p in changed]} read)."
+            )
 
     def restore_stream(self, stream, step: int) -> None:
         """Moves a fresh `stream` to where the run's stream stood at `step`: its saved state, read in
@@ -223,17 +274,47 @@ class TrainCheckpoints:
 
     def restore_params(self, step: int | None = None):
         """(params, step) alone (no optimizer state is kept), for evaluation and generation: where the
-        devices the run was sharded over are not all here, on this process's first device."""
+        devices the run was sharded over are not all here, on this process's first device. Checked
+        against the saved checksum, and refused where not finite (nothing to evaluate)."""
         step = self._complete(step)
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=here))
-        )
-        return restored["state"]["params"], step
+        with self._reading(step):
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=here))
+            )
+            self._verify(step, restored["state"], parts=("params",))
+        params = restored["state"]["params"]
+        if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)):
+            raise ValueError(
+                f"Checkpoint {step} in {self.manager.directory} holds non-finite parameters; evaluate an earlier "
+                f"step (--step, one of {self.all_steps()})."
+            )
+        return params, step
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that cannot be read, or reads back otherwise than it was saved."""
+
+
+def checksums(state, parts=("params", "opt_state")) -> dict[str, int]:
+    """Of each part of a train state: the sum of its arrays' bits as unsigned integers (mod 2^32),
+    computed where the arrays live. Integer sums do not depend on how the arrays are sharded or
+    summed, so the same state gives the same number when read back; almost any corruption does not."""
+    tree = {part: state[part] if isinstance(state, dict) else getattr(state, part) for part in parts}
+    return {part: int(value) for part, value in jax.device_get(_checksums(tree)).items()}
+
+
+@jax.jit
+def _checksums(tree):
+    def bits(x):
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
+
+    return {part: sum((bits(x) for x in jax.tree.leaves(arrays)), jnp.uint32(0)) for part, arrays in tree.items()}
 
 
 def load_pretrained(path: str | pathlib.Path):

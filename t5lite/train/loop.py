@@ -74,10 +74,12 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
     checkpoints = None
     if (model_dir / "checkpoints").is_dir():
         checkpoints = ckpt.TrainCheckpoints(model_dir, spec.checkpoint_every, spec.keep_checkpoints)
-    resume_step = checkpoints.latest_step() if checkpoints else None
+    resume_step, state = checkpoints.latest_step() if checkpoints else None, None
     if resume_step is not None:
         check_settings(model_dir, allow_config_change)
-    state = checkpoints.restore(step.abstract_state, resume_step) if resume_step is not None else None
+        resume_step, state = checkpoints.restore_newest_intact(step.abstract_state)
+    else:
+        check_not_orphaned(model_dir, spec)
     # A DPO run's reference is its step-0 model, rebuilt from init_from when it resumes.
     rebuild = resume_step is None or spec.reference_config is not None
     pretrained = pretrained_params(config, spec.init_from) if spec.init_from and rebuild else None
@@ -138,6 +140,18 @@ def check_model_dir(model_dir: pathlib.Path, config: ModelConfig) -> None:
         raise ValueError(
             f"{model_dir} holds a run of a different model ({details}). Use a new --model_dir, or the "
             f"gin config that run used ({model_dir / 'config.gin'})."
+        )
+
+
+def check_not_orphaned(model_dir: pathlib.Path, spec: RunSpec) -> None:
+    """Metrics past the first checkpoint step but no checkpoint: the run's checkpoints are gone, and
+    starting over would silently replace its history."""
+    metrics = model_dir / "train_metrics.jsonl"
+    rows = metrics_lib.read_metrics(metrics) if metrics.is_file() else []
+    if rows and rows[-1]["step"] >= spec.checkpoint_every:
+        raise ValueError(
+            f"{model_dir} holds metrics to step {rows[-1]['step']} but no checkpoint (checkpoints/ is empty or "
+            f"gone). Restore its checkpoints, or use a new --model_dir (or delete {metrics.name} to start over here)."
         )
 
 

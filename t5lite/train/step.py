@@ -173,21 +173,7 @@ def train_step(
         teaching = None if teacher is None else teach(teacher, reference_params, data, state.step)
         return _sums(config, merge_params(p, frozen), data, key, z_loss, label_smoothing, True, teaching)
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-    if num_microbatches == 1:
-        (_, aux), grads = grad_fn(params, batch, rng)
-    else:
-        # Microbatch m holds rows m, m + M, m + 2M, ...: every device keeps its own rows of each.
-        micro = jax.tree.map(lambda x: x.reshape(-1, num_microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
-
-        def accumulate(carry, inputs):
-            index, microbatch = inputs
-            (_, aux), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
-            return jax.tree.map(jnp.add, carry, (aux, grads)), None
-
-        shapes = jax.eval_shape(lambda p, b: grad_fn(p, b, rng), params, jax.tree.map(lambda x: x[0], micro))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
-        (aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
+    aux, grads = _gradients(jax.value_and_grad(objective, has_aux=True), params, batch, rng, num_microbatches)
     denominator = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
@@ -222,6 +208,25 @@ def train_step(
 def all_finite(tree) -> jax.Array:
     """Whether every value of every array of `tree` is finite: one pass over them, on device."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _gradients(grad_fn, params, batch, rng, num_microbatches: int):
+    """(summed aux, summed gradients) of `grad_fn` over the batch, in `num_microbatches` pieces
+    accumulated with `lax.scan`: microbatch m holds rows m, m + M, m + 2M, ..., so every device
+    keeps its own rows of each."""
+    if num_microbatches == 1:
+        (_, aux), grads = grad_fn(params, batch, rng)
+        return aux, grads
+    micro = jax.tree.map(lambda x: x.reshape(-1, num_microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, inputs):
+        index, microbatch = inputs
+        (_, aux), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (aux, grads)), None
+
+    shapes = jax.eval_shape(lambda p, b: grad_fn(p, b, rng), params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
+    return jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))[0]
 
 
 def eval_step(params, batch, *, config: ModelConfig):
