@@ -225,12 +225,12 @@ def trained_dir(tmp_path_factory):
         (["train.no_such_parameter = 1"], "no_such_parameter"),
         (["train.num_steps = 20", "optimizer.name = 'adamw'"], "optimizer.name: 'adafactor' there, 'adamw' here"),
         (["train.batch_size = 16"], "train.batch_size: 8 there, 16 here"),
-        (["train.batch_size = 16", "ALLOW"], "data differs from the data of the run it resumes (rows_per_process: 8"),
+        (["train.seed = 1", "ALLOW"], "data differs from the data of the run it resumes (seed: 0 there, 1 here"),
     ],
 )
 def test_bad_input_fails_clearly_and_keeps_checkpoints(trained_dir, bindings, message, capsys):
-    """Also: a resumed run with other settings is refused, naming them (the data position cannot carry
-    over to another batch even with --allow_config_change)."""
+    """Also: a resumed run with other settings is refused, naming them (and with --allow_config_change,
+    data that is not the run's: another seed, task or lengths)."""
     before = _fingerprint(trained_dir / "checkpoints")
     flags = ["--allow_config_change"] if "ALLOW" in bindings else []
     assert train(trained_dir, SPAN, *(b for b in bindings if b != "ALLOW"), flags=flags) == 2
@@ -617,6 +617,12 @@ def test_a_changed_schedule_resumes_only_when_allowed_and_each_start_is_kept(tmp
     starts = {p.name: p.read_text() for p in (run / "starts").iterdir()}
     assert sorted(starts) == ["0.gin", "2.gin"]
     assert "base_learning_rate = 1.0" in starts["0.gin"] and "base_learning_rate = 0.5" in starts["2.gin"]
+    # A larger batch continues after the 32 rows (4 steps of 8) the run had read; then resumes in constant time.
+    bigger = ["train.num_steps = 6", "train.batch_size = 16", "learning_rate_schedule.base_learning_rate = 0.5"]
+    assert train(run, SPAN, *bigger, flags=["--allow_config_change"]) == 0
+    assert "continuing after the 32 rows the run had read" in capsys.readouterr().out
+    assert train(run, SPAN, *bigger[1:], "train.num_steps = 8") == 0
+    assert "replayed" not in capsys.readouterr().out and logged_steps(run)[-1] == 8
 
 
 def test_an_empty_validation_split_is_refused_before_the_first_step(tmp_path, capsys):

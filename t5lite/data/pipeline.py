@@ -122,12 +122,13 @@ class DataStream:
         self._shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
         self._converter = FEATURE_CONVERTERS[model_kind](pack=pack)
         self._check_not_empty()
-        batches = self._dataset(repeat=repeat, shuffle=shuffle)
+        self._repeat, self._shuffle = repeat, shuffle
+        batches = self._dataset()
         self._spec = {
             name: (tuple(spec.shape), spec.dtype.as_numpy_dtype) for name, spec in batches.element_spec.items()
         }
         self._iterator = iter(batches)
-        self._position = 0
+        self._position, self._rows_skipped = 0, 0
 
     def __iter__(self) -> DataStream:
         return self
@@ -142,6 +143,23 @@ class DataStream:
     def position(self) -> int:
         """Batches consumed so far."""
         return self._position
+
+    @property
+    def rows_read(self) -> int:
+        """Rows (packed examples) of this process's data consumed so far, whatever the batch size was."""
+        return self._rows_skipped + self._position * self._batch_size
+
+    @property
+    def rows_skipped(self) -> int:
+        """Rows dropped before the first batch (`skip_rows`); `position` counts batches after them."""
+        return self._rows_skipped
+
+    def skip_rows(self, rows: int) -> None:
+        """Continues after the first `rows` rows of this stream, read again and dropped: where a run
+        whose batch size changed stopped reading. Rows split over batches as this stream batches them."""
+        with self._errors_reported():
+            self._iterator = iter(self._dataset(skip_rows=rows))
+        self._position, self._rows_skipped = 0, rows
 
     def save(self, prefix: str) -> None:
         """Writes the stream's state to `prefix`.index and `prefix`.data-* (local or remote paths)."""
@@ -199,9 +217,11 @@ class DataStream:
         examples = examples.map(lambda ex: {k: v for k, v in ex.items() if k in features})
         return preferences.as_rows(examples) if self.pairs else examples
 
-    def _dataset(self, repeat: bool, shuffle: bool) -> tf.data.Dataset:
-        examples = self._examples(repeat, shuffle)
-        batches = self._converter(examples, self._lengths).batch(self._batch_size).map(self._fill_batch)
+    def _dataset(self, skip_rows: int = 0) -> tf.data.Dataset:
+        rows = self._converter(self._examples(self._repeat, self._shuffle), self._lengths)
+        if skip_rows:  # only then: the saved states of pipelines without it keep fitting
+            rows = rows.skip(skip_rows)
+        batches = rows.batch(self._batch_size).map(self._fill_batch)
         options = tf.data.Options()
         options.deterministic = True
         # Saved states leave out what stateful ops hold; ours (a JSON parser) hold nothing.

@@ -157,7 +157,13 @@ class TrainCheckpoints:
 
     def save(self, step: int, state, stream, force: bool = False) -> bool:
         """Saves `state`, its checksums and where `stream` (a t5lite.data.DataStream) stands."""
-        data = {"position": int(stream.position), "stream": stream.description, "checksums": checksums(state)}
+        data = {
+            "position": int(stream.position),
+            "rows": int(stream.rows_read),
+            "skipped_rows": int(stream.rows_skipped),
+            "stream": stream.description,
+            "checksums": checksums(state),
+        }
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -235,12 +241,13 @@ class TrainCheckpoints:
                 f"{[read[p] for p in changed]} read)."
             )
 
-    def restore_stream(self, stream, step: int) -> None:
+    def restore_stream(self, stream, step: int, rebatch: bool = False) -> None:
         """Moves a fresh `stream` to where the run's stream stood at `step`: its saved state, read in
         constant time. Where the step holds only a position (checkpoints written before runs saved
         their input state) or the run now has another number of processes (the same global batch
-        split another way), the pipeline is replayed instead. A stream that differs otherwise from
-        the saved one (task, lengths, batch, seed, ...) is refused."""
+        split another way), the pipeline is replayed instead; with `rebatch`, also where the batch
+        size changed (after the rows the run had read). A stream that differs otherwise from the
+        saved one (task, lengths, seed, ...) is refused."""
         data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
         saved, now = data.get("stream", stream.description), stream.description
         changed = {key: (saved.get(key), value) for key, value in now.items() if saved.get(key) != value}
@@ -248,13 +255,25 @@ class TrainCheckpoints:
             set(changed) == {"rows_per_process", "processes"}
             and saved["rows_per_process"] * saved["processes"] == now["rows_per_process"] * now["processes"]
         )
+        if rebatch and set(changed) == {"rows_per_process"}:
+            rows = data.get("rows", data["position"] * saved["rows_per_process"])
+            print(
+                f"The batch changed from {saved['rows_per_process']} to {now['rows_per_process']} rows a process: "
+                f"continuing after the {rows} rows the run had read (replayed).",
+                flush=True,
+            )
+            stream.skip_rows(rows)
+            return
         if changed and not resharded:
             details = "; ".join(f"{key}: {was!r} there, {here!r} here" for key, (was, here) in changed.items())
             raise ValueError(
                 f"This run's data differs from the data of the run it resumes ({details}), so it cannot "
-                f"continue where that stopped. Resume with the run's settings (its config.gin), or "
-                f"start a new run from its parameters with train.init_from."
+                f"continue where that stopped (only its batch size may change, with --allow_config_change). "
+                f"Resume with the run's settings (its config.gin), or start a new run from its parameters "
+                f"with train.init_from."
             )
+        if data.get("skipped_rows") and not resharded:
+            stream.skip_rows(data["skipped_rows"])  # as the saved stream was built, so that its state fits
         if not resharded and saved_stream(self.manager.directory / str(step) / "stream", stream) is not None:
             self.manager.restore(step, args=ocp.args.Composite(stream=DataStreamRestore(stream, data["position"])))
             return

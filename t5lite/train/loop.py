@@ -85,7 +85,7 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
     pretrained = pretrained_params(config, spec.init_from) if spec.init_from and rebuild else None
     teacher_arrays = teacher_params(spec.distillation) if teacher else None
     data_shard = step.partitioner.data_shard(spec.batch_size)
-    stream = _train_stream(spec, data_shard, checkpoints, resume_step)
+    stream = _train_stream(spec, data_shard, checkpoints, resume_step, allow_config_change)
     first_batch = next(stream)  # an empty dataset fails here, before anything is written
     if spec.eval_every:  # so does an empty validation split, instead of at the first evaluation
         spec.data_stream("validation", data_shard, shuffle=False, repeat=False)
@@ -179,12 +179,16 @@ def check_settings(model_dir: pathlib.Path, allow_config_change: bool) -> None:
 
 
 def _train_stream(
-    spec: RunSpec, data_shard: tuple[int, int], checkpoints: ckpt.TrainCheckpoints | None, resume_step: int | None
+    spec: RunSpec,
+    data_shard: tuple[int, int],
+    checkpoints: ckpt.TrainCheckpoints | None,
+    resume_step: int | None,
+    rebatch: bool = False,
 ) -> t5data.DataStream:
     """This process's training data, where the resumed run left it, checked against the model and objective."""
     stream = spec.data_stream("train", data_shard)
     if resume_step is not None:
-        checkpoints.restore_stream(stream, resume_step)
+        checkpoints.restore_stream(stream, resume_step, rebatch)
     t5data.check_vocabulary_fits(stream.vocabulary, spec.model_config.vocab_size)
     if stream.pairs != (spec.preference is not None):
         raise ValueError(

@@ -127,6 +127,27 @@ def test_resume_is_exact_from_a_saved_state_or_a_replay(tmp_path):
         stream("t5lite_corpus_prefix_lm", model_kind="prefix_lm").restore(str(tmp_path / "state"), position=4)
 
 
+def test_a_stream_of_another_batch_size_continues_after_the_rows_read(tmp_path):
+    """A run resumed with another batch size (--allow_config_change): rows 12..19 read by a batch-8
+    stream that skipped the 12 rows three batch-4 batches held are batches 4 and 5 of the batch-4 one.
+    Its state, saved later, fits a stream built with the same skip."""
+    small = stream(shuffle=True, seed=3)
+    take(small, 3)
+    expected = take(small, 4)
+    big = stream(shuffle=True, seed=3, batch_size=8)
+    big.skip_rows(12)
+    assert big.rows_read == 12
+    first = next(big)
+    for key, value in first.items():
+        np.testing.assert_array_equal(value, np.concatenate([expected[0][key], expected[1][key]]), err_msg=key)
+    assert big.rows_read == 20
+    big.save(str(tmp_path / "state"))
+    resumed = stream(shuffle=True, seed=3, batch_size=8)
+    resumed.skip_rows(big.rows_skipped)
+    resumed.restore(str(tmp_path / "state"), position=1)
+    assert_same([next(resumed)], [{k: np.concatenate([expected[2][k], expected[3][k]]) for k in first}])
+
+
 def rows(s):
     """All non-padding rows of a finite stream, as tuples."""
     out = []
