@@ -21,7 +21,7 @@ CONFIG = ModelConfig(
 class Stream:
     """What a checkpoint needs of a t5lite.data.DataStream."""
 
-    position, description, shard = 0, {}, (0, 1)
+    position, rows_read, rows_skipped, description, shard = 0, 0, 0, {}, (0, 1)
 
     def save(self, prefix):
         pathlib.Path(prefix + ".index").write_text("")

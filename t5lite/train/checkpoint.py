@@ -229,6 +229,8 @@ class TrainCheckpoints:
         )
 
     def _verify(self, step: int, state, parts=("params", "opt_state")) -> None:
+        if not (self.manager.directory / str(step) / "data").is_dir():
+            return  # a state alone
         saved = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
         if "checksums" not in saved:
             return  # saved by an earlier t5lite
