@@ -32,9 +32,11 @@ RUN_GIN = "runs/t5_tiny_span_corruption.gin"
 
 
 def zoo_and_parity() -> None:
-    print(f"{'named config':<18}{'architecture':<17}{'parameters':>15}")
-    for name, config in named_configs().items():
-        print(f"{name:<18}{config.architecture:<17}{param_count(config):>15,}")
+    configs = named_configs()
+    width = 2 + max(map(len, configs))
+    print(f"{'named config':<{width}}{'architecture':<17}{'parameters':>15}")
+    for name, config in configs.items():
+        print(f"{name:<{width}}{config.architecture:<17}{param_count(config):>15,}")
     torch.manual_seed(0)
     t5_config = transformers.T5Config(
         vocab_size=128,

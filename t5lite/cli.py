@@ -12,27 +12,25 @@ from t5lite import config
 
 
 def convert(args: argparse.Namespace) -> None:
-    """Hugging Face `save_pretrained` directory <-> t5lite checkpoint; the direction is read off SOURCE."""
-    from t5lite.interop import hf
-    from t5lite.train import checkpoint
+    """A Hugging Face `save_pretrained` directory (weights, config.json, tokenizer) becomes a t5lite run
+    directory that generate, eval and train.init_from take; a t5lite run (its latest or --step
+    checkpoint, LoRA merged) becomes a save_pretrained directory with its tokenizer. The direction is
+    read off SOURCE."""
+    from t5lite import conversion
 
     source, dest = pathlib.Path(args.source), pathlib.Path(args.dest)
     if dest.exists() and any(dest.iterdir()):
         raise ValueError(f"Destination {dest} is not empty; convert writes into a new or empty directory.")
-    if checkpoint.is_checkpoint(source):
-        config, params = checkpoint.load_params(source)
-        from t5lite.models import build
-
-        hf.save_pretrained(build(config), params, dest)
-        print(f"Wrote a Hugging Face model ({config.architecture}) to {dest}")
-    elif (source / "config.json").is_file():
-        model, params = hf.load_pretrained(source, dtype=args.dtype)
-        checkpoint.save_params(dest, model.config, params)
-        print(f"Wrote a t5lite checkpoint ({model.config.architecture}) to {dest}")
+    if (source / "config.json").is_file():
+        config = conversion.import_run(source, dest, dtype=args.dtype)
+        print(f"Wrote a t5lite run ({config.architecture}) to {dest}: try `t5lite generate --model_dir={dest}`")
+    elif (source / "t5lite_config.json").is_file():
+        tokenizer = conversion.export_run(source, dest, args.step, trust=args.trust_run)
+        print(f"Wrote a Hugging Face model to {dest} {tokenizer}")
     else:
         raise FileNotFoundError(
-            f"{source} is neither a t5lite checkpoint ({checkpoint.CONFIG_FILE}) nor a "
-            f"Hugging Face save_pretrained directory (config.json)."
+            f"{source} is neither a t5lite run or checkpoint (t5lite_config.json) nor a Hugging Face "
+            f"save_pretrained directory (config.json)."
         )
 
 
@@ -51,7 +49,7 @@ def train(args: argparse.Namespace) -> int:
     from t5lite.train.loop import train as train_loop
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    parse_gin(args.gin_file, args.gin_bindings)
+    parse_gin(args.gin_file, args.gin_bindings + (["train.progress = False"] if args.quiet else []))
     train_loop(args.model_dir, allow_config_change=args.allow_config_change)
     return 0
 
@@ -92,6 +90,10 @@ def generate(args: argparse.Namespace) -> None:
         prompts += [line for line in pathlib.Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError("No prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
+    if not all(prompt.strip() for prompt in prompts):
+        raise ValueError("A --prompt is empty; give each prompt some text.")
+    if args.temperature == 0 and (args.top_k or args.top_p < 1):
+        raise ValueError("--top_k and --top_p filter what is sampled; set --temperature > 0 (0 is greedy).")
     options = decoding.DecodingOptions(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -100,7 +102,10 @@ def generate(args: argparse.Namespace) -> None:
         num_beams=args.num_beams,
     )
     run = inference.load_run(args.model_dir, args.step, args.int8_weights, args.trust_run)
-    for prompt, output in zip(prompts, inference.generate_texts(run, prompts, options, seed=args.seed)):
+    texts = prompts if args.raw_prompt else inference.prompts_for(run, prompts)
+    if texts != prompts:
+        print(f"(prompts go through {run.task}'s instruction template; --raw_prompt gives them as they are)\n")
+    for prompt, output in zip(prompts, inference.generate_texts(run, texts, options, seed=args.seed)):
         print(f"> {prompt}\n{output}\n")
 
 
@@ -139,16 +144,19 @@ def quantize(args: argparse.Namespace) -> None:
     )
     run = dataclasses.replace(run, model=build(config), params=params)
     inference.save_quantized(run, args.checkpoint, output, {**recipe, "smoothquant_alpha": args.smoothquant_alpha})
-    print(f"Wrote the {args.method} ({args.bits}-bit) model of {args.checkpoint} (step {run.step}) to {output}")
+    kind = "NF4 (4-bit NormalFloat)" if args.format == "nf4" else f"{args.method} ({args.bits}-bit)"
+    print(f"Wrote the {kind} model of {args.checkpoint} (step {run.step}) to {output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t5lite", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("convert", help=convert.__doc__, description=convert.__doc__)
-    p.add_argument("source", help="a t5lite checkpoint or a Hugging Face save_pretrained directory")
+    p.add_argument("source", help="a t5lite run (--model_dir of train) or a Hugging Face save_pretrained directory")
     p.add_argument("dest", help="a new or empty directory")
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype recorded in an imported t5lite config")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype of an imported model (default: %(default)s)")
+    p.add_argument("--step", type=int, default=None, help="the run's checkpoint to export (default: the latest)")
+    _trust_argument(p)
     p.set_defaults(run=convert)
     _train_arguments(commands.add_parser("train", help=train.__doc__, description=train.__doc__))
     p = commands.add_parser("compile", help=compile_step.__doc__, description=compile_step.__doc__)
@@ -164,16 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_argument(p)
     p.set_defaults(run=evaluate)
     p = commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__)
-    p.add_argument("--model_dir", required=True)
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--prompt", action="append", default=[])
-    p.add_argument("--prompts_file")
-    p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--model_dir", required=True, help="a run: train's --model_dir, or convert's or quantize's output")
+    p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; may repeat")
+    p.add_argument("--prompts_file", help="a file of prompts, one per line")
+    p.add_argument(
+        "--raw_prompt",
+        action="store_true",
+        help="give prompts as they are, not through the instruction template the run was trained with",
+    )
+    p.add_argument("--max_new_tokens", type=int, default=32, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples")
+    p.add_argument(
+        "--top_k", type=int, default=0, help="sample from the k likeliest tokens (0: all; needs temperature)"
+    )
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off; needs temperature)")
     p.add_argument("--num_beams", type=int, default=None, help="beam search with this many beams")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     _int8_weights_argument(p)
     _trust_argument(p)
     p.set_defaults(run=generate)
@@ -225,11 +240,21 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="resume even though the gin settings differ from the run's (optimizer, schedule, ...)",
     )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar or console lines (metrics files are written as always)"
+    )
     p.set_defaults(run=train)
 
 
 def _gin_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gin_file", action="append", default=[], help="a gin file; may repeat")
+    parser.add_argument(
+        "--gin_file",
+        action="append",
+        default=[],
+        help="a gin file (e.g. runs/t5_tiny_span_corruption.gin); may repeat. Any binding is set or overridden "
+        "with --gin.NAME=VALUE, e.g. --gin.train.num_steps=100; VALUE is a Python literal, so quote "
+        "strings: --gin.train.init_from=\"'/path/to/run'\"",
+    )
     parser.set_defaults(gin_bindings=[])
 
 
@@ -263,10 +288,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def quiet_start() -> None:
+    """Keeps start-up notices that are not errors off the console, so that an error line means one:
+    libtpu (installed with the test extra) logs an error where there is no TPU, so a machine without
+    accelerators runs on the CPU platform alone; TensorFlow's C++ side prints notices on import."""
+    from t5lite import hardware
+
+    if "JAX_PLATFORMS" not in os.environ and hardware.no_accelerator_here():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with hardware.native_stderr_silenced():
+        import tensorflow  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     from t5lite.train.preemption import Interrupted
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_start()
     args = parse_args(argv)
     try:
         return args.run(args) or 0

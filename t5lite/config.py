@@ -219,6 +219,10 @@ class ModelConfig:
 
     architecture: str = "encoder_decoder"
     vocab_size: int = 32128
+    # Token ids the model was trained with: the decoder's first input (T5's 0, which is also padding;
+    # Llama's BOS 1) and the end of a sequence (T5 1, Llama 2). Data and decoding use them; padding is 0.
+    start_id: int = 0
+    eos_id: int = 1
     d_model: int = 512
     num_heads: int = 8
     # None means multi-head attention (as many key/value heads as query heads); 1 is MQA.
@@ -300,6 +304,11 @@ class ModelConfig:
             "max_length",
         ):
             _check_positive(name, getattr(self, name))
+        if not (0 <= self.start_id < self.vocab_size and 0 < self.eos_id < self.vocab_size):
+            raise ValueError(
+                f"start_id={self.start_id} and eos_id={self.eos_id} must be ids of the vocabulary "
+                f"(vocab_size={self.vocab_size}); eos_id cannot be 0, which is padding."
+            )
         if self.architecture == "encoder_decoder":
             _check_positive("num_encoder_layers", self.num_encoder_layers)
         if self.num_kv_heads is not None:
@@ -575,6 +584,21 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
             gin.finalize()
         except (ValueError, KeyError) as error:
             raise ValueError(f"Bad gin configuration: {error}{_moved_hint(str(error))}") from error
+        except SyntaxError as error:
+            raise ValueError(_syntax_message(error)) from None
+
+
+def _syntax_message(error: SyntaxError) -> str:
+    """Gin values are Python literals: an unquoted path or name is the usual mistake."""
+    line = (error.text or "").strip()
+    name, _, value = line.partition("=")
+    message = f"Bad gin syntax ({error.msg}) in: {line}"
+    if value.strip() and value.strip()[0] not in "'\"@%([{":
+        message += (
+            f". Values are Python literals: quote strings, e.g. "
+            f"--gin.{name.strip()}=\"'{value.strip()}'\" (in a gin file: {name.strip()} = '{value.strip()}')."
+        )
+    return message
 
 
 def gin_bindings(config: ModelConfig, relative_to: ModelConfig | None = None, always: Sequence[str] = ()) -> list[str]:

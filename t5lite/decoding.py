@@ -4,10 +4,11 @@ Generation is one compiled program: encode, allocate the cache, prefill, then a
 `lax.while_loop` that feeds one token per step and stops as soon as every row is finished.
 It is compiled once per input shape and `DecodingOptions` value (the options are static).
 
-What a row is fed: the start token 0, then its prompt. This is how seqio's feature converters
-shift decoder inputs, so a decoder-only model sees the prompt as it saw text in training, and
-an empty prompt still leaves a token to condition on (for the encoder-decoder a prompt is an
-optional forced start of the output). Prompts come right-padded with 0.
+What a row is fed: the model's start token (`ModelConfig.start_id`: T5's 0, Llama's BOS), then
+its prompt. This is how seqio's feature converters shift decoder inputs, so a decoder-only model
+sees the prompt as it saw text in training, and an empty prompt still leaves a token to condition
+on (for the encoder-decoder a prompt is an optional forced start of the output). Prompts come
+right-padded with 0.
 
 Prompts of different lengths in one batch: the cache keeps one write position for the whole
 batch and masks no keys, so rows cannot be padded to a common length. The batch is prefilled
@@ -60,7 +61,7 @@ class DecodingOptions:
     # the tokens generated so far in the row (prompt tokens are not counted).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    eos_id: int | None = 1  # None: always generate max_new_tokens
+    eos_id: int | str | None = "model"  # "model": ModelConfig.eos_id; None: always generate max_new_tokens
 
     def __post_init__(self):
         _require(
@@ -94,8 +95,8 @@ class DecodingOptions:
         _require(
             "eos_id",
             self.eos_id,
-            self.eos_id is None or _is_int(self.eos_id) and self.eos_id > 0,
-            "None or a positive token id (0 is padding)",
+            self.eos_id in (None, "model") or _is_int(self.eos_id) and self.eos_id > 0,
+            '"model" (the model\'s eos_id), None or a positive token id (0 is padding)',
         )
         if self.num_beams is not None and (self.temperature > 0 or self.top_k or self.top_p < 1):
             raise ValueError(
@@ -161,6 +162,7 @@ def _rows(position, prompt, lengths) -> _Rows:
 
 
 def _is_eos(token, eos_id):
+    assert eos_id != "model", "generate() resolves the model's eos_id before sampling or beam search"
     return jnp.zeros(token.shape, bool) if eos_id is None else token == eos_id
 
 
@@ -429,10 +431,12 @@ def generate(
       jit): prompt lengths decide shapes, and each new (batch, longest, shortest prompt) compiles.
     """
     config = model.config
+    if options.eos_id == "model":
+        options = dataclasses.replace(options, eos_id=config.eos_id)
     inputs = _checked_inputs(config, encoder_input_tokens, prompt_tokens, prefix_lm, options, rng)
     batch = len(inputs.prompt)
-    # Row b is fed [0, prompt...]: the start token, then its prompt.
-    prompt = np.concatenate([np.zeros((batch, 1), np.int32), inputs.prompt], axis=1)
+    # Row b is fed [start, prompt...]: the start token, then its prompt.
+    prompt = np.concatenate([np.full((batch, 1), config.start_id, np.int32), inputs.prompt], axis=1)
     lengths = 1 + np.count_nonzero(inputs.prompt, axis=1)
     if config.position_encoding == "learned" and lengths.max() + options.max_new_tokens - 1 > config.max_length:
         raise ValueError(

@@ -1,7 +1,13 @@
 """What t5lite knows of accelerators: peak bf16 FLOP/s (for MFU) and HBM per chip (for `t5lite compile`),
-keyed by chip name; `chip_name` reads it off a `jax.Device` or its `device_kind`."""
+keyed by chip name (`chip_name` reads it off a `jax.Device` or its `device_kind`); whether a machine
+has any; and how to keep native libraries' start-up notices about them off the console."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import sys
 
 GIB = 2**30
 # Advertised dense bf16 peak per chip / GPU (H100 and H200: SXM parts).
@@ -44,3 +50,41 @@ def chip_name(device) -> str | None:
     """The key of a `jax.Device` (or its `device_kind`) in `PEAK_BF16_FLOPS`, e.g. "tpu_v5p"; None if unknown."""
     kind = getattr(device, "device_kind", device).strip().lower()
     return _TPU_KINDS.get(kind) or next((gpu for gpu in _GPU_KINDS if gpu in kind), None)
+
+
+_GOOGLE = "0x1ae0"  # PCI vendor of TPU chips
+_GPU_VENDORS = ("0x10de", "0x1002")  # NVIDIA, AMD; their display and 3D controllers are PCI class 0x03
+_ACCELERATOR_DEVICE_FILES = ("nvidia*", "accel*", "vfio/*", "kfd")
+
+
+def no_accelerator_here(root: pathlib.Path = pathlib.Path("/")) -> bool:
+    """Whether this Linux machine plainly has no TPU or GPU: none on the PCI bus and no device files.
+    Anywhere this cannot be told (another OS, no sysfs), False."""
+    pci = root / "sys/bus/pci/devices"
+    if not pci.is_dir():
+        return False
+    for device in pci.iterdir():
+        vendor, kind = (_read(device / name) for name in ("vendor", "class"))
+        if vendor == _GOOGLE or vendor in _GPU_VENDORS and kind.startswith("0x03"):
+            return False
+    return not any(any((root / "dev").glob(pattern)) for pattern in _ACCELERATOR_DEVICE_FILES)
+
+
+def _read(path: pathlib.Path) -> str:
+    return path.read_text().strip() if path.is_file() else ""
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Meanwhile, what native libraries write to the process's stderr (fd 2) is dropped: TensorFlow's
+    import notices (oneDNN, CUDA) and libtpu's complaint that it finds no TPU, neither an error.
+    Python exceptions still propagate, and print once this is over."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

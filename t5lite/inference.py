@@ -11,6 +11,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -28,6 +29,7 @@ from t5lite.train.spec import RunSpec
 from t5lite.train.step import eval_step
 
 QUANTIZATION_FILE = "quantization.json"
+CONVERTED_FILE = "converted.json"  # a run `t5lite convert` made from a Hugging Face model
 
 
 @dataclasses.dataclass
@@ -79,10 +81,11 @@ def load_run(
         config_lib.check_gin_is_t5lite(gin_file.read_text(), str(gin_file))
     config_lib.parse_gin([str(gin_file)])
     spec = RunSpec.from_gin()  # a task registered from gin registers here
-    if checkpoint.is_checkpoint(model_dir):
-        saved_step = json.loads((model_dir / QUANTIZATION_FILE).read_text())["step"]
+    if checkpoint.is_checkpoint(model_dir):  # a quantised or converted model: one checkpoint
+        about = next(model_dir / name for name in (QUANTIZATION_FILE, CONVERTED_FILE) if (model_dir / name).is_file())
+        saved_step = json.loads(about.read_text())["step"]
         if step not in (None, saved_step):
-            raise ValueError(f"{model_dir} holds step {saved_step} only; drop --step or quantize step {step}.")
+            raise ValueError(f"{model_dir} holds step {saved_step} only (a quantised or converted model); drop --step.")
         config, params = checkpoint.load_params(model_dir)
         step = saved_step
     else:
@@ -108,36 +111,58 @@ def save_quantized(run: Run, source_dir: str | pathlib.Path, output: str | pathl
     (output / QUANTIZATION_FILE).write_text(json.dumps(provenance, indent=2))
 
 
+def prompts_for(run: Run, texts: Sequence[str]) -> list[str]:
+    """The texts as the run's task showed its inputs: through its instruction template, if it has one."""
+    template = t5data.prompt_template(run.task)
+    return list(texts) if template is None else [t5data.apply_template(template, text) for text in texts]
+
+
 def generate_texts(
     run: Run, texts: Sequence[str], options: decoding.DecodingOptions, seed: int = 0, batch_size: int = 16
 ) -> list[str]:
     """Continues (decoder) or answers (encoder-decoder) each text; inputs longer than the trained
-    input length are cut from the left so that the end of the text, nearest the answer, is kept."""
-    vocabulary = run.vocabulary
-    encoder_decoder = run.kind == "encoder_decoder"
-    limit = run.task_feature_lengths["inputs" if "inputs" in run.task_feature_lengths else "targets"]
-    # Inputs ended in EOS in training (the encoder's, or a prompted decoder's prefix); a plain
-    # decoder's prompt continues instead.
-    eos = [1] if encoder_decoder or run.kind in t5data.PROMPTED_KINDS else []
+    input length are cut from the left so that the end of the text, nearest the answer, is kept
+    (and a line on stderr says so)."""
     outputs = []
+    tokens_of = _prompt_tokens(run)
     for start in range(0, len(texts), batch_size):
-        chunk = [vocabulary.encode(text)[-(limit - len(eos)) :] + eos for text in texts[start : start + batch_size]]
+        chunk = [tokens_of(start + i, text) for i, text in enumerate(texts[start : start + batch_size])]
         tokens = np.zeros((len(chunk), max(1, max(map(len, chunk)))), np.int32)
         for row, ids in enumerate(chunk):
             tokens[row, : len(ids)] = ids
-        if encoder_decoder:
+        if run.kind == "encoder_decoder":
             kwargs = {"encoder_input_tokens": tokens}
         else:
             kwargs = {"prompt_tokens": tokens, "prefix_lm": run.kind == "prefix_lm"}
         result = decoding.generate(
             run.model, run.params, options=options, rng=jax.random.PRNGKey(seed + start), **kwargs
         )
-        outputs += [vocabulary.decode(_until_eos(row)) for row in np.asarray(result.tokens).tolist()]
+        eos = run.model.config.eos_id
+        outputs += [
+            run.vocabulary.decode(row[: row.index(eos)] if eos in row else row) for row in result.tokens.tolist()
+        ]
     return outputs
 
 
-def _until_eos(ids: list[int]) -> list[int]:
-    return ids[: ids.index(1)] if 1 in ids else ids
+def _prompt_tokens(run: Run):
+    """(index, text) -> the ids the model is given. Inputs ended in EOS in training (the encoder's, or a
+    prompted decoder's prefix); a plain decoder's prompt continues instead."""
+    ends = run.kind == "encoder_decoder" or run.kind in t5data.PROMPTED_KINDS
+    eos = [run.model.config.eos_id] if ends else []
+    name = "inputs" if "inputs" in run.task_feature_lengths else "targets"
+    keep = run.task_feature_lengths[name] - len(eos)
+
+    def tokens(index: int, text: str) -> list[int]:
+        ids = run.vocabulary.encode(text)
+        if len(ids) > keep:
+            print(
+                f"Prompt {index + 1} is {len(ids)} tokens; the run was trained on {name} of "
+                f"{run.task_feature_lengths[name]} (train.task_feature_lengths): kept its last {keep}.",
+                file=sys.stderr,
+            )
+        return ids[-keep:] + eos
+
+    return tokens
 
 
 def validation_metrics(run: Run, num_batches: int = 20) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Decoding: greedy, sampling, beam search and penalties against the full forward pass and
 against small hand-made "models" (step functions over a table of logits)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -194,7 +195,9 @@ def bigram(rows, vocab=6):
 @functools.partial(jax.jit, static_argnames="options")
 def search_table(table, options, prompt=jnp.zeros((1, 1), jnp.int32), rng=jax.random.PRNGKey(0)):
     """Decodes from a bigram table (a "model" whose next logits depend on the last token only),
-    force-feeding `prompt` [B, P] after the start token 0 that it begins with."""
+    force-feeding `prompt` [B, P] after the start token 0 that it begins with; its EOS is 1."""
+    if options.eos_id == "model":
+        options = dataclasses.replace(options, eos_id=1)
     batch = prompt.shape[0]
     step = lambda cache, token: (table[token], cache)
     lengths, logits = jnp.full(batch, prompt.shape[1]), jnp.broadcast_to(table[0], (batch, table.shape[1]))

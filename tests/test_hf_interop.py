@@ -1,4 +1,5 @@
-"""Logit parity with Hugging Face PyTorch models, weight round trips and `t5lite convert`."""
+"""Logit parity with Hugging Face PyTorch models, weight round trips and `t5lite convert` refusals
+(tests/test_hf_runs.py converts whole runs both ways)."""
 
 import functools
 
@@ -10,6 +11,7 @@ import torch
 import transformers
 
 from t5lite import cli
+from t5lite.config import AdapterConfig, WeightQuantConfig
 from t5lite.interop import hf
 from t5lite.layers.moe import moe_summary
 from t5lite.models import get_config, param_count
@@ -192,17 +194,6 @@ def test_unsupported_architectures_are_refused():
         hf.hf_config_from(get_config("llama/tiny").replace(position_encoding="alibi"))
 
 
-@pytest.mark.parametrize("name", ["t5_v1_1", "llama_gqa_untied"])
-def test_convert_cli_both_ways(name, tmp_path):
-    hf_model = HF_MODELS[name]()
-    hf_model.save_pretrained(tmp_path / "hf")
-    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "t5lite")]) == 0
-    assert cli.main(["convert", str(tmp_path / "t5lite"), str(tmp_path / "hf_again")]) == 0
-    x, y = ids((2, 6), 5), ids((2, 5), 6)
-    model, params = hf.load_pretrained(tmp_path / "hf_again")
-    np.testing.assert_allclose(t5lite_logits(model, params, x, y), hf_logits(hf_model, x, y), atol=1e-4)
-
-
 def test_convert_refuses_bad_paths_and_touches_nothing(tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
@@ -210,7 +201,7 @@ def test_convert_refuses_bad_paths_and_touches_nothing(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "missing"), str(occupied)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "new")]) == 2
-    assert "neither a t5lite checkpoint" in capsys.readouterr().err
+    assert "neither a t5lite run or checkpoint" in capsys.readouterr().err
     assert (occupied / "keep.txt").read_text() == "precious" and not (tmp_path / "new").exists()
 
 
@@ -288,3 +279,16 @@ def test_unsupported_switch_models_are_refused():
         hf.config_from_hf(switch(router_bias=True).config)
     with pytest.raises(ValueError, match="Exporting mixture-of-experts models"):
         hf.hf_config_from(get_config("switch/tiny"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"adapters": AdapterConfig(bitfit=True)}, "no place for adapters"),
+        ({"adapters": AdapterConfig(lora_rank=4)}, "merge LoRA first"),
+        ({"weight_quant": WeightQuantConfig(families=("mlp",))}, "Export the float run"),
+    ],
+)
+def test_export_refuses_what_hugging_face_cannot_hold(changes, message):
+    with pytest.raises(ValueError, match=message):
+        hf.hf_config_from(get_config("t5_1_1/tiny").replace(**changes))

@@ -13,6 +13,7 @@ LEVELS = [  # lowest first
     ("t5lite.data",),
     ("t5lite.train",),
     ("t5lite.scaling", "t5lite.inference"),
+    ("t5lite.conversion",),
     ("t5lite.cli",),
 ]
 LEVEL = {package: level for level, packages in enumerate(LEVELS) for package in packages}

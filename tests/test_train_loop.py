@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,17 +262,55 @@ def test_bad_quantize_input_fails_clearly_and_writes_nothing(trained_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_quantize_writes_nf4_with_double_quantised_scales(trained_dir, tmp_path):
+def test_quantize_writes_nf4_with_double_quantised_scales(trained_dir, tmp_path, capsys):
     from t5lite import inference
 
     nf4 = ["--method=int8", "--bits=4", "--group_size=32", "--format=nf4", "--double_quant"]
     assert cli.main(["quantize", f"--checkpoint={trained_dir}", f"--output={tmp_path / 'nf4'}", *nf4]) == 0
+    assert "Wrote the NF4 (4-bit NormalFloat) model" in capsys.readouterr().out
     run = inference.load_run(tmp_path / "nf4")
     config = run.model.config
     assert (config.weight_quant.format, config.weight_quant.double_quant, config.weight_quant.bits) == ("nf4", True, 4)
     query = run.params["encoder"]["layers"]["attention"]["query"]
     assert query["kernel"].dtype == query["kernel_scale"].dtype == np.int8 and "kernel_scale_scale" in query
     assert json.loads((tmp_path / "nf4" / "quantization.json").read_text())["format"] == "nf4"
+
+
+@pytest.mark.slow
+def test_the_console_says_how_a_run_starts_saves_evaluates_and_ends(trained_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_dir, run)
+    again = ["train.num_steps = 10", "train.progress = True", "learning_rate_schedule.warmup_steps = 100"]
+    assert train(run, SPAN, *again) == 0
+    assert f"{run} is at step 10 of train.num_steps=10: nothing to train" in capsys.readouterr().out
+    more = ["train.num_steps = 12", "train.checkpoint_every = 1", "train.eval_every = 2", "train.eval_batches = 1"]
+    assert train(run, SPAN, *again[1:], *more) == 0
+    console = capsys.readouterr().out
+    assert f"Resumed from step 10 (checkpoint {run / 'checkpoints' / '10'}); training to step 12" in console
+    assert f"step 11: saved checkpoint {run / 'checkpoints' / '11'}" in console
+    evaluated = read_metrics(run / "eval_metrics.jsonl")[-1]
+    assert f"step 12: eval loss {evaluated['loss']:.4g}, perplexity {evaluated['perplexity']:.4g}" in console
+    final = read_metrics(run / "train_metrics.jsonl")[-1]["loss"]
+    assert f"Done: 2 steps ({2 * 8 * (64 + 16):,} tokens)" in console and f"final train loss {final:.4f}" in console
+    assert f"best eval loss {evaluated['loss']:.4f} (step 12)" in console
+    assert train(tmp_path / "quiet", SPAN, "train.num_steps = 1", "train.progress = True", flags=["--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.slow
+def test_generate_says_when_it_cuts_a_prompt_and_prints_no_start_up_noise(trained_dir):
+    """In a process as a user starts it (no JAX_PLATFORMS): no libtpu, TensorFlow or CUDA notices."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+    prompt = " ".join(["words"] * 400)
+    command = [sys.executable, "-m", "t5lite.cli", "generate", f"--model_dir={trained_dir}", f"--prompt={prompt}"]
+    done = subprocess.run([*command, "--max_new_tokens=2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    cut = re.findall(
+        r"Prompt 1 is (\d+) tokens; the run was trained on inputs of 64 .*: kept its last 63\.", done.stderr
+    )
+    assert cut and int(cut[0]) >= 400, done.stderr
+    noise = [line for line in done.stderr.splitlines() if not line.startswith("Prompt 1 is")]
+    assert not noise, noise
 
 
 @pytest.mark.slow
@@ -288,6 +327,9 @@ def test_quantize_refuses_a_non_empty_output(trained_dir, tmp_path, capsys):
         (["ModelConfig.position_encoding = 'learned'", "ModelConfig.max_length = 32"], "learned position table"),
         (["ModelConfig.vocab_size = 1000"], "Set ModelConfig.vocab_size = 4224"),
         (["train.task_feature_lengths = {'targets': 16}"], "must give lengths for ['inputs', 'targets']"),
+        (["train.num_steps = -5"], "train.num_steps=-5 must be a positive number of steps"),
+        (["train.num_steps = 0"], "train.num_steps=0 must be a positive number of steps"),
+        (["train.init_from = /tmp/t5"], "quote strings, e.g. --gin.train.init_from=\"'/tmp/t5'\""),
     ],
 )
 def test_bad_input_for_a_new_run_writes_nothing(tmp_path, bindings, message, capsys):

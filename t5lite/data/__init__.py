@@ -6,7 +6,8 @@ Importing this package registers the built-in seqio tasks (see `tasks.py` for th
 from t5lite.data.cache import ENV_VAR as CACHE_ENV_VAR
 from t5lite.data.corpus import corpus_path
 from t5lite.data.evaluation import evaluate_predictions
-from t5lite.data.instructions import register_instruction_task
+from t5lite.data.hf_tokenizer import TokenizerJsonVocabulary
+from t5lite.data.instructions import apply_template, prompt_template, register_instruction_task
 from t5lite.data.metrics import exact_match
 from t5lite.data.objectives import OBJECTIVES
 from t5lite.data.pipeline import MODEL_KINDS, PROMPTED_KINDS, DataStream, model_lengths
@@ -14,6 +15,7 @@ from t5lite.data.preferences import register_preference_task
 from t5lite.data.span_corruption import targets_length_for
 from t5lite.data.tasks import (
     check_registered,
+    register_corpus_task,
     register_mixture,
     register_text_file_task,
     register_tfds_task,
@@ -37,8 +39,10 @@ __all__ = [
     "MODEL_KINDS",
     "OBJECTIVES",
     "PROMPTED_KINDS",
+    "TokenizerJsonVocabulary",
     "DataStream",
     "add_vocab_arguments",
+    "apply_template",
     "build_vocabulary",
     "check_registered",
     "check_vocabulary_fits",
@@ -48,6 +52,8 @@ __all__ = [
     "exact_match",
     "get_vocabulary",
     "model_lengths",
+    "prompt_template",
+    "register_corpus_task",
     "register_instruction_task",
     "register_preference_task",
     "register_mixture",

@@ -28,10 +28,14 @@ def build_once(path: pathlib.Path, make: Callable[[], bytes]) -> pathlib.Path:
     """`path`, written with `make()` unless it exists; concurrent callers build it only once."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.exists():
-                write_atomically(path, make())
+        lock_file = path.parent / f".{path.name}.lock"
+        try:
+            with open(lock_file, "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.exists():
+                    write_atomically(path, make())
+        finally:  # a waiter holding the old lock then finds the file built (or builds it again, atomically)
+            lock_file.unlink(missing_ok=True)
     return path
 
 

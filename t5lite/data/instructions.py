@@ -93,7 +93,20 @@ def format_prompt(template: str, responses: dict[str, str] | None = None):
         prompt = tf.strings.join([before, record["instruction"], after])
         return {"inputs": prompt, **{new: record[old] for old, new in responses.items()}}
 
+    apply.template = template  # what `prompt_template` finds
     return apply
+
+
+def apply_template(template: str, instruction: str) -> str:
+    before, after = template.split("{instruction}", 1)
+    return before + instruction + after
+
+
+def prompt_template(mixture_or_task_name: str) -> str | None:
+    """The instruction template of a task (of a mixture's first task), or None where it has none."""
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    task = provider.tasks[0] if isinstance(provider, seqio.Mixture) else provider
+    return next((p.template for p in task.preprocessors if hasattr(p, "template")), None)
 
 
 def keep_prompt_end(dataset: tf.data.Dataset, sequence_length) -> tf.data.Dataset:

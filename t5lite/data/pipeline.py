@@ -85,6 +85,8 @@ class DataStream:
         shard_index: int = 0,
         num_shards: int = 1,
         repeat: bool = True,
+        start_id: int = 0,
+        eos_id: int = 1,
     ):
         if model_kind not in FEATURE_CONVERTERS:
             raise ValueError(f"model_kind={model_kind!r} is not supported. Allowed values: {', '.join(MODEL_KINDS)}.")
@@ -104,6 +106,7 @@ class DataStream:
             _check_pairs(mixture_or_task_name, model_kind, task_feature_lengths, batch_size, pack)
         else:
             _check_features(mixture_or_task_name, features, model_kind, task_feature_lengths)
+        _check_eos(mixture_or_task_name, self._provider, eos_id)
         self._name, self._split, self._lengths = mixture_or_task_name, split, dict(task_feature_lengths)
         self._batch_size, self._seed = batch_size, seed
         self.description = {
@@ -120,7 +123,7 @@ class DataStream:
         """What decides the batches besides the data files; a saved state continues only a stream
         with the same description."""
         self._shard = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
-        self._converter = FEATURE_CONVERTERS[model_kind](pack=pack)
+        self._converter = FEATURE_CONVERTERS[model_kind](pack=pack, bos_id=start_id)
         self._check_not_empty()
         self._repeat, self._shuffle = repeat, shuffle
         batches = self._dataset()
@@ -284,6 +287,17 @@ def _check_pairs(name: str, model_kind: str, lengths: Mapping[str, int], batch_s
             f"process) must be even."
         )
     _check_features(name, {"inputs", "targets"}, model_kind, lengths)
+
+
+def _check_eos(name: str, provider, eos_id: int) -> None:
+    """The task ends sequences with its vocabulary's EOS, which the model must know as its own."""
+    vocabulary = next(iter(provider.output_features.values())).vocabulary
+    if vocabulary.eos_id != eos_id:
+        raise ValueError(
+            f"Task {name!r} ends sequences with id {vocabulary.eos_id} (its vocabulary's EOS) but the model's "
+            f"eos_id is {eos_id}: train with the model's own vocabulary, or set ModelConfig.eos_id = "
+            f"{vocabulary.eos_id} for a new model."
+        )
 
 
 def _check_features(name: str, features: set[str], model_kind: str, lengths: Mapping[str, int]) -> None:

@@ -75,6 +75,13 @@ def register_tfds_task(
 
 
 @gin.configurable(module="t5lite.data")
+def register_corpus_task(name: str, objective: str = "span_corruption", vocabulary=None) -> str:
+    """A task on the embedded corpus in `vocabulary` (e.g. a converted model's own tokenizer)."""
+    source = sources.TextFilesSource(lambda: [str(corpus.corpus_path())])
+    return _register_text_task(name, source, objective, vocabulary)
+
+
+@gin.configurable(module="t5lite.data")
 def register_mixture(name: str, tasks: Sequence[str | tuple[str, float]], default_rate: float = 1.0) -> str:
     """A mixture sampling its tasks (names, or (name, rate) pairs) in proportion to their rates."""
     for task in tasks:
@@ -145,10 +152,9 @@ def _register_synthetic_task(operation: str) -> str:
 
 
 def _register_builtin() -> None:
-    corpus_source = sources.TextFilesSource(lambda: [str(corpus.corpus_path())])
     for objective in objectives.OBJECTIVES:
-        _register_text_task(f"t5lite_corpus_{objective}", corpus_source, objective, None)
-        _register_text_task(f"t5lite_corpus_{objective}_bytes", corpus_source, objective, "bytes")
+        register_corpus_task(f"t5lite_corpus_{objective}", objective)
+        register_corpus_task(f"t5lite_corpus_{objective}_bytes", objective, "bytes")
     seqio.MixtureRegistry.remove("t5lite_synthetic")
     seqio.MixtureRegistry.add(
         "t5lite_synthetic", [_register_synthetic_task(op) for op in synthetic.OPERATIONS], default_rate=1.0

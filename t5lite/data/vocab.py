@@ -11,14 +11,18 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import pathlib
 import random
+import re
 from collections.abc import Iterable, Sequence
 
+import gin
 import seqio
 
 from t5lite.data import cache, corpus
+from t5lite.data.hf_tokenizer import TokenizerJsonVocabulary
 
 MODEL_TYPES = ("unigram", "bpe")
 DEFAULT_VOCAB_SIZE = 4000
@@ -38,6 +42,17 @@ _TRAINER_OPTIONS = dict(
     max_sentence_length=1 << 16,
     minloglevel=2,
 )
+
+
+class _PaddingNotice(logging.Filter):
+    """seqio warns when a SentencePiece model has no pad piece at 0 (Llama's); t5lite pads with 0 by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "uses PAD_ID=0" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_PaddingNotice())
+
 # Embedding tables are padded to a multiple of this for efficient TPU/GPU matmuls (T5 uses 128).
 VOCAB_SIZE_MULTIPLE = 128
 
@@ -112,6 +127,13 @@ def _train(sentences: list[str], options: dict) -> bytes:
     try:
         sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
     except RuntimeError as error:  # e.g. "Vocabulary size too high (8000). Please set it to a value <= 5755."
+        most = re.search(r"<= (\d+)", str(error))
+        if most:
+            fix = f"pass --vocab_size={most[1]} or less" if int(most[1]) >= 300 else "the least is 300: give more text"
+            raise ValueError(
+                f"{len(sentences)} lines of text fill at most {most[1]} pieces, not vocab_size="
+                f"{options['vocab_size']}: {fix}."
+            ) from None
         raise ValueError(
             f"SentencePiece could not train a {options['model_type']} vocabulary of "
             f"{options['vocab_size']} pieces on {len(sentences)} lines: {error}"
@@ -164,11 +186,13 @@ def default_vocabulary(extra_ids: int = DEFAULT_EXTRA_IDS) -> CorpusVocabulary:
     return CorpusVocabulary(extra_ids=extra_ids)
 
 
+@gin.configurable(module="t5lite.data")
 def get_vocabulary(spec: str | seqio.Vocabulary | None = None, extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.Vocabulary:
     """A vocabulary from a gin-friendly spec.
 
     None or "default": SentencePiece trained on the embedded corpus; "bytes": UTF-8 bytes
-    (ByT5's ids); a path to a .model file: that SentencePiece model; a Vocabulary: itself.
+    (ByT5's ids); a path to a .model file: that SentencePiece model; a path to a Hugging Face
+    tokenizer .json file: that tokenizer; a Vocabulary: itself.
     """
     if isinstance(spec, seqio.Vocabulary):
         return spec
@@ -177,10 +201,12 @@ def get_vocabulary(spec: str | seqio.Vocabulary | None = None, extra_ids: int = 
     if spec == "bytes":
         return seqio.ByteVocabulary(extra_ids=extra_ids)
     path = pathlib.Path(spec).expanduser()
+    if path.suffix == ".json":
+        return TokenizerJsonVocabulary(path)
     if path.suffix != ".model":
         raise ValueError(
-            f"Unknown vocabulary {spec!r}: use 'default', 'bytes' or the path of a SentencePiece "
-            f".model file (e.g. from `t5lite vocab`)."
+            f"Unknown vocabulary {spec!r}: use 'default', 'bytes', the path of a SentencePiece "
+            f".model file (e.g. from `t5lite vocab`) or of a Hugging Face tokenizer.json."
         )
     if not path.is_file():
         raise FileNotFoundError(f"SentencePiece model {path} does not exist; build one with `t5lite vocab`.")

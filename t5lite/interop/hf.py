@@ -205,6 +205,8 @@ def _t5_config(hf: Any, dtype: str, activation: str) -> ModelConfig:
     return ModelConfig(
         architecture="encoder_decoder",
         vocab_size=hf.vocab_size,
+        start_id=_token_id(hf, "decoder_start_token_id", 0),
+        eos_id=_token_id(hf, "eos_token_id", 1),
         d_model=hf.d_model,
         num_heads=hf.num_heads,
         head_dim=hf.d_kv,
@@ -238,6 +240,8 @@ def _llama_config(hf: Any, dtype: str) -> ModelConfig:
     return ModelConfig(
         architecture="decoder",
         vocab_size=hf.vocab_size,
+        start_id=_token_id(hf, "bos_token_id", 1),
+        eos_id=_token_id(hf, "eos_token_id", 2),
         d_model=hf.hidden_size,
         num_heads=hf.num_attention_heads,
         num_kv_heads=hf.num_key_value_heads,
@@ -260,15 +264,20 @@ def _llama_config(hf: Any, dtype: str) -> ModelConfig:
     )
 
 
+def _token_id(hf: Any, name: str, default: int) -> int:
+    """A special token id of an HF config; a list of EOS ids (Llama 3) is refused, t5lite stops at one."""
+    value = getattr(hf, name, None)
+    value = default if value is None else value
+    if not isinstance(value, int):
+        raise ValueError(f"The Hugging Face config's {name}={value!r} is not one token id; t5lite needs one.")
+    return value
+
+
 def hf_config_from(config: ModelConfig):
     """The transformers config for a t5lite config, or ValueError naming what HF cannot express."""
     import transformers
 
-    if config.moe.num_experts:
-        raise ValueError(
-            "Exporting mixture-of-experts models to Hugging Face is not supported; t5lite imports "
-            "Switch Transformers but writes only dense T5 and Llama models."
-        )
+    _check_exportable(config)
     if config.is_encoder_decoder:
         _require(
             config,
@@ -294,6 +303,9 @@ def hf_config_from(config: ModelConfig):
             layer_norm_epsilon=config.norm_epsilon,
             feed_forward_proj=_T5_EXPORT_ACTIVATIONS[config.mlp_activation],
             tie_word_embeddings=config.rescale_tied_logits,
+            decoder_start_token_id=config.start_id,
+            eos_token_id=config.eos_id,
+            pad_token_id=0,
         )
         hf.tie_word_embeddings = config.tie_embeddings  # transformers 5 forces True in __init__
         return hf
@@ -323,7 +335,30 @@ def hf_config_from(config: ModelConfig):
         max_position_embeddings=config.max_length,
         rope_parameters=rope,
         tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=config.start_id,
+        eos_token_id=config.eos_id,
+        pad_token_id=0,
     )
+
+
+def _check_exportable(config: ModelConfig) -> None:
+    """What no Hugging Face T5 or Llama can hold."""
+    if config.weight_quant.families:
+        raise ValueError(
+            f"This model's {', '.join(config.weight_quant.families)} kernels are stored quantised "
+            f"({config.weight_quant.bits}-bit); Hugging Face T5 and Llama hold float weights. Export the "
+            f"float run it was quantised from."
+        )
+    if config.adapters.trains_added_params or config.adapters.reward_head:
+        raise ValueError(
+            "Hugging Face T5 and Llama have no place for adapters (BitFit biases, a soft prompt, a reward "
+            "head, unmerged LoRA); merge LoRA first (t5lite.models.lora.merge_lora) or export the base model."
+        )
+    if config.moe.num_experts:
+        raise ValueError(
+            "Exporting mixture-of-experts models to Hugging Face is not supported; t5lite imports "
+            "Switch Transformers but writes only dense T5 and Llama models."
+        )
 
 
 def _require(config: ModelConfig, family: str, **expected) -> None:
@@ -438,7 +473,7 @@ def to_torch(model, params):
     hf_config = hf_config_from(config)
     cls = transformers.T5ForConditionalGeneration if config.is_encoder_decoder else transformers.LlamaForCausalLM
     hf_model = cls(hf_config)
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict_from_params(params, config).items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in state_dict_from_params(params, config).items()}
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     assert not set(missing) - set(_tied_aliases(config)) and not unexpected, (missing, unexpected)
     if config.is_encoder_decoder:
@@ -461,7 +496,12 @@ def load_pretrained(directory: str | pathlib.Path, dtype: str = "float32", scan_
     config_from_hf(hf_config)  # fail early, with the reason, on unsupported architectures
     seq2seq = hf_config.model_type in ("t5", "mt5", "switch_transformers")
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    hf_model = auto.from_pretrained(directory, config=hf_config, local_files_only=True)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # T5's embed_tokens aliases of `shared` are reported missing
+    try:
+        hf_model = auto.from_pretrained(directory, config=hf_config, local_files_only=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     if seq2seq:
         hf_model.set_input_embeddings(hf_model.shared)  # saved once under shared.weight
     return from_torch(hf_model, dtype, scan_layers)

@@ -267,8 +267,10 @@ def summary(N, D, C, L, *, bootstrap: int = 0, rtol: float = 0.05) -> dict:
 
 
 def _chinchilla(theta: np.ndarray) -> ChinchillaLaw:
+    """A degenerate bootstrap resample may fit a coefficient beyond float range: it is inf, not a warning."""
     e, a, alpha, b, beta = theta
-    return ChinchillaLaw(float(np.exp(e)), float(np.exp(a)), float(np.exp(b)), float(alpha), float(beta))
+    with np.errstate(over="ignore"):
+        return ChinchillaLaw(float(np.exp(e)), float(np.exp(a)), float(np.exp(b)), float(alpha), float(beta))
 
 
 def _fit_lse(y: np.ndarray, log_xs: list[np.ndarray], delta: float, starts) -> np.ndarray:

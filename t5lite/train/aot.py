@@ -87,8 +87,12 @@ def shard_bytes(tree) -> int:
 
 
 def format_bytes(num_bytes: int) -> str:
-    gib = hardware.GIB
-    return f"{num_bytes / gib:.2f} GiB" if num_bytes >= gib / 10 else f"{num_bytes / 2**20:.1f} MiB"
+    """In the largest unit that keeps a leading digit: 0.50 GiB, 12.3 MiB, 4.0 KiB."""
+    if num_bytes >= hardware.GIB / 10:
+        return f"{num_bytes / hardware.GIB:.2f} GiB"
+    if num_bytes >= 2**20 / 10:
+        return f"{num_bytes / 2**20:.1f} MiB"
+    return f"{num_bytes / 2**10:.1f} KiB"
 
 
 def topology_devices(topology: str) -> list:
@@ -103,7 +107,8 @@ def topology_devices(topology: str) -> list:
     # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore").
     megacore = {"chip_config_name": "megacore"} if topology.split(":")[0] in ("v4", "v5p") else {}
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **megacore).devices)
+        with hardware.native_stderr_silenced():  # libtpu logs an error line where no TPU is attached
+            return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **megacore).devices)
     except Exception as error:  # libtpu reports bad names as runtime errors of several kinds
         raise ValueError(
             f"libtpu does not know the TPU topology {topology!r} ({error}). Name a chip generation "

@@ -28,6 +28,7 @@ from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
 from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
 from t5lite.train import preemption
+from t5lite.train.console import Console
 from t5lite.train.distillation import Teacher, teacher_for, teacher_params
 from t5lite.train.evaluation import evaluate
 from t5lite.train.preference import Preference
@@ -229,9 +230,18 @@ class StepLoop:
             unit="step",
             dynamic_ncols=True,
         )
+        tokens_per_step = spec.batch_size * sum(spec.lengths)
+        console = Console(self.model_dir, spec.progress and primary)
+        checkpoint_dir = self.checkpoints.manager.directory
+        console.started(
+            start,
+            spec.num_steps,
+            checkpoint_dir / str(start) if start else None,
+            f"batch {spec.batch_size}, lengths {spec.task_feature_lengths}, {partitioner.mesh.size} device(s)",
+        )
         step_metrics = metrics_lib.StepMetrics(
             self.flops_per_step,
-            spec.batch_size * sum(spec.lengths),
+            tokens_per_step,
             partitioner.mesh.size,
             self.peak_flops_per_device,
             spec.skip_nonfinite_steps,
@@ -257,7 +267,8 @@ class StepLoop:
                         last = step_metrics.summary()
                         self._log(writers, bar, done, last)
                     if saving:
-                        self.checkpoints.save(done, state, self.stream, force=end)
+                        if self.checkpoints.save(done, state, self.stream, force=end):
+                            console.saved(done, checkpoint_dir / str(done))
                         for writer in writers.values():
                             writer.sync()
                     if evaluating:
@@ -266,6 +277,7 @@ class StepLoop:
                         )
                         if writers:
                             writers["eval"].write(done, results)
+                        console.evaluated(done, results)
                     bar.update(1)
                     if stopping and done < spec.num_steps:
                         interrupted = preemption.Interrupted(done, stop.signum)
@@ -277,6 +289,7 @@ class StepLoop:
             self.checkpoints.close()
         if interrupted:
             raise interrupted
+        console.finished(spec.num_steps, tokens_per_step, last)
         return last
 
     @staticmethod

@@ -136,6 +136,8 @@ class RunSpec:
             shard_index=index,
             num_shards=count,
             repeat=repeat,
+            start_id=self.model_config.start_id,
+            eos_id=self.model_config.eos_id,
         )
 
     def flops_per_step(self, reference: ModelConfig | None = None) -> float:

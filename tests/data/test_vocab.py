@@ -72,8 +72,12 @@ def test_bad_vocabulary_settings(tmp_path, text_file):
         data.build_vocabulary(tmp_path, model_type="word", input_files=[text_file])
     with pytest.raises(ValueError, match="vocab_size=100 must be"):
         data.build_vocabulary(tmp_path, vocab_size=100, input_files=[text_file])
-    with pytest.raises(ValueError, match="could not train"):
+    with pytest.raises(ValueError, match=r"lines of text fill at most \d+ pieces, not vocab_size=50000: pass"):
         data.build_vocabulary(tmp_path, vocab_size=50_000, model_type="unigram", input_files=[text_file])
+    (tmp_path / "two.txt").write_text("hello world\nsmall input\n")
+    with pytest.raises(ValueError, match="fill at most 2.. pieces, not vocab_size=1000: the least is 300"):
+        data.build_vocabulary(tmp_path / "out", vocab_size=1000, input_files=[tmp_path / "two.txt"])
+    assert list((tmp_path / "out").iterdir()) == []  # nor a lock file left behind
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.build_vocabulary(tmp_path, input_files=[tmp_path / "missing.txt"])
     with pytest.raises(FileNotFoundError, match="t5lite vocab"):

@@ -200,3 +200,9 @@ def test_processes_sharing_batch_rows_read_the_same_data_shard(topology, shape):
         assert sum(stop - start for start, stop in held[process]) == batch_size // count
         same_shard = [other for other in processes if shards[other][0] == index]
         assert all(held[other] == held[process] for other in same_shard)  # same rows, same examples
+
+
+def test_sizes_are_printed_with_a_leading_digit():
+    from t5lite.train.aot import format_bytes
+
+    assert [format_bytes(n) for n in (2**31, 2**20 * 12.3, 4096, 0)] == ["2.00 GiB", "12.3 MiB", "4.0 KiB", "0.0 KiB"]

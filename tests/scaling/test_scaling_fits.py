@@ -3,6 +3,7 @@
 import csv
 import json
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -168,3 +169,10 @@ def test_public_api_reads_like_a_dict():
     L = 1.7 + 400 / N**0.34 + 410 / D**0.28
     r = fit.approach3(N, D, L, exclude_highest=0)
     np.testing.assert_allclose([r["alpha"], r["beta"], r["E"]], [0.34, 0.28, 1.7], rtol=0.02)
+
+
+def test_a_coefficient_beyond_float_range_is_inf_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        law = fits._chinchilla(np.array([1.0, 800.0, 0.3, 2.0, 0.3]))
+    assert law.A == np.inf and law.E == pytest.approx(np.e)
