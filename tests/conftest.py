@@ -8,7 +8,13 @@ import tempfile
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA aborts the process when the threads of a collective on virtual devices do not all arrive
+# within its timeout; on a loaded 2-core machine (two pytest workers, each with 8 device threads)
+# they can be late without anything being wrong, so the tests wait longer than XLA's default.
+SLOW_MACHINE_COLLECTIVES = (
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 --xla_cpu_collective_call_terminate_timeout_seconds=900"
+)
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {SLOW_MACHINE_COLLECTIVES}")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Many tests (and the `t5lite` processes they start, which inherit this) compile the same tiny
 # train steps; JAX's persistent cache compiles each once.

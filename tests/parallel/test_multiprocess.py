@@ -54,7 +54,8 @@ def free_port() -> int:
 
 def start_two_processes(model_dir, num_steps):
     port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")  # conftest's, for 4 devices
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     bindings = [f"--gin.{b.replace(' = ', '=', 1)}" for b in BINDINGS + [f"train.num_steps = {num_steps}"]]
     return [
         subprocess.Popen(

@@ -25,3 +25,20 @@ def test_committed_report_matches_its_csv():
         )
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (SWEEP / image).stat().st_size > 10_000, image
+
+
+def test_the_small_cpu_spec_is_six_of_these_points_and_they_fit():
+    """sweeps/small_cpu.gin plans six of the kept sweep's points (same shapes and steps, so the same
+    runs); each budget's IsoFLOP profile curves upwards, so it has a minimum and every approach fits."""
+    from t5lite.scaling import runner
+
+    points = runner.make_plan(runner.load_spec("sweeps/small_cpu.gin"))
+    results = read_results(SWEEP / "results.csv")
+    rows = [results.config.index(point.name) for point in points]
+    np.testing.assert_allclose(results.D[rows], [point.num_steps * point.tokens_per_step for point in points])
+    N, D, C, loss = (np.asarray(x)[rows] for x in (results.N, results.D, results.C, results.loss))
+    for budget in np.unique(np.round(C, -11)):
+        at = np.round(C, -11) == budget
+        assert at.sum() == 3 and np.polyfit(np.log(N[at]), loss[at], 2)[0] > 0, loss[at]
+    summary = fits.summary(N, D, C, loss)
+    assert all(np.isfinite(summary[name]["a"]) for name in ("approach1", "approach2", "approach3"))
