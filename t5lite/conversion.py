@@ -45,7 +45,8 @@ FINETUNE_BINDINGS = [  # a converted run's training settings: AdamW at a constan
 
 
 def import_run(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path, dtype: str = "bfloat16") -> ModelConfig:
-    """Writes the run directory of a `save_pretrained` model; everything is checked before anything is written."""
+    """Writes the run directory of a `save_pretrained` model. The model and its tokenizer are checked before
+    anything is written; should writing the run fail after its weights, they are removed again."""
     hf_dir, run_dir = pathlib.Path(hf_dir), pathlib.Path(run_dir).absolute()
     model, params = hf.load_pretrained(hf_dir, dtype=dtype)
     config = model.config
