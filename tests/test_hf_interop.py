@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_models import llama, t5
 
 from t5lite import cli
 from t5lite.config import AdapterConfig, WeightQuantConfig
@@ -16,48 +17,6 @@ from t5lite.interop import hf
 from t5lite.layers.moe import moe_summary
 from t5lite.models import get_config, param_count
 from t5lite.models.hidden import hidden_states
-
-
-def t5(feed_forward_proj="relu", tied=True, cls=transformers.T5ForConditionalGeneration, **changes):
-    """A random-initialised HF T5. Untied (v1.1) models share their input embeddings as published ones do."""
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=99,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_decoder_layers=3,
-        num_heads=4,
-        feed_forward_proj=feed_forward_proj,
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=24,
-        tie_word_embeddings=tied,
-        **changes,
-    )
-    config.tie_word_embeddings = tied  # transformers 5 ignores the constructor argument
-    model = cls(config).eval()
-    model.set_input_embeddings(model.shared)
-    return model
-
-
-def llama(tied=False, kv_heads=2, rope=None):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=99,
-        hidden_size=64,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=kv_heads,
-        head_dim=8,
-        rope_parameters=rope or {"rope_type": "default", "rope_theta": 500.0},
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-5,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
 
 HF_MODELS = {
     "t5_v1_0": functools.partial(t5, "relu", tied=True),

@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
+from hf_models import llama, t5
 
 from t5lite import cli, decoding, inference
 from t5lite.data import TokenizerJsonVocabulary
@@ -40,39 +41,11 @@ def sentencepiece_model(directory, family):
 
 
 def hf_model(family):
-    torch.manual_seed(0)
+    """The vocabulary of `sentencepiece_model` (T5's with EXTRA_IDS sentinels, padded); one decoder
+    layer per encoder layer, as HF T5's generate() cache needs."""
     if family == "t5":
-        config = transformers.T5Config(
-            vocab_size=320,
-            d_model=32,
-            d_kv=8,
-            d_ff=48,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            decoder_start_token_id=0,
-            eos_token_id=1,
-            pad_token_id=0,
-            tie_word_embeddings=False,
-        )
-        config.tie_word_embeddings = False  # v1.1: untied, no output scaling
-        model = transformers.T5ForConditionalGeneration(config).eval()
-        model.set_input_embeddings(model.shared)
-        return model
-    config = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+        return t5("gated-gelu", tied=False, vocab_size=320, num_decoder_layers=2)
+    return llama(vocab_size=300, max_position_embeddings=256)
 
 
 def save_pretrained(directory, family, model, sentencepiece):

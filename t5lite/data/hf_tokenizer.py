@@ -4,7 +4,9 @@
 `tokenizer_config.json` naming its special tokens) and no SentencePiece model, so a converted
 model's own tokenizer reaches seqio tasks, training and decoding through this adapter. Text is
 encoded without special tokens: seqio appends EOS itself, and the start token comes from the
-model (`ModelConfig.start_id`). Padding is id 0, as everywhere in t5lite.
+model (`ModelConfig.start_id`). Padding is id 0, as everywhere in t5lite. In tf.data it tokenizes
+through `tf.py_function` (Python, one example at a time), slower than SentencePiece's TF op, which
+is why `t5lite convert` prefers a model's SentencePiece file where it ships one.
 """
 
 from __future__ import annotations
