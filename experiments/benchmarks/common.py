@@ -11,6 +11,14 @@ import jax
 # Make `pallas_kernels` importable when a script runs from a checkout without an install.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
+from t5lite import hardware  # noqa: E402
+
+# As the t5lite command does: without a TPU or GPU, the CPU alone (libtpu, when installed, logs an
+# error where there is no TPU); subprocesses inherit it.
+if "JAX_PLATFORMS" not in os.environ and hardware.no_accelerator_here():
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+
 
 def on_accelerator():
     return jax.default_backend() in ("tpu", "gpu")

@@ -1,12 +1,14 @@
 """Shared helpers for the kernel tests: attention cases, float64 references, error metric."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.flash_attention import attention_reference, flash_attention
+from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -86,6 +88,31 @@ class Case:
         return opts
 
 
+# Every feature of the kernel, each case a few at once (sizes not multiples of the blocks).
+CASES = {
+    c.name: c
+    for c in [
+        Case("plain", B=1, T=33, S=33, H=2, KVH=2),
+        Case("causal_relpos_bidirectional", B=2, T=37, S=37, H=4, KVH=4, causal=True, relpos=(32, True, 20)),
+        Case("gqa_prefix_relpos_unidirectional", B=2, T=45, S=45, H=4, KVH=2, prefix=(7, 30), relpos=(16, False, 24)),
+        Case("mqa_packed_alibi", B=2, T=40, S=40, H=4, KVH=1, causal=True, segments="packed", alibi=True),
+        Case("window_sinks", B=1, T=50, S=50, H=2, KVH=2, causal=True, window=9, sinks=3),
+        Case(
+            "cross_pairs_bias_offset",
+            B=2,
+            T=21,
+            S=50,
+            H=4,
+            KVH=2,
+            segments="pair",
+            bias=True,
+            kv_offset=5,
+            relpos=(8, True, 12),
+        ),
+    ]
+}
+
+
 def _loss_inputs(case, a):
     names = sorted(a)
     return names, [a[n] for n in names]
@@ -126,3 +153,64 @@ def reference_vjp(case, dtype, seed=0):
 def cotangent(case, dtype, seed):
     r = np.random.RandomState(seed + 1)
     return jnp.asarray(r.randn(case.B, case.T, case.H, case.D), dtype)
+
+
+# int8 matmul operands and scalings.
+M, K, N, G = 40, 256, 72, 4
+RNG = np.random.RandomState(0)
+A = RNG.randint(-128, 128, (M, K)).astype(np.int8)
+B = RNG.randint(-128, 128, (K, N)).astype(np.int8)
+
+# name -> (a_scale, b_scale, a_zero_point, b_zero_point)
+SCALINGS = {
+    "tensor": (np.float32(0.03), np.float32(0.5), None, None),
+    "channel": (RNG.rand(M).astype(np.float32), RNG.rand(N).astype(np.float32), None, None),
+    "group": (RNG.rand(M, G).astype(np.float32), RNG.rand(G, N).astype(np.float32), None, None),
+    "tensor_by_group": (np.float32(0.25), RNG.rand(G, N).astype(np.float32), None, None),
+    "channel_zero_points": (
+        RNG.rand(M, 1).astype(np.float32),
+        RNG.rand(1, N).astype(np.float32),
+        3,
+        RNG.randint(-9, 9, N),
+    ),
+    "group_zero_points": (
+        RNG.rand(M, G).astype(np.float32),
+        RNG.rand(G, N).astype(np.float32),
+        RNG.randint(-9, 9, M),
+        -4,
+    ),
+}
+
+
+def check_int8_matmul(name, backend):
+    """The int8 matmul with scaling `name` against float64 (and bit for bit where one scale covers K)."""
+    a_scale, b_scale, a_zero, b_zero = SCALINGS[name]
+    out = np.asarray(
+        int8_matmul(A, B, a_scale, b_scale, jnp.float32, a_zero_point=a_zero, b_zero_point=b_zero, backend=backend)
+    )
+    with jax.enable_x64(True):
+        ref = np.asarray(
+            int8_matmul_reference(
+                A,
+                B,
+                a_scale,
+                b_scale,
+                a_zero_point=0 if a_zero is None else a_zero,
+                b_zero_point=0 if b_zero is None else b_zero,
+                dtype=jnp.float64,
+            )
+        )
+    if name in ("tensor", "channel", "channel_zero_points"):
+        # One scale over all of K: int32 accumulation, then the same float32 scaling, bit for bit.
+        za = np.reshape(0 if a_zero is None else a_zero, (-1, 1)).astype(np.int64)
+        zb = np.reshape(0 if b_zero is None else b_zero, (1, -1)).astype(np.int64)
+        exact = ((A - za) @ (B - zb)).astype(np.float32)
+        exact = exact * np.reshape(a_scale, (-1, 1)).astype(np.float32) * np.reshape(b_scale, (1, -1))
+        np.testing.assert_array_equal(out, exact)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def device_backend() -> str | None:
+    """The kernels' backend for the on-device checks: T5LITE_KERNEL_BACKEND when set (e.g.
+    "interpret" to run them on the CPU), else "auto" on a GPU or TPU, else None (no device)."""
+    return os.environ.get("T5LITE_KERNEL_BACKEND") or ("auto" if jax.default_backend() in ("gpu", "tpu") else None)

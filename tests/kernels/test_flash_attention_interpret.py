@@ -3,32 +3,9 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_testing import TOLERANCE, Case, kernel_vjp, reference_vjp, rel_err
+from kernel_testing import CASES, TOLERANCE, Case, kernel_vjp, reference_vjp, rel_err
 
 from pallas_kernels.flash_attention import api, flash_attention
-
-CASES = {
-    c.name: c
-    for c in [
-        Case("plain", B=1, T=33, S=33, H=2, KVH=2),
-        Case("causal_relpos_bidirectional", B=2, T=37, S=37, H=4, KVH=4, causal=True, relpos=(32, True, 20)),
-        Case("gqa_prefix_relpos_unidirectional", B=2, T=45, S=45, H=4, KVH=2, prefix=(7, 30), relpos=(16, False, 24)),
-        Case("mqa_packed_alibi", B=2, T=40, S=40, H=4, KVH=1, causal=True, segments="packed", alibi=True),
-        Case("window_sinks", B=1, T=50, S=50, H=2, KVH=2, causal=True, window=9, sinks=3),
-        Case(
-            "cross_pairs_bias_offset",
-            B=2,
-            T=21,
-            S=50,
-            H=4,
-            KVH=2,
-            segments="pair",
-            bias=True,
-            kv_offset=5,
-            relpos=(8, True, 12),
-        ),
-    ]
-}
 
 # (case, dtype, backend): every case through the TPU kernel, a covering subset through the GPU one.
 RUNS = [(name, jnp.float32, "interpret") for name in CASES] + [

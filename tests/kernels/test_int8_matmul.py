@@ -4,42 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_testing import RNG, SCALINGS, A, B, G, M, N, check_int8_matmul
 from lowering import TPU_KERNEL, TRITON_KERNEL, compile_for_tpu, lower_for_cuda
 
 from pallas_kernels.int8_matmul import (
     dequantize,
     int8_dense,
     int8_matmul,
-    int8_matmul_reference,
     quantize,
     quantize_weight,
     weight_only_dense,
 )
 
-M, K, N, G = 40, 256, 72, 4
-RNG = np.random.RandomState(0)
-A = RNG.randint(-128, 128, (M, K)).astype(np.int8)
-B = RNG.randint(-128, 128, (K, N)).astype(np.int8)
-
-# name -> (a_scale, b_scale, a_zero_point, b_zero_point)
-SCALINGS = {
-    "tensor": (np.float32(0.03), np.float32(0.5), None, None),
-    "channel": (RNG.rand(M).astype(np.float32), RNG.rand(N).astype(np.float32), None, None),
-    "group": (RNG.rand(M, G).astype(np.float32), RNG.rand(G, N).astype(np.float32), None, None),
-    "tensor_by_group": (np.float32(0.25), RNG.rand(G, N).astype(np.float32), None, None),
-    "channel_zero_points": (
-        RNG.rand(M, 1).astype(np.float32),
-        RNG.rand(1, N).astype(np.float32),
-        3,
-        RNG.randint(-9, 9, N),
-    ),
-    "group_zero_points": (
-        RNG.rand(M, G).astype(np.float32),
-        RNG.rand(G, N).astype(np.float32),
-        RNG.randint(-9, 9, M),
-        -4,
-    ),
-}
 BACKENDS = ["interpret", "gpu_interpret", "xla"]
 
 
@@ -53,30 +29,7 @@ def test_integer_products_are_exact(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(SCALINGS))
 def test_matches_dequantised_float_matmul(name, backend):
-    a_scale, b_scale, a_zero, b_zero = SCALINGS[name]
-    out = np.asarray(
-        int8_matmul(A, B, a_scale, b_scale, jnp.float32, a_zero_point=a_zero, b_zero_point=b_zero, backend=backend)
-    )
-    with jax.enable_x64(True):
-        ref = np.asarray(
-            int8_matmul_reference(
-                A,
-                B,
-                a_scale,
-                b_scale,
-                a_zero_point=0 if a_zero is None else a_zero,
-                b_zero_point=0 if b_zero is None else b_zero,
-                dtype=jnp.float64,
-            )
-        )
-    if name in ("tensor", "channel", "channel_zero_points"):
-        # One scale over all of K: int32 accumulation, then the same float32 scaling, bit for bit.
-        za = np.reshape(0 if a_zero is None else a_zero, (-1, 1)).astype(np.int64)
-        zb = np.reshape(0 if b_zero is None else b_zero, (1, -1)).astype(np.int64)
-        exact = ((A - za) @ (B - zb)).astype(np.float32)
-        exact = exact * np.reshape(a_scale, (-1, 1)).astype(np.float32) * np.reshape(b_scale, (1, -1))
-        np.testing.assert_array_equal(out, exact)
-    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    check_int8_matmul(name, backend)
 
 
 def test_bfloat16_output_and_odd_shapes():
