@@ -103,7 +103,10 @@ class Attention(nn.Module):
 
     With `decode=True` the first call creates the cache (zeros for self-attention, the
     projected encoder keys/values for cross-attention) and computes as usual; later calls
-    write their keys/values at `cache_position` and attend over the whole cache.
+    write their keys/values at `cache_position` and attend over the whole cache. For XLA attention
+    the cache is stored heads first, [B, KVH, K, D], the layout its batched matmuls read: stored
+    [B, K, KVH, D], XLA:CPU copied every layer's cache into that layout at every step (a quarter of
+    T5's greedy decoding time); the Pallas kernel reads [B, K, KVH, D] and gets that.
     """
 
     num_heads: int
@@ -143,14 +146,15 @@ class Attention(nn.Module):
             (self.num_heads, self.head_dim), ("embed", "heads", "kv"), kernel_scale=query_scale, name="query"
         )(inputs_q)
         kv_proj = lambda name: dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), name=name)
+        heads_first = spec.impl == "xla"
         if self.is_cross_attention:
-            key, value = self._cross_keys_values(kv_proj, inputs_kv)
+            key, value = self._cross_keys_values(kv_proj, inputs_kv, heads_first)
         else:
             key, value = kv_proj("key")(inputs_kv), kv_proj("value")(inputs_kv)
             if rope is not None:
                 query, key = apply_rope(query, *rope), apply_rope(key, *rope)
             if self.decode:
-                key, value = self._update_cache(key, value, cache_position)
+                key, value = self._update_cache(key, value, cache_position, heads_first)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
         dropout_rng = None if self.deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
         out = attend(
@@ -166,22 +170,30 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), in_axes=2, name="out")(out)
 
-    def _update_cache(self, key, value, cache_position):
+    def _update_cache(self, key, value, cache_position, heads_first: bool):
+        """Writes [B, T, KVH, D] keys and values at `cache_position`; returns the whole cache, [B, K, KVH, D]."""
+        order = _swap_length_heads if heads_first else (lambda x: x)
         exists = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, order(key).shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, order(value).shape, value.dtype)
         if not exists:  # the call that sizes the cache attends over its own inputs
             return key, value
-        start = (0, cache_position, 0, 0)
-        cached_key.value = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
-        cached_value.value = lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), start)
-        return cached_key.value, cached_value.value
+        start = (0, 0, cache_position, 0) if heads_first else (0, cache_position, 0, 0)
+        for cached, new in ((cached_key, key), (cached_value, value)):
+            cached.value = lax.dynamic_update_slice(cached.value, order(new).astype(cached.value.dtype), start)
+        return order(cached_key.value), order(cached_value.value)
 
-    def _cross_keys_values(self, kv_proj, encoded):
+    def _cross_keys_values(self, kv_proj, encoded, heads_first: bool):
+        order = _swap_length_heads if heads_first else (lambda x: x)
         if self.decode and self.has_variable("cache", "cached_key"):
-            return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+            return order(self.get_variable("cache", "cached_key")), order(self.get_variable("cache", "cached_value"))
         key, value = kv_proj("key")(encoded), kv_proj("value")(encoded)
         if self.decode:
-            self.put_variable("cache", "cached_key", key)
-            self.put_variable("cache", "cached_value", value)
+            self.put_variable("cache", "cached_key", order(key))
+            self.put_variable("cache", "cached_value", order(value))
         return key, value
+
+
+def _swap_length_heads(x):
+    """[B, K, H, D] <-> [B, H, K, D]."""
+    return jnp.swapaxes(x, 1, 2)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.int8_matmul import int8_dense, weight_only_dense
 from t5lite.layers.int8_matmul import llm_int8_matmul, smoothquant_matmul
@@ -29,6 +32,43 @@ def fan_in_init(scale: float = 1.0, in_axes: int = 1):
     return nn.initializers.variance_scaling(
         scale, "fan_in", "truncated_normal", in_axis=tuple(range(in_axes)), out_axis=-1
     )
+
+
+# The name of every dense layer's output, for rematerialisation policies (t5lite.models.transformer):
+# `contract` has its own backward rule, so policies that look for dot_general do not see it.
+DENSE_OUTPUT = "dense"
+
+
+def contract(x, kernel, in_axes: int):
+    """x [..., *in] · kernel [*in, *out] -> [..., *out], the last `in_axes` axes of x contracted.
+
+    The backward pass computes the kernel's gradient as x contracted with the cotangent over their
+    batch axes, straight into the kernel's [*in, *out] layout. Autodiff of `lax.dot_general` gives
+    the transposed product and then a transpose, which XLA:CPU lays out as a strided copy fused into
+    the elementwise ops before it, costing about as much as the matmul (a third of a T5 v1.1 MLP's
+    backward on CPU; experiments/benchmarks/README.md). Same values, same FLOPs."""
+    return checkpoint_name(_contract(x, kernel, in_axes), DENSE_OUTPUT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract(x, kernel, in_axes):
+    return lax.dot_general(x, kernel, ((tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes))), ((), ())))
+
+
+def _contract_forward(x, kernel, in_axes):
+    return _contract(x, kernel, in_axes), (x, kernel)
+
+
+def _contract_backward(in_axes, residuals, g):
+    x, kernel = residuals
+    batch = x.ndim - in_axes
+    outputs = tuple(range(batch, g.ndim))
+    dx = lax.dot_general(g, kernel, ((outputs, tuple(range(in_axes, kernel.ndim))), ((), ())))
+    dkernel = lax.dot_general(x, g, ((tuple(range(batch)), tuple(range(batch))), ((), ())))
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_contract.defvjp(_contract_forward, _contract_backward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +159,7 @@ class DenseGeneral(nn.Module):
         if self.int8:
             y = int8_dense(x.reshape(*batch, flat[0]), kernel.reshape(flat), backward_dtype=self.dtype)
             return y.reshape(*batch, *features)
-        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-        return lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
+        return contract(x, kernel.astype(self.dtype), self.in_axes)
 
     def _adapter(self, x):
         lora, inputs = self.lora, x.shape[x.ndim - self.in_axes :]

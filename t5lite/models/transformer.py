@@ -17,17 +17,21 @@ from t5lite.config import ModelConfig
 from t5lite.layers import positions as pos
 from t5lite.layers.attention import Attention
 from t5lite.layers.attention_spec import cross_attention_spec, resolve_impl, self_attention_spec
-from t5lite.layers.dense import DenseGeneral, Lora, WeightQuant
+from t5lite.layers.dense import DENSE_OUTPUT, DenseGeneral, Lora, WeightQuant
 from t5lite.layers.embedding import Embed, SoftPrompt
 from t5lite.layers.mlp import Mlp
 from t5lite.layers.moe import MoeMlp
 from t5lite.layers.norm import NORMS
 from t5lite.layers.quant import Scheme
 
+# "dots" keeps every matmul's output; dense layers' outputs are named (they have their own backward rule).
+_DENSE = jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)
 REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _DENSE),
+    "dots_with_no_batch_dims": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _DENSE
+    ),
 }
 
 
