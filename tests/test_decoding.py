@@ -329,3 +329,24 @@ def test_bad_options_name_the_field(changes, field):
 def test_bad_inputs_fail_before_compiling(config, inputs, options, message):
     with pytest.raises(ValueError, match=message):
         generate(build(config), None, **inputs, options=options)
+
+
+@pytest.mark.parametrize("config", [DECODER, ENCODER_DECODER])
+@pytest.mark.parametrize("options", [GREEDY, DecodingOptions(max_new_tokens=N, num_beams=3, eos_id=None)])
+def test_stacked_layers_decode_as_the_unrolled_ones_the_cpu_runs(config, options, monkeypatch):
+    """On the CPU a scanned model decodes with its layers unrolled; TPU and GPU keep the stacked
+    parameters and cache in the loop (beam search reorders the stacked cache): both give the same."""
+    model, params = model_and_params(config)
+    unrolled, unstack = decoding._decoding_model(model)
+    assert unstack and config.scan_layers and not unrolled.config.scan_layers
+    unrolled_result = run(config, options)
+    monkeypatch.setattr(decoding, "_decoding_model", lambda model: (model, False))
+    stacked_result = generate(
+        model,
+        params,
+        encoder_input_tokens=ENCODER_INPUTS if config.is_encoder_decoder else None,
+        prompt_tokens=prompts(config),
+        options=options,
+    )
+    np.testing.assert_array_equal(np.asarray(stacked_result.tokens), np.asarray(unrolled_result.tokens))
+    np.testing.assert_allclose(np.asarray(stacked_result.scores), np.asarray(unrolled_result.scores), rtol=1e-5)

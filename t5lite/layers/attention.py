@@ -106,7 +106,8 @@ class Attention(nn.Module):
     write their keys/values at `cache_position` and attend over the whole cache. For XLA attention
     the cache is stored heads first, [B, KVH, K, D], the layout its batched matmuls read: stored
     [B, K, KVH, D], XLA:CPU copied every layer's cache into that layout at every step (a quarter of
-    T5's greedy decoding time); the Pallas kernel reads [B, K, KVH, D] and gets that.
+    T5's greedy decoding time); the Pallas kernel reads [B, K, KVH, D] and gets that. The barrier where
+    the cross-attention cache is made keeps XLA from moving the transpose back into the loop.
     """
 
     num_heads: int
@@ -189,8 +190,8 @@ class Attention(nn.Module):
             return order(self.get_variable("cache", "cached_key")), order(self.get_variable("cache", "cached_value"))
         key, value = kv_proj("key")(encoded), kv_proj("value")(encoded)
         if self.decode:
-            self.put_variable("cache", "cached_key", order(key))
-            self.put_variable("cache", "cached_value", order(value))
+            self.put_variable("cache", "cached_key", lax.optimization_barrier(order(key)))
+            self.put_variable("cache", "cached_value", lax.optimization_barrier(order(value)))
         return key, value
 
 
