@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import pathlib
 import re
 from typing import Any
@@ -206,27 +207,29 @@ class TrainCheckpoints:
 
     @contextlib.contextmanager
     def _reading(self, step: int):
-        """Errors reading a step (a truncated file, a missing item) as one CorruptCheckpoint line;
-        a state of another optimizer or model as the ValueError that says so."""
+        """Errors reading a step (a truncated file, a missing item, a metadata file whose bytes changed)
+        as one CorruptCheckpoint line; a state of another optimizer or model as the ValueError that says so."""
         try:
             yield
         except CorruptCheckpoint:
             raise
-        except ValueError as error:
-            if "tree structures do not match" not in str(error):
-                raise
-            message = None
         except Exception as error:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
-            message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        else:
-            return
-        if message is not None:
-            raise CorruptCheckpoint(f"Checkpoint {step} in {self.manager.directory} cannot be read ({message[:300]}).")
-        raise ValueError(
-            f"Checkpoint {step} in {self.manager.directory} holds the state of another optimizer "
-            f"or model than this run's. Resume with the config the run started with (its "
-            f"config.gin), or start a new run from its parameters with train.init_from."
-        )
+            if isinstance(error, ValueError) and re.search(
+                "tree structures do not match|Structure mismatch", str(error)
+            ):
+                raise ValueError(
+                    f"Checkpoint {step} in {self.manager.directory} holds the state of another optimizer "
+                    f"or model than this run's. Resume with the config the run started with (its "
+                    f"config.gin), or start a new run from its parameters with train.init_from."
+                ) from None
+            # Other ValueErrors are the caller's, but undecodable metadata (also ValueErrors) is the file's.
+            if isinstance(error, ValueError) and not isinstance(error, (UnicodeDecodeError, json.JSONDecodeError)):
+                raise
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            message = f"{type(error).__name__}: {first_line}"
+            raise CorruptCheckpoint(
+                f"Checkpoint {step} in {self.manager.directory} cannot be read ({message[:300]})."
+            ) from None
 
     def _verify(self, step: int, state, parts=("params", "opt_state")) -> None:
         if not (self.manager.directory / str(step) / "data").is_dir():
