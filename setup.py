@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "scipy>=1.11",  # GPTQ's triangular inverse
     "matplotlib>=3.8",
+    "sacrebleu==2.6.0",  # BLEU as T5 reports it (t5lite.data.metrics)
+    "rouge-score==0.1.2",  # ROUGE-1/2/Lsum as T5 reports it
 ]
 
 EXTRAS_REQUIRE = {
@@ -37,6 +39,9 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "babel>=2.12",
+        # What t5.evaluation.metrics (the reference the metric tests compare with) imports beyond ours.
+        "scikit-learn>=1.3",
+        "editdistance>=0.8",
         "ruff==0.17.6",  # `make lint`; pinned, as each release formats a little differently
     ],
 }
