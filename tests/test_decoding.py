@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from t5lite import decoding
-from t5lite.decoding import DecodingOptions, generate
+from t5lite.decoding import DecodingOptions, generate, generation
+from t5lite.decoding.steps import decoding_model
 from t5lite.models import abstract_params, build, get_config
 
 TINY = dict(dtype="float32", vocab_size=64, d_model=32, d_ff=48, num_heads=4, head_dim=8, max_length=64)
@@ -337,10 +338,10 @@ def test_stacked_layers_decode_as_the_unrolled_ones_the_cpu_runs(config, options
     """On the CPU a scanned model decodes with its layers unrolled; TPU and GPU keep the stacked
     parameters and cache in the loop (beam search reorders the stacked cache): both give the same."""
     model, params = model_and_params(config)
-    unrolled, unstack = decoding._decoding_model(model)
+    unrolled, unstack = decoding_model(model)
     assert unstack and config.scan_layers and not unrolled.config.scan_layers
     unrolled_result = run(config, options)
-    monkeypatch.setattr(decoding, "_decoding_model", lambda model: (model, False))
+    monkeypatch.setattr(generation, "decoding_model", lambda model: (model, False))
     stacked_result = generate(
         model,
         params,

@@ -19,6 +19,12 @@ evaluated reference registers it when the trainer reads its argument, e.g.
   my_text/t5lite.data.register_text_file_task.train_files = "/data/books/*.txt"
   my_text/t5lite.data.register_text_file_task.objective = "lm"
 
+Each takes `metric_fns` that score the model's predictions in evaluation, e.g. `t5lite.data.metrics`'s:
+
+  my_text/t5lite.data.register_text_file_task.metric_fns = [@t5lite.data.metrics.rouge]
+
+(`@name` without parentheses passes the function itself.)
+
 Registering a name again replaces the task, so a config may be parsed twice.
 """
 
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import gin
 import seqio
@@ -44,16 +50,18 @@ def register_text_file_task(
     vocabulary: str | seqio.Vocabulary | None = None,
     text_key: str = "text",
     validation_fraction: float = 0.03,
+    metric_fns: Sequence[Callable] = (),
 ) -> str:
     """A task on .txt files (a line per example) or .jsonl files (`text_key` of each object).
 
     Without `validation_files`, `validation_fraction` of the lines (chosen by hash) is the
     validation split. `vocabulary`: None (the default vocabulary), "bytes" or a .model path.
+    `metric_fns`: seqio metrics `(targets, predictions) -> {name: value}`, e.g. `metrics.bleu`.
     """
     source = sources.TextFilesSource(
         train_files, validation_files, text_key=text_key, validation_fraction=validation_fraction
     )
-    return _register_text_task(name, source, objective, vocabulary)
+    return _register_text_task(name, source, objective, vocabulary, metric_fns=metric_fns)
 
 
 @gin.configurable(module="t5lite.data")
@@ -65,20 +73,23 @@ def register_tfds_task(
     text_key: str = "text",
     splits: Sequence[str] | dict[str, str] | None = None,
     tfds_data_dir: str | None = None,
+    metric_fns: Sequence[Callable] = (),
 ) -> str:
     """A task on a TensorFlow Datasets text dataset, e.g. tfds_name="lm1b:1.1.0" (read from tfds_data_dir).
 
     `splits` renames TFDS splits, e.g. {"train": "train", "validation": "test"}.
     """
     source = seqio.TfdsDataSource(tfds_name=tfds_name, splits=splits, tfds_data_dir=tfds_data_dir)
-    return _register_text_task(name, source, objective, vocabulary, text_key)
+    return _register_text_task(name, source, objective, vocabulary, text_key, metric_fns)
 
 
 @gin.configurable(module="t5lite.data")
-def register_corpus_task(name: str, objective: str = "span_corruption", vocabulary=None) -> str:
+def register_corpus_task(
+    name: str, objective: str = "span_corruption", vocabulary=None, metric_fns: Sequence[Callable] = ()
+) -> str:
     """A task on the embedded corpus in `vocabulary` (e.g. a converted model's own tokenizer)."""
     source = sources.TextFilesSource(lambda: [str(corpus.corpus_path())])
-    return _register_text_task(name, source, objective, vocabulary)
+    return _register_text_task(name, source, objective, vocabulary, metric_fns=metric_fns)
 
 
 @gin.configurable(module="t5lite.data")
@@ -114,6 +125,7 @@ def _register_text_task(
     objective: str,
     vocabulary: str | seqio.Vocabulary | None,
     text_key: str = "text",
+    metric_fns: Sequence[Callable] = (),
 ) -> str:
     vocab = get_vocabulary(vocabulary)
     rename = [] if text_key == "text" else [_renamer(text_key)]
@@ -123,6 +135,7 @@ def _register_text_task(
         source=source,
         output_features=objectives.output_features(objective, vocab),
         preprocessors=rename + objectives.preprocessors(objective),
+        metric_fns=list(metric_fns),
     )
     return name
 
