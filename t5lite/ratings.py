@@ -22,6 +22,8 @@ OUTCOMES = (0.0, 0.5, 1.0)
 
 
 class Judgment(NamedTuple):
+    """One comparison; outcome is 1.0 if model_a won, 0.0 if model_b won, 0.5 for a tie."""
+
     model_a: Hashable
     model_b: Hashable
     outcome: float
@@ -51,7 +53,7 @@ def elo_ratings(judgments: Iterable, k=4.0, base=10.0, scale=400.0, initial=1000
     """
     games = _validate(judgments)
     ratings = dict.fromkeys(games.models, float(initial))
-    for a, b, outcome in zip(games.a, games.b, games.outcome):
+    for a, b, outcome in zip(games.a.tolist(), games.b.tolist(), games.outcome.tolist()):
         ma, mb = games.models[a], games.models[b]
         expected_a = 1.0 / (1.0 + base ** ((ratings[mb] - ratings[ma]) / scale))
         ratings[ma] += k * (outcome - expected_a)
@@ -97,6 +99,7 @@ def bootstrap_intervals(
     judgments = list(judgments)
     if not (isinstance(rounds, numbers.Integral) and rounds >= 1):
         raise ValueError(f"rounds={rounds!r} must be a positive integer (e.g. 1000)")
+    _check_confidence(confidence)
     point = method(judgments)
     samples = np.empty((rounds, len(point)))
     rng = np.random.default_rng(seed)
@@ -120,8 +123,9 @@ def win_rate(judgments: Iterable, model: Hashable = None, confidence=0.95) -> Es
     if model not in games.models:
         raise ValueError(f"model {model!r} is not one of the two models {games.models}")
     is_a = games.a == games.models.index(model)
-    score = np.where(is_a, games.outcome, 1.0 - games.outcome).sum()
-    return _wilson(score, len(games.outcome), _z(confidence))
+    score = float(np.where(is_a, games.outcome, 1.0 - games.outcome).sum())
+    _check_confidence(confidence)
+    return _wilson(score, len(games.outcome), float(stats.norm.ppf((1 + confidence) / 2)))
 
 
 def _validate(judgments: Iterable) -> _Games:
@@ -209,27 +213,30 @@ def _line_search(theta, step, lo, hi, n, score) -> float:
         return np.sum(score * np.logaddexp(0, -d) + (n - score) * np.logaddexp(0, d))
 
     t, start = 1.0, nll(theta)
-    while t > 1e-6 and nll(theta + t * step) > start:
+    while t > 1e-6 and nll(theta + t * step) > start + 1e-12 * abs(start):  # rounding: not an increase
         t /= 2
     return t
 
 
-def _resample_ratings(method: Callable, resample: list, point: Mapping, round_: int) -> list:
-    """One bootstrap refit, with every model of the full data still rated."""
+def _resample_ratings(method: Callable, resample: list, models: Iterable, round_: int) -> list:
+    """One bootstrap refit, which must still rate every model of the full data."""
+    advice = (
+        "with this few judgments per model, use a prior, e.g. "
+        "method=functools.partial(bradley_terry, prior=1.0), or collect more judgments"
+    )
     try:
         ratings = method(resample)
-        return [ratings[m] for m in point]
-    except (ValueError, KeyError) as e:
-        raise ValueError(
-            f"bootstrap round {round_} could not rate every model ({e}); with this few judgments per model "
-            "use a prior, e.g. method=functools.partial(bradley_terry, prior=1.0), or collect more judgments"
-        ) from e
+    except ValueError as e:
+        raise ValueError(f"bootstrap round {round_}: {e}; {advice}") from e
+    missing = [m for m in models if m not in ratings]
+    if missing:
+        raise ValueError(f"bootstrap round {round_}: models {missing} are not in the resample; {advice}")
+    return [ratings[m] for m in models]
 
 
-def _z(confidence: float) -> float:
+def _check_confidence(confidence: float):
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence} must be between 0 and 1 (e.g. 0.95)")
-    return float(stats.norm.ppf((1 + confidence) / 2))
 
 
 def _wilson(score: float, games: int, z: float) -> Estimate:

@@ -1,6 +1,6 @@
 """seqio metric functions: `(targets, predictions) -> {name: value}` over decoded strings.
 
-Each matches the T5 metric of the same name (`t5.evaluation.metrics`), scaled to 0-100, and is
+Each matches its counterpart in `t5.evaluation.metrics` (0-100, as T5 reports them) and is
 gin-configurable, so a task registered from gin can take them:
 
   register_text_file_task.metric_fns = [@t5lite.data.metrics.bleu, @t5lite.data.metrics.rouge]
@@ -47,8 +47,8 @@ def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float
     """Mean ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measures (rouge-score, no stemming), as T5.
 
     Like T5, a " . " ends a sentence for ROUGE-Lsum. T5 reports the median of 1000 bootstrap means
-    drawn from numpy's global RNG, which differs from the mean by a random amount that shrinks
-    with more examples; this is the mean itself, so it is deterministic.
+    drawn from numpy's global RNG: not the mean, and random (up to 2 points off on five examples),
+    less so with more examples. This is the mean itself, so it is deterministic.
     """
     from rouge_score import rouge_scorer  # imports nltk: a second, only when used
 
