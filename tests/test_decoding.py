@@ -68,9 +68,9 @@ def run(config, options, prefix_lm=False, seed=None):
     )
 
 
-def full_forward_log_probs(config, tokens, prefix_lm=False):
+def full_forward_log_probs(config, tokens, prefix_lm=False, params=None):
     """log p(token | everything before it) for each generated token, [B, N, V], from one
-    non-cached forward pass over start token + prompt + generated tokens."""
+    non-cached forward pass over start token + prompt + generated tokens (of `params`, if given)."""
     prompts_ = prompts(config, prefix_lm)
     lengths = 1 + np.count_nonzero(prompts_, axis=1)
     y = np.zeros((len(tokens), lengths.max() + tokens.shape[1]), np.int32)
@@ -80,7 +80,10 @@ def full_forward_log_probs(config, tokens, prefix_lm=False):
     features = {}
     if prefix_lm:
         features["decoder_causal_attention"] = (np.arange(y.shape[1]) < lengths[:, None]).astype(np.int32)
-    logits = forward(config)(*((ENCODER_INPUTS, y) if config.is_encoder_decoder else (y,)), **features)
+    apply = forward(config)
+    if params is not None:
+        apply = functools.partial(build(config).apply, {"params": params}, enable_dropout=False)
+    logits = apply(*((ENCODER_INPUTS, y) if config.is_encoder_decoder else (y,)), **features)
     predicting = lengths[:, None] - 1 + np.arange(tokens.shape[1])
     return np.asarray(jax.nn.log_softmax(np.take_along_axis(np.asarray(logits), predicting[..., None], axis=1)))
 

@@ -1,47 +1,131 @@
-"""`generate`: checks the inputs, then runs one compiled program per prompt-length group."""
+"""`generate`: checks the inputs, then runs one compiled program per prompt-length group: greedy,
+sampling, beam search, contrastive search, contrastive decoding or speculative decoding."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5lite.decoding.contrastive import contrastive_logits, contrastive_search, contrastive_step, unit
 from t5lite.decoding.options import DecodingOptions, Generation
 from t5lite.decoding.search import beam_search, sample
+from t5lite.decoding.speculative import speculative_sample
 from t5lite.decoding.steps import batch_axes, decoding_model, model_step, one_token, reorder_rows, unstacked
 
 
-@functools.partial(jax.jit, static_argnames=("model", "options", "prefilled", "prefix_lm", "unstack"))
-def _generate(model, params, encoder_input_tokens, prompt, lengths, keys, *, options, prefilled, prefix_lm, unstack):
-    batch, width = prompt.shape
+class _Decoder(NamedTuple):
+    """A model ready to decode a batch: its (unstacked, on the CPU) parameters and encoded inputs."""
+
+    model: nn.Module
+    params: Any
+    encoder_args: tuple  # (encoded [B, S, D], encoder_input_tokens [B, S]) or ()
+
+    def step(self, hidden: bool = False, repeats: int = 1):
+        """The model over its cache for `repeats` rows per row of the batch."""
+        encoder_args = tuple(jnp.repeat(x, repeats, axis=0) for x in self.encoder_args)
+        return model_step(self.model, self.params, encoder_args, hidden)
+
+    def allocate(self, *args):
+        """(encoder args..., tokens [B, L]) -> an empty cache for L positions (batch axis first in all)."""
+        return model_step(self.model, self.params, args[:-1])(None, args[-1])[1]
+
+    def prefill(self, prompt, prefilled: int, prefix_lm: bool, cache_length: int, hidden: bool = False):
+        """(outputs at the first `prefilled` positions of each row, the cache holding them)."""
+        batch = prompt.shape[0]
+        cache = self.allocate(*self.encoder_args, jnp.zeros((batch, cache_length), jnp.int32))
+        features = {"decoder_causal_attention": jnp.ones((batch, prefilled), jnp.int32)} if prefix_lm else {}
+        return self.step(hidden)(cache, prompt[:, :prefilled], **features)
+
+    def reorder(self, cache_length: int):
+        """`reorder_cache(cache, index)`: gathers rows of this decoder's caches of any batch."""
+        inputs = (*self.encoder_args, jnp.zeros((1, cache_length), jnp.int32))
+        inputs = tuple(x[:1] for x in inputs)
+        return functools.partial(reorder_rows, axes=batch_axes(self.allocate, *inputs))
+
+
+def _decoder(model, params, encoder_input_tokens, unstack: bool) -> _Decoder:
     if unstack:
         params = unstacked(params, model.config)
-    encoder_args = ()
-    if encoder_input_tokens is not None:
-        encoded = model.apply({"params": params}, encoder_input_tokens, enable_dropout=False, method=model.encode)
-        encoder_args = (encoded, encoder_input_tokens)
+    if encoder_input_tokens is None:
+        return _Decoder(model, params, ())
+    encoded = model.apply({"params": params}, encoder_input_tokens, enable_dropout=False, method=model.encode)
+    return _Decoder(model, params, (encoded, encoder_input_tokens))
 
-    def allocate(*args):  # (encoder args..., tokens): every argument has the batch axis first
-        return model_step(model, params, args[:-1])(None, args[-1])[1]
 
-    # The last token chosen is never fed, so the highest position fed is width + N - 2.
-    allocation = jnp.zeros((batch, width + options.max_new_tokens - 1), jnp.int32)
-    cache = allocate(*encoder_args, allocation)
-    apply = model_step(model, params, encoder_args)
-    features = {"decoder_causal_attention": jnp.ones((batch, prefilled), jnp.int32)} if prefix_lm else {}
-    logits, cache = apply(cache, prompt[:, :prefilled], **features)
+def lookahead(options: DecodingOptions, assistant: str | None) -> int:
+    """Positions a method feeds beyond the last chosen token: a speculative round's proposals, and
+    contrastive search's feed of the token it picks."""
+    if assistant == "draft":
+        return options.draft_tokens + 1
+    return int(options.degeneration_penalty > 0)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "helper", "assistant", "options", "prefilled", "prefix_lm", "unstack")
+)
+def _generate(
+    model,
+    params,
+    helper,
+    helper_params,
+    encoder_input_tokens,
+    prompt,
+    lengths,
+    keys,
+    *,
+    assistant,
+    options,
+    prefilled,
+    prefix_lm,
+    unstack,
+):
+    """`helper` is the draft or the amateur (`assistant` says which) or None; `unstack` a pair of flags."""
+    batch, width = prompt.shape
+    # The last token chosen is never fed, so the highest position fed is width + N - 2 (+ lookahead).
+    cache_length = width + options.max_new_tokens - 1 + lookahead(options, assistant)
+    target = _decoder(model, params, encoder_input_tokens, unstack[0])
+    prefill = functools.partial(
+        _Decoder.prefill, prompt=prompt, prefilled=prefilled, prefix_lm=prefix_lm, cache_length=cache_length
+    )
+    if options.degeneration_penalty > 0:
+        (logits, hidden), cache = prefill(target, hidden=True)
+        context = jnp.zeros((batch, cache_length, hidden.shape[-1]), jnp.float32).at[:, :prefilled].set(unit(hidden))
+        step = target.step(hidden=True, repeats=options.top_k)
+        reorder = target.reorder(cache_length)
+        return contrastive_search(step, cache, logits[:, -1], context, prompt, lengths, prefilled, options, reorder)
+    logits, cache = prefill(target)
     logits = logits[:, -1]
+    if assistant is not None:
+        second = _decoder(helper, helper_params, encoder_input_tokens, unstack[1])
+        second_logits, second_cache = prefill(second)
+        if assistant == "draft":
+            return speculative_sample(
+                target.step(),
+                one_token(second.step()),
+                cache,
+                second_cache,
+                logits,
+                prompt,
+                lengths,
+                prefilled,
+                options,
+                keys,
+            )
+        logits = contrastive_logits(
+            logits, second_logits[:, -1], options.plausibility_alpha, options.amateur_temperature
+        )
+        step = contrastive_step(one_token(target.step()), one_token(second.step()), options)
+        return sample(step, (cache, second_cache), logits, prompt, lengths, prefilled, options, keys)
     if options.num_beams is None:
-        return sample(one_token(apply), cache, logits, prompt, lengths, prefilled, options, keys)
-    repeat = functools.partial(jnp.repeat, repeats=options.num_beams, axis=0)
-    beam_step = one_token(model_step(model, params, tuple(map(repeat, encoder_args))))
-    reorder = functools.partial(reorder_rows, axes=batch_axes(allocate, *encoder_args, allocation))
-    return beam_search(beam_step, cache, logits, prompt, lengths, prefilled, options, reorder)
+        return sample(one_token(target.step()), cache, logits, prompt, lengths, prefilled, options, keys)
+    beam_step = one_token(target.step(repeats=options.num_beams))
+    return beam_search(beam_step, cache, logits, prompt, lengths, prefilled, options, target.reorder(cache_length))
 
 
 def generate(
@@ -53,6 +137,8 @@ def generate(
     prefix_lm: bool = False,
     options: DecodingOptions = DecodingOptions(),
     rng: jax.Array | None = None,
+    draft: tuple[nn.Module, Any] | None = None,
+    amateur: tuple[nn.Module, Any] | None = None,
 ) -> Generation:
     """Generates up to `options.max_new_tokens` tokens per row, compiled with the KV cache.
 
@@ -62,32 +148,46 @@ def generate(
     prefix_lm: the decoder was trained as a prefix LM; the prompt attends bidirectionally.
     rng: a PRNG key, needed when sampling (temperature > 0). Call with concrete arrays (not under
       jit): prompt lengths decide shapes, and each new (batch, longest, shortest prompt) compiles.
+    draft: (model, params) of a smaller model of the same kind and vocabulary: speculative decoding.
+    amateur: (model, params) of a weaker model of the same kind and vocabulary: contrastive decoding.
     """
     config = model.config
     if options.eos_id == "model":
         options = dataclasses.replace(options, eos_id=config.eos_id)
+    assistant = _checked_assistant(config, options, draft, amateur)
+    helper, helper_params = draft or amateur or (None, None)
     inputs = _checked_inputs(config, encoder_input_tokens, prompt_tokens, prefix_lm, options, rng)
     batch = len(inputs.prompt)
     # Row b is fed [start, prompt...]: the start token, then its prompt.
     prompt = np.concatenate([np.full((batch, 1), config.start_id, np.int32), inputs.prompt], axis=1)
     lengths = 1 + np.count_nonzero(inputs.prompt, axis=1)
-    if config.position_encoding == "learned" and lengths.max() + options.max_new_tokens - 1 > config.max_length:
-        raise ValueError(
-            f"The longest prompt ({lengths.max() - 1} tokens, plus the start token) and max_new_tokens="
-            f"{options.max_new_tokens} need {lengths.max() + options.max_new_tokens - 1} learned positions, "
-            f"but the model has max_length={config.max_length}; shorten the prompt or max_new_tokens."
-        )
+    positions = lengths.max() + options.max_new_tokens - 1 + lookahead(options, assistant)
+    for checked in (config, None if helper is None else helper.config):
+        if checked is not None and checked.position_encoding == "learned" and positions > checked.max_length:
+            raise ValueError(
+                f"The longest prompt ({lengths.max() - 1} tokens, plus the start token) and max_new_tokens="
+                f"{options.max_new_tokens} need {positions} learned positions (decoding method included), "
+                f"but a model has max_length={checked.max_length}; shorten the prompt or max_new_tokens."
+            )
     row_keys = None if rng is None else jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(batch))
     groups = [np.flatnonzero(lengths == n) for n in np.unique(lengths)] if prefix_lm else [np.arange(batch)]
     model, unstack = decoding_model(model)
+    if helper is not None:
+        helper, unstack_helper = decoding_model(helper)
+        unstack = (unstack, unstack_helper)
+    else:
+        unstack = (unstack, False)
     outputs = [
         _generate(
             model,
             params,
+            helper,
+            helper_params,
             None if inputs.encoder is None else inputs.encoder[rows],
             prompt[rows, : lengths[rows].max()],
             lengths[rows],
             None if row_keys is None else row_keys[rows],
+            assistant=assistant,
             options=options,
             prefilled=int(lengths[rows].min()),
             prefix_lm=prefix_lm,
@@ -99,6 +199,30 @@ def generate(
         return outputs[0]
     order = np.argsort(np.concatenate(groups))
     return jax.tree.map(lambda *parts: jnp.concatenate(parts)[order], *outputs)
+
+
+def _checked_assistant(config, options: DecodingOptions, draft, amateur) -> str | None:
+    """ "draft", "amateur" or None, or a ValueError saying why the pair cannot decode together."""
+    if draft is not None and amateur is not None:
+        raise ValueError("Give a draft (speculative decoding) or an amateur (contrastive decoding), not both.")
+    if draft is None and amateur is None:
+        return None
+    role = "draft" if draft is not None else "amateur"
+    helper = (draft or amateur)[0].config
+    if helper.vocab_size != config.vocab_size or helper.is_encoder_decoder != config.is_encoder_decoder:
+        raise ValueError(
+            f"The {role} must be the same kind of model on the same vocabulary: it is "
+            f"{helper.architecture} with vocab_size={helper.vocab_size}, the model {config.architecture} with "
+            f"vocab_size={config.vocab_size}."
+        )
+    if options.num_beams is not None or options.degeneration_penalty > 0:
+        raise ValueError(f"A {role} decodes greedily or by sampling: leave num_beams=None and degeneration_penalty=0.")
+    if role == "draft" and (options.presence_penalty or options.frequency_penalty):
+        raise ValueError(
+            "Speculative decoding keeps the target's distribution, which repetition penalties change token by "
+            "token: leave presence_penalty and frequency_penalty at 0."
+        )
+    return role
 
 
 class _Inputs(NamedTuple):

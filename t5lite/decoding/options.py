@@ -28,6 +28,16 @@ class DecodingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     eos_id: int | str | None = "model"  # "model": ModelConfig.eos_id; None: always generate max_new_tokens
+    # Contrastive search (Su et al. 2022) when > 0: of the top_k likeliest tokens, pick the one that
+    # maximises (1 - alpha) p(v) - alpha * max cosine(h_v, h_j<t), h the final hidden states.
+    degeneration_penalty: float = 0.0
+    # Contrastive decoding (Li et al. 2023), when generate() is given an amateur: tokens score
+    # log p_expert - log p_amateur (amateur logits / amateur_temperature), among those whose expert
+    # probability is at least plausibility_alpha times the most likely token's.
+    plausibility_alpha: float = 0.1
+    amateur_temperature: float = 1.0
+    # Speculative decoding, when generate() is given a draft: tokens the draft proposes per round.
+    draft_tokens: int = 4
 
     def __post_init__(self):
         _require(
@@ -64,6 +74,38 @@ class DecodingOptions:
             self.eos_id in (None, "model") or _is_int(self.eos_id) and self.eos_id > 0,
             '"model" (the model\'s eos_id), None or a positive token id (0 is padding)',
         )
+        _require(
+            "degeneration_penalty",
+            self.degeneration_penalty,
+            _is_real(self.degeneration_penalty) and 0 <= self.degeneration_penalty <= 1,
+            "in [0, 1] (0 turns contrastive search off)",
+        )
+        _require(
+            "plausibility_alpha",
+            self.plausibility_alpha,
+            _is_real(self.plausibility_alpha) and 0 < self.plausibility_alpha <= 1,
+            "in (0, 1]",
+        )
+        _require(
+            "amateur_temperature",
+            self.amateur_temperature,
+            _is_real(self.amateur_temperature) and self.amateur_temperature > 0,
+            "a finite number > 0",
+        )
+        _require(
+            "draft_tokens", self.draft_tokens, _is_int(self.draft_tokens) and self.draft_tokens >= 1, "an integer >= 1"
+        )
+        if self.degeneration_penalty and (self.top_k < 2 or self.temperature > 0 or self.top_p < 1 or self.num_beams):
+            raise ValueError(
+                f"degeneration_penalty={self.degeneration_penalty} asks for contrastive search, which picks among "
+                f"top_k >= 2 candidates without sampling: set top_k (e.g. 4), and leave temperature=0, top_p=1 "
+                f"and num_beams=None."
+            )
+        if self.degeneration_penalty and (self.presence_penalty or self.frequency_penalty):
+            raise ValueError(
+                "Contrastive search penalises repetition through its degeneration_penalty; leave "
+                "presence_penalty and frequency_penalty at 0."
+            )
         if self.num_beams is not None and (self.temperature > 0 or self.top_k or self.top_p < 1):
             raise ValueError(
                 f"num_beams={self.num_beams} asks for beam search, which does not sample: leave "
@@ -87,3 +129,5 @@ def _require(name: str, value, ok: bool, requirement: str) -> None:
 class Generation(NamedTuple):
     tokens: jax.Array  # [batch, max_new_tokens]: generated tokens, EOS included, 0 after it
     scores: jax.Array  # [batch]: see the module docstring
+    # [batch]: speculative decoding's rounds (target forward passes) until the row was done; else None.
+    rounds: jax.Array | None = None

@@ -12,8 +12,9 @@ from t5lite.models import build
 from t5lite.models.params import unstack_layers
 
 
-def model_step(model: nn.Module, params, encoder_args: tuple):
-    """(cache or None, tokens [B, T], **features) -> (logits [B, T, V], cache); None allocates."""
+def model_step(model: nn.Module, params, encoder_args: tuple, hidden: bool = False):
+    """(cache or None, tokens [B, T], **features) -> (logits [B, T, V], cache); None allocates. With
+    `hidden`, the first output is (logits, the final hidden states [B, T, D] they are made from)."""
     method = model.decode if encoder_args else None
 
     def apply(cache, tokens, **features):
@@ -24,10 +25,12 @@ def model_step(model: nn.Module, params, encoder_args: tuple):
             tokens,
             enable_dropout=False,
             decode=True,
-            mutable=["cache"],
+            mutable=["cache", "intermediates"] if hidden else ["cache"],
             method=method,
             **features,
         )
+        if hidden:
+            logits = (logits, mutated["intermediates"]["decoder"]["final_hidden"][0])
         return logits, mutated["cache"]
 
     return apply
@@ -55,6 +58,16 @@ def reorder_rows(cache, index, axes):
     return jax.tree.unflatten(
         treedef, [x if axis is None else jnp.take(x, index, axis=axis) for x, axis in zip(leaves, axes)]
     )
+
+
+def rewound(cache, position):
+    """The cache with its write position set back to `position`. Keys are attended by position, so
+    what was written past it is masked until overwritten."""
+
+    def reset(path, x):
+        return jnp.asarray(position, x.dtype) if getattr(path[-1], "key", None) == "position" else x
+
+    return jax.tree_util.tree_map_with_path(reset, cache)
 
 
 def decoding_model(model: nn.Module) -> tuple[nn.Module, bool]:

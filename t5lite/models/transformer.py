@@ -403,10 +403,11 @@ class DecoderStack(nn.Module):
 
 
 def output_logits(stack: DecoderStack, x):
-    """Vocabulary logits [batch, length, vocab] in float32 of the stack's final hidden states; a reward
-    model also sows its head's scalar per position (kept only when "intermediates" is mutable, see
-    t5lite.train.preference)."""
+    """Vocabulary logits [batch, length, vocab] in float32 of the stack's final hidden states. Sown, and
+    kept only when "intermediates" is mutable: those hidden states (contrastive search compares them)
+    and a reward model's scalar per position (t5lite.train.preference)."""
     cfg = stack.config
+    stack.sow("intermediates", "final_hidden", x)
     if cfg.adapters.reward_head:
         reward = DenseGeneral((1,), ("embed", None), name="reward_head", **dtypes(cfg))(x)[..., 0]
         stack.sow("intermediates", "reward", reward.astype(jnp.float32))
