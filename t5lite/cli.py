@@ -92,20 +92,32 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError("No prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.")
     if not all(prompt.strip() for prompt in prompts):
         raise ValueError("A --prompt is empty; give each prompt some text.")
-    if args.temperature == 0 and (args.top_k or args.top_p < 1):
-        raise ValueError("--top_k and --top_p filter what is sampled; set --temperature > 0 (0 is greedy).")
+    if args.temperature == 0 and (args.top_k and not args.degeneration_penalty or args.top_p < 1):
+        raise ValueError(
+            "--top_k and --top_p filter what is sampled; set --temperature > 0 (0 is greedy), or "
+            "--degeneration_penalty for contrastive search among --top_k candidates."
+        )
     options = decoding.DecodingOptions(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         num_beams=args.num_beams,
+        degeneration_penalty=args.degeneration_penalty,
+        plausibility_alpha=args.plausibility_alpha,
+        amateur_temperature=args.amateur_temperature,
+        draft_tokens=args.draft_tokens,
     )
     run = inference.load_run(args.model_dir, args.step, args.int8_weights, args.trust_run)
+    helpers = {
+        role: inference.load_run(directory, trust=args.trust_run)
+        for role, directory in (("draft", args.draft_dir), ("amateur", args.amateur_dir))
+        if directory
+    }
     texts = prompts if args.raw_prompt else inference.prompts_for(run, prompts)
     if texts != prompts:
         print(f"(prompts go through {run.task}'s instruction template; --raw_prompt gives them as they are)\n")
-    for prompt, output in zip(prompts, inference.generate_texts(run, texts, options, seed=args.seed)):
+    for prompt, output in zip(prompts, inference.generate_texts(run, texts, options, seed=args.seed, **helpers)):
         print(f"> {prompt}\n{output}\n")
 
 
@@ -188,6 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off; needs temperature)")
     p.add_argument("--num_beams", type=int, default=None, help="beam search with this many beams")
+    p.add_argument(
+        "--degeneration_penalty",
+        type=float,
+        default=0.0,
+        help="contrastive search's alpha (e.g. 0.6) among the --top_k likeliest tokens (0: off)",
+    )
+    p.add_argument(
+        "--amateur_dir", help="contrastive decoding against this weaker run (same vocabulary): its --model_dir"
+    )
+    p.add_argument(
+        "--plausibility_alpha",
+        type=float,
+        default=0.1,
+        help="contrastive decoding keeps tokens at least this fraction as likely as the top one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--amateur_temperature", type=float, default=1.0, help="the amateur's temperature (default: %(default)s)"
+    )
+    p.add_argument(
+        "--draft_dir", help="speculative decoding with this smaller run (same vocabulary) as the draft: its --model_dir"
+    )
+    p.add_argument(
+        "--draft_tokens", type=int, default=4, help="tokens the draft proposes per round (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     _int8_weights_argument(p)
     _trust_argument(p)

@@ -118,11 +118,26 @@ def prompts_for(run: Run, texts: Sequence[str]) -> list[str]:
 
 
 def generate_texts(
-    run: Run, texts: Sequence[str], options: decoding.DecodingOptions, seed: int = 0, batch_size: int = 16
+    run: Run,
+    texts: Sequence[str],
+    options: decoding.DecodingOptions,
+    seed: int = 0,
+    batch_size: int = 16,
+    draft: Run | None = None,
+    amateur: Run | None = None,
 ) -> list[str]:
     """Continues (decoder) or answers (encoder-decoder) each text; inputs longer than the trained
     input length are cut from the left so that the end of the text, nearest the answer, is kept
-    (and a line on stderr says so)."""
+    (and a line on stderr says so). A `draft` run decodes speculatively, an `amateur` run contrastively."""
+    helpers = {}
+    for role, helper in (("draft", draft), ("amateur", amateur)):
+        if helper is not None:
+            if helper.vocabulary != run.vocabulary:
+                raise ValueError(
+                    f"The {role} run was trained on {helper.task} with another vocabulary than {run.task}'s; "
+                    f"a {role} has to share the model's vocabulary."
+                )
+            helpers[role] = (helper.model, helper.params)
     outputs = []
     tokens_of = _prompt_tokens(run)
     for start in range(0, len(texts), batch_size):
@@ -135,7 +150,7 @@ def generate_texts(
         else:
             kwargs = {"prompt_tokens": tokens, "prefix_lm": run.kind == "prefix_lm"}
         result = decoding.generate(
-            run.model, run.params, options=options, rng=jax.random.PRNGKey(seed + start), **kwargs
+            run.model, run.params, options=options, rng=jax.random.PRNGKey(seed + start), **kwargs, **helpers
         )
         eos = run.model.config.eos_id
         outputs += [
