@@ -5,9 +5,10 @@ import functools
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import special, stats
 from test_decoding import (
     DECODER,
     ENCODER_DECODER,
@@ -84,9 +85,10 @@ def exact_distribution(params, first_tokens: int):
     sequences = np.array(list(itertools.product(range(VOCAB), repeat=first_tokens)), np.int32)
     inputs = np.concatenate([np.full((len(sequences), 1), SMALL.start_id), np.ones((len(sequences), 1)), sequences], 1)
     logits = model.apply({"params": params}, inputs.astype(np.int32), enable_dropout=False)
-    log_probs = np.asarray(jax.nn.log_softmax(logits.astype(np.float64)))[:, 1:-1]
+    log_probs = special.log_softmax(np.asarray(logits, np.float64), axis=-1)[:, 1:-1]
     chosen = np.take_along_axis(log_probs, sequences[..., None], axis=-1)[..., 0]
-    return np.exp(chosen.sum(axis=1))
+    probs = np.exp(chosen.sum(axis=1))
+    return probs / probs.sum()  # sums to 1 up to float32 logits' rounding
 
 
 @pytest.mark.slow
@@ -138,35 +140,42 @@ def test_greedy_contrastive_decoding_picks_the_plausible_token_the_amateur_likes
 
 
 def search_reference(config, alpha, k, prefix_lm=False):
-    """Contrastive search row by row with full forward passes: each candidate's hidden state from a
-    forward pass over the sequence extended by it, the context's from the pass over the sequence."""
+    """Contrastive search with full forward passes over whole sequences, end-padded (causal attention
+    keeps padding out of earlier positions): the context's hidden states from a pass over each row's
+    sequence, each candidate's from a pass over the sequence extended by it."""
     model, params = model_and_params(config)
+    prompts_ = prompts(config, prefix_lm)
+    rows, lengths = len(prompts_), 1 + np.count_nonzero(prompts_, axis=1)
+    sequences = np.zeros((rows, lengths.max() + N), np.int32)
+    sequences[:, 0] = config.start_id
+    sequences[:, 1 : prompts_.shape[1] + 1] = prompts_
+    prefix = (np.arange(sequences.shape[1]) < lengths[:, None]).astype(np.int32)
 
-    def forward(row, sequence):
-        args = (ENCODER_INPUTS[row : row + 1], sequence[None]) if config.is_encoder_decoder else (sequence[None],)
-        features = {}
-        if prefix_lm:
-            features["decoder_causal_attention"] = (np.arange(len(sequence)) < prompt_length + 1)[None].astype(np.int32)
+    @functools.partial(jax.jit, static_argnums=0)
+    def forward(copies, sequences):
+        args = (np.repeat(ENCODER_INPUTS, copies, 0), sequences) if config.is_encoder_decoder else (sequences,)
+        features = {"decoder_causal_attention": np.repeat(prefix, copies, 0)} if prefix_lm else {}
         logits, state = model.apply(
             {"params": params}, *args, enable_dropout=False, mutable=["intermediates"], **features
         )
-        hidden = np.asarray(state["intermediates"]["decoder"]["final_hidden"][0][0], np.float64)
-        return np.asarray(jax.nn.softmax(logits[0, -1])), hidden / np.linalg.norm(hidden, axis=-1, keepdims=True)
+        hidden = state["intermediates"]["decoder"]["final_hidden"][0]
+        return jax.nn.softmax(logits), hidden / jnp.linalg.norm(hidden, axis=-1, keepdims=True)
 
-    outputs = []
-    for row, prompt in enumerate(prompts(config, prefix_lm)):
-        prompt_length = np.count_nonzero(prompt)
-        sequence = np.array([config.start_id, *prompt[:prompt_length]], np.int32)
-        for _ in range(N):
-            probs, context = forward(row, sequence)
-            candidates = np.argsort(-probs, kind="stable")[:k]
-            scores = []
-            for v in candidates:
-                _, hidden = forward(row, np.append(sequence, v).astype(np.int32))
-                scores.append((1 - alpha) * probs[v] - alpha * np.max(context @ hidden[-1]))
-            sequence = np.append(sequence, candidates[int(np.argmax(scores))]).astype(np.int32)
-        outputs.append(sequence[-N:])
-    return np.array(outputs)
+    ends = lengths.copy()  # tokens in each row's sequence
+    for _ in range(N):
+        probs, context = map(np.asarray, forward(1, sequences))
+        candidates = np.argsort(-probs[np.arange(rows), ends - 1], axis=-1, kind="stable")[:, :k]  # [R, k]
+        extended = np.repeat(sequences, k, axis=0)
+        extended[np.arange(rows * k), np.repeat(ends, k)] = candidates.reshape(-1)
+        hidden = np.asarray(forward(k, extended)[1])[np.arange(rows * k), np.repeat(ends, k)].reshape(rows, k, -1)
+        similarity = np.einsum("rkd,rld->rkl", hidden, context)
+        degeneration = np.where(np.arange(context.shape[1]) < ends[:, None, None], similarity, -np.inf).max(-1)
+        top = np.take_along_axis(probs[np.arange(rows), ends - 1], candidates, axis=-1)
+        sequences[np.arange(rows), ends] = candidates[
+            np.arange(rows), np.argmax((1 - alpha) * top - alpha * degeneration, -1)
+        ]
+        ends += 1
+    return np.stack([sequences[r, lengths[r] : lengths[r] + N] for r in range(rows)])
 
 
 @pytest.mark.parametrize("config, prefix_lm", CONFIGS)
