@@ -314,6 +314,29 @@ def test_generate_says_when_it_cuts_a_prompt_and_prints_no_start_up_noise(traine
 
 
 @pytest.mark.slow
+def test_generate_decodes_speculatively_and_contrastively(trained_dir, capsys):
+    """The methods' flags reach the decoder: the run as its own draft writes greedy's text; contrastive
+    search and decoding (the run as its own amateur: every plausible token ties) run; bad pairs fail."""
+    generate = [
+        "generate",
+        f"--model_dir={trained_dir}",
+        "--prompt=The river <extra_id_0> the town.",
+        "--max_new_tokens=6",
+    ]
+    assert cli.main(generate) == 0
+    greedy = capsys.readouterr().out
+    assert cli.main([*generate, f"--draft_dir={trained_dir}", "--draft_tokens=3"]) == 0
+    assert capsys.readouterr().out == greedy
+    for flags in (["--degeneration_penalty=0.6", "--top_k=4"], [f"--amateur_dir={trained_dir}"]):
+        assert cli.main([*generate, *flags]) == 0
+        assert capsys.readouterr().out.startswith("> The river <extra_id_0> the town.\n")
+    assert cli.main([*generate, "--top_k=4"]) == 2
+    assert "--degeneration_penalty for contrastive search" in capsys.readouterr().err
+    assert cli.main([*generate, f"--draft_dir={trained_dir}", f"--amateur_dir={trained_dir}"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_quantize_refuses_a_non_empty_output(trained_dir, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert cli.main(["quantize", f"--checkpoint={trained_dir}", f"--output={tmp_path}", "--method=int8"]) == 2
