@@ -67,18 +67,75 @@ def compile_step(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """Validation perplexity and the task's metrics for a trained run; writes eval_<step>[_int8_<families>].json."""
+    """Validation perplexity and every metric of the run's task (or --task's, or the --metrics named),
+    printed and written to eval_<step>[_int8_<families>][_<task>][_<metrics>].json in --model_dir.
+    With --compare RUN_A RUN_B instead: which run's greedy outputs a judge prefers, example by example."""
     import json
 
-    from t5lite import inference
+    from t5lite import data, inference
 
+    if args.compare:
+        return _compare(args)
+    _refuse_flags(args, ("judge", "judge_dir", "output"), "go with --compare")
+    if args.metrics is not None:
+        data.check_metric_names(args.metrics)
     run = inference.load_run(args.model_dir, args.step, args.int8_weights, args.trust_run)
-    results = inference.evaluate_run(run, num_batches=args.batches, max_examples=args.max_examples)
-    int8 = "_int8_" + "_".join(args.int8_weights) if args.int8_weights else ""
-    out = pathlib.Path(args.model_dir) / f"eval_{run.step}{int8}.json"
+    results = inference.evaluate_run(
+        run, args.batches, args.max_examples, task=args.task, metrics=args.metrics, seed=args.seed
+    )
+    out = pathlib.Path(args.model_dir) / _eval_file(run.step, args)
     out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    print(f"Step {run.step}:")
+    for group, values in {"validation": results["validation"], **results["metrics"]}.items():
+        for name, value in values.items():
+            print(f"  {f'{group}/{name}':<40} {value:10.4f}")
     print(f"Wrote {out}")
+
+
+def _eval_file(step: int, args: argparse.Namespace) -> str:
+    """eval_<step>[_int8_<families>][_<task>][_<metrics>].json: each kind of evaluation of a step keeps its own file."""
+    name = f"eval_{step}"
+    if args.int8_weights:
+        name += "_int8_" + "_".join(args.int8_weights)
+    if args.task:
+        name += f"_{args.task}"
+    if args.metrics:
+        name += "_" + "-".join(args.metrics)
+    return name + ".json"
+
+
+def _compare(args: argparse.Namespace) -> None:
+    """`t5lite eval --compare`: judges both runs' outputs, prints a table and writes the judgments and ratings."""
+    import json
+
+    from t5lite import comparison, inference
+
+    _refuse_flags(args, ("step", "int8_weights", "metrics"), "apply to --model_dir; --compare reads each run's latest")
+    if args.judge and args.judge_dir:
+        raise ValueError("Judge by a metric (--judge) or by a reward model (--judge_dir), not both.")
+    names = comparison.run_names(*args.compare)
+    judge = None if args.judge_dir else comparison.metric_judge(args.judge or "exact_match")
+    runs = [inference.load_run(directory, trust=args.trust_run) for directory in args.compare]
+    if args.judge_dir:
+        reward_run = inference.load_run(args.judge_dir, trust=args.trust_run)
+        judge = comparison.reward_judge(reward_run, pathlib.Path(args.judge_dir).name)
+    result = comparison.compare_runs(
+        *runs, judge, names=names, task=args.task, max_examples=args.max_examples, seed=args.seed
+    )
+    for key, directory in zip("ab", args.compare):
+        result["runs"][key]["dir"] = str(pathlib.Path(directory).absolute())
+    run_a, run_b = map(pathlib.Path, args.compare)
+    out = pathlib.Path(args.output or run_a / f"compare_{run_a.name}_vs_{run_b.name}.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(comparison.summary(result))
+    print(f"Wrote {out}")
+
+
+def _refuse_flags(args: argparse.Namespace, names: tuple[str, ...], why: str) -> None:
+    """ValueError naming the given flags of `names`, which would otherwise be ignored."""
+    given = [f"--{name}" for name in names if getattr(args, name)]
+    if given:
+        raise ValueError(f"{', '.join(given)} {why}.")
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -176,10 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True, help="a TPU topology, e.g. v5e:2x2 or v5p:4x4x8")
     p.set_defaults(run=compile_step)
     p = commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__)
-    p.add_argument("--model_dir", required=True)
+    runs = p.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--model_dir", help="the run to evaluate")
+    runs.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="decode the validation inputs of the runs' task with both runs and judge each example "
+        "(--judge, --judge_dir); writes RUN_A/compare_<A>_vs_<B>.json or --output",
+    )
     p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
     p.add_argument("--batches", type=int, default=20, help="validation batches for perplexity")
     p.add_argument("--max_examples", type=int, default=64, help="examples per task decoded for its metrics")
+    p.add_argument(
+        "--task",
+        help="a registered task to evaluate on instead of the run's (same vocabulary), e.g. t5lite_corpus_choice",
+    )
+    p.add_argument(
+        "--metrics",
+        type=_families,
+        default=None,
+        help="comma-separated metrics to run instead of the task's: exact_match, bleu, rouge, squad, "
+        "classification, pass_at_k (samples), rank_accuracy (ranks a multiple-choice task's choices)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of metrics that sample (default: %(default)s)")
+    p.add_argument("--judge", help="--compare: the metric that scores each output (default: exact_match)")
+    p.add_argument("--judge_dir", help="--compare: a reward model run (reward head) that scores each (input, output)")
+    p.add_argument("--output", help="--compare: the JSON file to write")
     _int8_weights_argument(p)
     _trust_argument(p)
     p.set_defaults(run=evaluate)

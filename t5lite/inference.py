@@ -20,7 +20,7 @@ import seqio
 
 from t5lite import config as config_lib
 from t5lite import data as t5data
-from t5lite import decoding
+from t5lite import decoding, scoring
 from t5lite.models import build
 from t5lite.quantization.weights import quantize_weights
 from t5lite.train import checkpoint
@@ -186,19 +186,66 @@ def validation_metrics(run: Run, num_batches: int = 20) -> dict[str, float]:
     return evaluate(run.params, run.spec, eval_fn, num_batches)
 
 
+def greedy_options(run: Run) -> decoding.DecodingOptions:
+    """Greedy decoding of up to the run's trained target length."""
+    return decoding.DecodingOptions(max_new_tokens=run.task_feature_lengths["targets"])
+
+
 def evaluate_run(
-    run: Run, num_batches: int = 20, max_examples: int = 64, options: decoding.DecodingOptions | None = None
+    run: Run,
+    num_batches: int = 20,
+    max_examples: int = 64,
+    options: decoding.DecodingOptions | None = None,
+    *,
+    task: str | None = None,
+    metrics: Sequence[str] | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Validation perplexity and token accuracy, plus the task's seqio metrics (exact match, ...)
-    on greedy decodes of up to `max_examples` validation examples per task."""
+    """Validation perplexity and token accuracy on the run's own task, plus the metrics of `task`
+    (default: the run's; another must share its vocabulary) on up to `max_examples` validation
+    examples per task: its seqio metric functions, or those `metrics` names, on decodes (greedy, or
+    samples for pass@k), and rank accuracy of a multiple-choice task's choices."""
+    task = task or run.task
+    check_task(run, task)
+    options = options or greedy_options(run)
     results = {"step": run.step, "validation": validation_metrics(run, num_batches)}
-    options = options or decoding.DecodingOptions(max_new_tokens=run.task_feature_lengths["targets"])
-    if run.kind == "encoder_decoder" or run.kind in t5data.PROMPTED_KINDS:
-        results["metrics"] = t5data.evaluate_predictions(
-            run.task,
-            "validation",
-            lambda texts: generate_texts(run, texts, options),
-            task_feature_lengths=run.task_feature_lengths,
-            max_examples=max_examples,
-        )
+    results["metrics"] = t5data.evaluate_predictions(
+        task,
+        "validation",
+        lambda texts: generate_texts(run, texts, options),
+        sample_fn=lambda texts, samples, temperature: sample_texts(
+            run, texts, dataclasses.replace(options, temperature=temperature), samples, seed
+        ),
+        choices_fn=lambda questions: rank_choices(run, questions),
+        metrics=metrics,
+        task_feature_lengths=run.task_feature_lengths if task == run.task else None,
+        max_examples=max_examples,
+    )
     return results
+
+
+def check_task(run: Run, task: str) -> None:
+    """ValueError unless `task` is registered and shares the run's vocabulary (so its texts mean the same tokens)."""
+    t5data.check_registered(task)
+    if t5data.task_vocabulary(task) != t5data.task_vocabulary(run.task):
+        raise ValueError(
+            f"Task {task!r} has another vocabulary than {run.task!r}, the task the run was trained on; "
+            f"evaluate it on a task with the same vocabulary."
+        )
+
+
+def sample_texts(
+    run: Run, texts: Sequence[str], options: decoding.DecodingOptions, samples: int, seed: int = 0
+) -> list[list[str]]:
+    """`samples` outputs per text (a list each), every sample decoded with its own random keys."""
+    draws = [generate_texts(run, texts, options, seed=seed + i * len(texts)) for i in range(samples)]
+    return [list(outputs) for outputs in zip(*draws)]
+
+
+def rank_choices(run: Run, questions: Sequence[tuple[str, Sequence[str], int]]) -> dict[str, float]:
+    """Rank accuracy of (context, choices, label) questions, tokenized as the run was trained: contexts and
+    choices end in EOS for a run trained on inputs and targets, not for a language model of running text."""
+    prompted = run.kind == "encoder_decoder" or run.kind in t5data.PROMPTED_KINDS
+    return scoring.evaluate_choices(
+        run.model, run.params, questions, run.vocabulary.encode, prefix_lm=run.kind == "prefix_lm", add_eos=prompted
+    )

@@ -5,7 +5,13 @@ Importing this package registers the built-in seqio tasks (see `tasks.py` for th
 
 from t5lite.data.cache import ENV_VAR as CACHE_ENV_VAR
 from t5lite.data.corpus import corpus_path
-from t5lite.data.evaluation import evaluate_predictions
+from t5lite.data.evaluation import (
+    RANK_ACCURACY,
+    check_metric_names,
+    evaluate_predictions,
+    metric_names,
+    task_vocabulary,
+)
 from t5lite.data.hf_tokenizer import TokenizerJsonVocabulary
 from t5lite.data.instructions import apply_template, prompt_template, register_instruction_task
 from t5lite.data.metrics import exact_match
@@ -38,12 +44,14 @@ __all__ = [
     "DEFAULT_VOCAB_SIZE",
     "MODEL_KINDS",
     "OBJECTIVES",
+    "RANK_ACCURACY",
     "PROMPTED_KINDS",
     "TokenizerJsonVocabulary",
     "DataStream",
     "add_vocab_arguments",
     "apply_template",
     "build_vocabulary",
+    "check_metric_names",
     "check_registered",
     "check_vocabulary_fits",
     "corpus_path",
@@ -51,6 +59,7 @@ __all__ = [
     "evaluate_predictions",
     "exact_match",
     "get_vocabulary",
+    "metric_names",
     "model_lengths",
     "prompt_template",
     "register_corpus_task",
@@ -61,6 +70,7 @@ __all__ = [
     "register_tfds_task",
     "registered_names",
     "targets_length_for",
+    "task_vocabulary",
     "vocab_command",
     "vocabulary_size_for_model",
 ]

@@ -10,6 +10,8 @@ Built in (registered when `t5lite.data` is imported):
   t5lite_synthetic                mixture of the three synthetic tasks
   t5lite_instructions             built-in instruction tuning (SFT) data, exact-match metric
   t5lite_preferences              built-in preference pairs for DPO {"inputs", "chosen", "rejected"}
+  t5lite_code                     small Python functions to complete (bytes), pass@1/pass@10 by running tests
+  t5lite_corpus_choice            which of 4 endings continues a corpus paragraph, ranked by likelihood
 
 Your own data through gin: each registration function returns the task's name, so a gin
 evaluated reference registers it when the trainer reads its argument, e.g.
@@ -37,7 +39,17 @@ from collections.abc import Callable, Sequence
 import gin
 import seqio
 
-from t5lite.data import corpus, instructions, metrics, objectives, preferences, sources, synthetic
+from t5lite.data import (
+    code_tasks,
+    corpus,
+    instructions,
+    metrics,
+    multiple_choice,
+    objectives,
+    preferences,
+    sources,
+    synthetic,
+)
 from t5lite.data.vocab import get_vocabulary
 
 
@@ -174,6 +186,8 @@ def _register_builtin() -> None:
     )
     instructions.register_instruction_task("t5lite_instructions")
     preferences.register_preference_task("t5lite_preferences")
+    code_tasks.register_code_task("t5lite_code")
+    multiple_choice.register_multiple_choice_task(multiple_choice.TASK_NAME)
 
 
 _register_builtin()
