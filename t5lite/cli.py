@@ -232,7 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     _gin_arguments(p)
     p.add_argument("--topology", required=True, help="a TPU topology, e.g. v5e:2x2 or v5p:4x4x8")
     p.set_defaults(run=compile_step)
-    p = commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__)
+    _eval_arguments(commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__))
+    _generate_arguments(commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__))
+    _quantize_arguments(commands.add_parser("quantize", help=quantize.__doc__, description=quantize.__doc__))
+    p = commands.add_parser("vocab", help="Trains (or finds in the cache) a SentencePiece vocabulary.")
+    from t5lite.data import add_vocab_arguments, vocab_command
+
+    add_vocab_arguments(p)
+    p.set_defaults(run=vocab_command)
+    from t5lite.scaling.commands import add_sweep_commands
+
+    add_sweep_commands(commands)
+    return parser
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     runs = p.add_mutually_exclusive_group(required=True)
     runs.add_argument("--model_dir", help="the run to evaluate")
     runs.add_argument(
@@ -263,7 +277,37 @@ def build_parser() -> argparse.ArgumentParser:
     _int8_weights_argument(p)
     _trust_argument(p)
     p.set_defaults(run=evaluate)
-    p = commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__)
+
+
+def _quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a training run's --model_dir")
+    p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
+    p.add_argument("--method", required=True, choices=["int8", "llm_int8", "gptq", "awq", "smoothquant"])
+    p.add_argument("--bits", type=int, default=8, choices=[8, 4])
+    p.add_argument("--group_size", type=int, default=None, help="a scale per this many inputs (default: per output)")
+    p.add_argument("--zero_points", action="store_true", help="asymmetric ranges (weight-only methods)")
+    p.add_argument(
+        "--format",
+        default="int",
+        choices=["int", "nf4"],
+        help="nf4: QLoRA's 4-bit NormalFloat levels (method int8, --bits=4, a --group_size)",
+    )
+    p.add_argument("--double_quant", action="store_true", help="the group scales in int8 (QLoRA's double quantisation)")
+    p.add_argument("--families", type=_families, default=["attention", "mlp"], help="comma-separated: attention,mlp")
+    p.add_argument("--calibration_batches", type=int, default=8, help="training batches for gptq, awq, smoothquant")
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=None,
+        help="smoothquant: each input's range is this percentile of |x| (e.g. 99.9) instead of its abs-max",
+    )
+    p.add_argument("--smoothquant_alpha", type=float, default=0.5, help="share of the activation range moved")
+    p.add_argument("--output", required=True, help="a new or empty directory")
+    _trust_argument(p)
+    p.set_defaults(run=quantize)
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_dir", required=True, help="a run: train's --model_dir, or convert's or quantize's output")
     p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; may repeat")
@@ -308,41 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
     _int8_weights_argument(p)
     _trust_argument(p)
     p.set_defaults(run=generate)
-    p = commands.add_parser("quantize", help=quantize.__doc__, description=quantize.__doc__)
-    p.add_argument("--checkpoint", required=True, help="a training run's --model_dir")
-    p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
-    p.add_argument("--method", required=True, choices=["int8", "llm_int8", "gptq", "awq", "smoothquant"])
-    p.add_argument("--bits", type=int, default=8, choices=[8, 4])
-    p.add_argument("--group_size", type=int, default=None, help="a scale per this many inputs (default: per output)")
-    p.add_argument("--zero_points", action="store_true", help="asymmetric ranges (weight-only methods)")
-    p.add_argument(
-        "--format",
-        default="int",
-        choices=["int", "nf4"],
-        help="nf4: QLoRA's 4-bit NormalFloat levels (method int8, --bits=4, a --group_size)",
-    )
-    p.add_argument("--double_quant", action="store_true", help="the group scales in int8 (QLoRA's double quantisation)")
-    p.add_argument("--families", type=_families, default=["attention", "mlp"], help="comma-separated: attention,mlp")
-    p.add_argument("--calibration_batches", type=int, default=8, help="training batches for gptq, awq, smoothquant")
-    p.add_argument(
-        "--percentile",
-        type=float,
-        default=None,
-        help="smoothquant: each input's range is this percentile of |x| (e.g. 99.9) instead of its abs-max",
-    )
-    p.add_argument("--smoothquant_alpha", type=float, default=0.5, help="share of the activation range moved")
-    p.add_argument("--output", required=True, help="a new or empty directory")
-    _trust_argument(p)
-    p.set_defaults(run=quantize)
-    p = commands.add_parser("vocab", help="Trains (or finds in the cache) a SentencePiece vocabulary.")
-    from t5lite.data import add_vocab_arguments, vocab_command
-
-    add_vocab_arguments(p)
-    p.set_defaults(run=vocab_command)
-    from t5lite.scaling.commands import add_sweep_commands
-
-    add_sweep_commands(commands)
-    return parser
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,11 +9,12 @@ LEVELS = [  # lowest first
     ("t5lite.config", "t5lite.hardware", "t5lite.distributed", "t5lite.ratings"),
     ("t5lite.layers",),
     ("t5lite.models",),
-    ("t5lite.quantization", "t5lite.sharding", "t5lite.decoding", "t5lite.scoring", "t5lite.interop"),
+    ("t5lite.quantization", "t5lite.sharding", "t5lite.decoding", "t5lite.interop"),
     ("t5lite.data",),
     ("t5lite.train",),
+    ("t5lite.scoring",),
     ("t5lite.scaling", "t5lite.inference"),
-    ("t5lite.conversion",),
+    ("t5lite.conversion", "t5lite.comparison"),
     ("t5lite.cli",),
 ]
 LEVEL = {package: level for level, packages in enumerate(LEVELS) for package in packages}
