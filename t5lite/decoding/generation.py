@@ -66,6 +66,37 @@ def lookahead(options: DecodingOptions, assistant: str | None) -> int:
     return int(options.degeneration_penalty > 0)
 
 
+def _speculative_row(
+    model,
+    params,
+    draft,
+    draft_params,
+    encoder_input_tokens,
+    prompt,
+    lengths,
+    keys,
+    *,
+    options,
+    prefilled,
+    prefix_lm,
+    unstack,
+    cache_length,
+) -> Generation:
+    """Speculative decoding of a batch of one. `_generate` maps it over the rows (vmap), so that each
+    row keeps its own cache position: in a batch, a round keeps only the fewest proposals any row
+    accepted (the cache has one write position), and with many rows that is nearly always none."""
+    prefill = functools.partial(
+        _Decoder.prefill, prompt=prompt, prefilled=prefilled, prefix_lm=prefix_lm, cache_length=cache_length
+    )
+    target = _decoder(model, params, encoder_input_tokens, unstack[0])
+    second = _decoder(draft, draft_params, encoder_input_tokens, unstack[1])
+    (logits, cache), (_, draft_cache) = prefill(target), prefill(second)
+    target_step, draft_step = target.step(), one_token(second.step())
+    return speculative_sample(
+        target_step, draft_step, cache, draft_cache, logits[:, -1], prompt, lengths, prefilled, options, keys
+    )
+
+
 @functools.partial(
     jax.jit, static_argnames=("model", "helper", "assistant", "options", "prefilled", "prefix_lm", "unstack")
 )
@@ -89,6 +120,22 @@ def _generate(
     batch, width = prompt.shape
     # The last token chosen is never fed, so the highest position fed is width + N - 2 (+ lookahead).
     cache_length = width + options.max_new_tokens - 1 + lookahead(options, assistant)
+    if assistant == "draft":
+        by_row = functools.partial(
+            _speculative_row,
+            model,
+            params,
+            helper,
+            helper_params,
+            options=options,
+            prefilled=prefilled,
+            prefix_lm=prefix_lm,
+            unstack=unstack,
+            cache_length=cache_length,
+        )
+        one_row = lambda x: None if x is None else x[:, None]
+        generation = jax.vmap(by_row)(*map(one_row, (encoder_input_tokens, prompt, lengths, keys)))
+        return jax.tree.map(lambda x: x[:, 0], generation)
     target = _decoder(model, params, encoder_input_tokens, unstack[0])
     prefill = functools.partial(
         _Decoder.prefill, prompt=prompt, prefilled=prefilled, prefix_lm=prefix_lm, cache_length=cache_length
@@ -101,22 +148,9 @@ def _generate(
         return contrastive_search(step, cache, logits[:, -1], context, prompt, lengths, prefilled, options, reorder)
     logits, cache = prefill(target)
     logits = logits[:, -1]
-    if assistant is not None:
+    if assistant == "amateur":
         second = _decoder(helper, helper_params, encoder_input_tokens, unstack[1])
         second_logits, second_cache = prefill(second)
-        if assistant == "draft":
-            return speculative_sample(
-                target.step(),
-                one_token(second.step()),
-                cache,
-                second_cache,
-                logits,
-                prompt,
-                lengths,
-                prefilled,
-                options,
-                keys,
-            )
         logits = contrastive_logits(
             logits, second_logits[:, -1], options.plausibility_alpha, options.amateur_temperature
         )

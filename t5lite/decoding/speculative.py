@@ -9,6 +9,7 @@ target's distribution there); a row that stopped at n takes the rejection step's
 row accepted them all, the last token is sampled from the target's next distribution. Stopping a
 row early this way never changes what it samples: each token is still drawn from the target's
 distribution given the tokens before it. Both caches are then rewound to the kept tokens.
+`generate` maps this over the rows of a batch (a batch of one each), so that no row waits for another.
 """
 
 from __future__ import annotations
