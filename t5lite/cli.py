@@ -217,6 +217,39 @@ def quantize(args: argparse.Namespace) -> None:
     print(f"Wrote the {kind} model of {args.checkpoint} (step {run.step}) to {output}")
 
 
+def prune(args: argparse.Namespace) -> None:
+    """Prunes a trained run into --output, which `t5lite eval` and `t5lite generate` take as --model_dir.
+    magnitude: the smallest |w| of each kernel; 2:4: the 2 largest of every 4 consecutive inputs;
+    wanda: per output, the lowest |w|·‖X‖ on calibration inputs; structured: whole attention heads
+    and MLP channels removed (a smaller model)."""
+    from t5lite import inference
+    from t5lite.models import build, param_count
+    from t5lite.pruning.weights import CALIBRATED, check_recipe, prune_weights, sparsity_report
+    from t5lite.quantization.calibration import calibrate
+
+    output = pathlib.Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"--output {output} is not an empty directory; prune writes into a new or empty one.")
+    run = inference.load_run(args.checkpoint, args.step, trust=args.trust_run)
+    recipe = dict(method=args.method, sparsity=args.sparsity, families=args.families)
+    check_recipe(run.model.config, **recipe)  # refuses a bad recipe before calibrating
+    stats = None
+    if args.method in CALIBRATED:
+        print(f"Calibrating on {args.calibration_batches} batches of {run.task} ...")
+        batches = inference.calibration_batches(run, args.calibration_batches)
+        stats = calibrate(run.model.config, run.params, batches, args.families)
+    config, params = prune_weights(run.model.config, run.params, stats=stats, **recipe)
+    report = {**sparsity_report(config, params, args.families), "params_before": param_count(run.model.config)}
+    report["params"] = param_count(config)
+    pruned = dataclasses.replace(run, model=build(config), params=params)
+    inference.save_quantized(pruned, args.checkpoint, output, {**recipe, **report}, about=inference.PRUNING_FILE)
+    print(
+        f"Wrote the {args.method} pruned model of {args.checkpoint} (step {run.step}) to {output}: "
+        f"{report['kernel_sparsity']:.1%} of the {'/'.join(args.families)} kernel weights are zero; "
+        f"{report['params']:,} parameters (from {report['params_before']:,})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t5lite", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_arguments(commands.add_parser("eval", help=evaluate.__doc__, description=evaluate.__doc__))
     _generate_arguments(commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__))
     _quantize_arguments(commands.add_parser("quantize", help=quantize.__doc__, description=quantize.__doc__))
+    _prune_arguments(commands.add_parser("prune", help=prune.__doc__, description=prune.__doc__))
     p = commands.add_parser("vocab", help="Trains (or finds in the cache) a SentencePiece vocabulary.")
     from t5lite.data import add_vocab_arguments, vocab_command
 
@@ -305,6 +339,23 @@ def _quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="a new or empty directory")
     _trust_argument(p)
     p.set_defaults(run=quantize)
+
+
+def _prune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a training run's --model_dir")
+    p.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the latest)")
+    p.add_argument("--method", required=True, choices=["magnitude", "2:4", "wanda", "structured"])
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        required=True,
+        help="share of the weights (structured: of the heads and MLP channels) removed, in (0, 1); 2:4 is 0.5",
+    )
+    p.add_argument("--families", type=_families, default=["attention", "mlp"], help="comma-separated: attention,mlp")
+    p.add_argument("--calibration_batches", type=int, default=8, help="training batches for wanda and structured")
+    p.add_argument("--output", required=True, help="a new or empty directory")
+    _trust_argument(p)
+    p.set_defaults(run=prune)
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from t5lite.train.spec import RunSpec
 from t5lite.train.step import eval_step
 
 QUANTIZATION_FILE = "quantization.json"
+PRUNING_FILE = "pruning.json"  # a run `t5lite prune` made
 CONVERTED_FILE = "converted.json"  # a run `t5lite convert` made from a Hugging Face model
 
 
@@ -73,7 +74,7 @@ def load_run(
     if not gin_file.is_file():
         raise FileNotFoundError(
             f"{model_dir} has no config.gin; is it the --model_dir of a `t5lite train` run "
-            f"or the --output of `t5lite quantize`?"
+            f"or the --output of `t5lite quantize` or `t5lite prune`?"
         )
     import t5lite.train.loop  # noqa: F401  (the configurables config.gin binds)
 
@@ -81,8 +82,12 @@ def load_run(
         config_lib.check_gin_is_t5lite(gin_file.read_text(), str(gin_file))
     config_lib.parse_gin([str(gin_file)])
     spec = RunSpec.from_gin()  # a task registered from gin registers here
-    if checkpoint.is_checkpoint(model_dir):  # a quantised or converted model: one checkpoint
-        about = next(model_dir / name for name in (QUANTIZATION_FILE, CONVERTED_FILE) if (model_dir / name).is_file())
+    if checkpoint.is_checkpoint(model_dir):  # a quantised, pruned or converted model: one checkpoint
+        about = next(
+            model_dir / name
+            for name in (QUANTIZATION_FILE, PRUNING_FILE, CONVERTED_FILE)
+            if (model_dir / name).is_file()
+        )
         saved_step = json.loads(about.read_text())["step"]
         if step not in (None, saved_step):
             raise ValueError(f"{model_dir} holds step {saved_step} only (a quantised or converted model); drop --step.")
@@ -101,14 +106,17 @@ def calibration_batches(run: Run, num_batches: int):
     return [batch for batch, _ in zip(stream, range(num_batches))]
 
 
-def save_quantized(run: Run, source_dir: str | pathlib.Path, output: str | pathlib.Path, recipe: dict) -> None:
+def save_quantized(
+    run: Run, source_dir: str | pathlib.Path, output: str | pathlib.Path, recipe: dict, about: str = QUANTIZATION_FILE
+) -> None:
     """Writes a quantised run that `load_run` reads: the model's checkpoint, the source run's
-    config.gin (task, lengths) and `quantization.json` (the recipe, the source and its step)."""
+    config.gin (task, lengths) and `quantization.json` (the recipe, the source and its step).
+    A pruned run (`about=PRUNING_FILE`) is written the same way."""
     output = pathlib.Path(output)
     checkpoint.save_params(output, run.model.config, run.params)
     shutil.copy(pathlib.Path(source_dir) / "config.gin", output / "config.gin")
     provenance = {**recipe, "source": str(pathlib.Path(source_dir).absolute()), "step": run.step}
-    (output / QUANTIZATION_FILE).write_text(json.dumps(provenance, indent=2))
+    (output / about).write_text(json.dumps(provenance, indent=2))
 
 
 def prompts_for(run: Run, texts: Sequence[str]) -> list[str]:

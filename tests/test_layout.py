@@ -10,7 +10,7 @@ LEVELS = [  # lowest first
     ("t5lite.layers",),
     ("t5lite.models",),
     ("t5lite.quantization", "t5lite.sharding", "t5lite.decoding", "t5lite.interop"),
-    ("t5lite.data",),
+    ("t5lite.data", "t5lite.pruning"),
     ("t5lite.train",),
     ("t5lite.scoring",),
     ("t5lite.scaling", "t5lite.inference"),
