@@ -31,6 +31,7 @@ from t5lite.train import preemption
 from t5lite.train.console import Console
 from t5lite.train.distillation import Teacher, teacher_for, teacher_params
 from t5lite.train.evaluation import evaluate
+from t5lite.train.loss_scale import LossScaling
 from t5lite.train.preference import Preference
 from t5lite.train.pretrained import pretrained_params
 from t5lite.train.run_lock import RunLock
@@ -108,7 +109,9 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
     with step.partitioner.context():
         key = jax.random.PRNGKey(spec.seed)
         if state is None:
-            state = init_state(config, step.tx, key, step.state_shardings, spec.trainable_params, pretrained)
+            state = init_state(
+                config, step.tx, key, step.state_shardings, spec.trainable_params, pretrained, step.loss_scaling
+            )
         references = ()  # the frozen model the step also runs: a teacher, or DPO's step-0 model
         if teacher is not None:
             references = (jax.device_put(teacher_arrays, step.reference_shardings),)
@@ -314,6 +317,7 @@ class TrainStep:
     state_shardings: TrainState
     fn: Callable
     reference_shardings: Any = None  # of a distillation teacher's or a DPO reference's parameters
+    loss_scaling: LossScaling | None = None  # the state then holds the loss scale
 
     @classmethod
     def for_run(cls, spec: RunSpec, teacher: Teacher | None = None, devices=None) -> TrainStep:
@@ -333,6 +337,7 @@ class TrainStep:
             teacher=teacher,
             preference=spec.preference,
             skip_nonfinite=bool(spec.skip_nonfinite_steps),
+            loss_scaling=spec.loss_scaling,
             devices=devices,
         )
 
@@ -353,14 +358,20 @@ class TrainStep:
         teacher: Teacher | None = None,
         preference: Preference | None = None,
         skip_nonfinite: bool = False,
+        loss_scaling: LossScaling | None = None,
         devices=None,
     ) -> TrainStep:
         partitioner = Partitioner.create(config, mesh_shape, devices)
         partitioner.check_batch(batch_size, num_microbatches)
         abstract = jax.eval_shape(
-            functools.partial(init_state, config, tx, trainable=trainable), jax.random.PRNGKey(seed)
+            functools.partial(init_state, config, tx, trainable=trainable, loss_scaling=loss_scaling),
+            jax.random.PRNGKey(seed),
         )
         state_shardings = partitioner.state(abstract, partitioner.params(config), trainable)
+        # The loss scale's scalars are replicated, like the step counter.
+        state_shardings = state_shardings.replace(
+            loss_scale=jax.tree.map(lambda _: partitioner.replicated, abstract.loss_scale)
+        )
         reference_shardings = None
         if teacher is not None or (preference is not None and preference.needs_reference):
             reference_shardings = partitioner.params(teacher.config if teacher else config)
@@ -378,6 +389,7 @@ class TrainStep:
             teacher=teacher,
             preference=preference,
             skip_nonfinite=skip_nonfinite,
+            loss_scaling=loss_scaling,
         )
         return cls(
             partitioner,
@@ -386,4 +398,5 @@ class TrainStep:
             state_shardings,
             fn,
             reference_shardings,
+            loss_scaling,
         )

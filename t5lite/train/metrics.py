@@ -97,8 +97,11 @@ MAX_STEPS_AHEAD = 2
 
 # Steps in a row with a zero gradient norm after which a run is warned that it is not learning.
 ZERO_GRADIENT_STEPS = 20
-# Per-step values that say whether a step was usable, not what it measured.
-GUARDS = ("finite", "params_finite", "target_tokens")
+# Per-step values that say whether a step was usable, not what it measured (`overflow`: skipped by
+# dynamic loss scaling).
+GUARDS = ("finite", "params_finite", "target_tokens", "overflow")
+# Per-step values that are a state of the run, not a measurement: a row logs the last step's.
+LATEST = ("loss_scale", "loss_scale_overflows")
 
 
 class StepMetrics:
@@ -155,6 +158,8 @@ class StepMetrics:
             what = f"the loss became {float(values['loss'])}"
         elif not np.isfinite(values["grad_norm"]):
             what = f"the gradient norm became {float(values['grad_norm'])}"
+            if "loss_scale" in values:
+                what += f" with the loss scale at {float(values['loss_scale']):g}"
         else:
             what = "the update made parameters non-finite"
         skipped = f" after skipping {self._skip} such steps in a row" if self._skip else ""
@@ -170,6 +175,11 @@ class StepMetrics:
         return summary
 
 
+def _usable(step: dict) -> bool:
+    """Whether a step updated the model (the others were skipped: non-finite, or overflowed)."""
+    return bool(step.get("finite", True)) and not step.get("overflow", False)
+
+
 def summarize(
     window: list[dict],
     seconds: float,
@@ -180,12 +190,13 @@ def summarize(
     peak_flops_per_device: float,
 ) -> dict[str, float]:
     """Means over the usable steps of a logging window (`skipped_steps` counts the others, where there
-    are), plus throughput over the `steps` of it that were timed (the first step of a run compiles
-    and is not)."""
-    usable = [m for m in window if m.get("finite", True)] or window
-    means = {name: float(np.mean([m[name] for m in usable])) for name in window[0] if name not in GUARDS}
-    skipped = sum(not m.get("finite", True) for m in window)
-    if skipped:
+    are or the run scales its loss), the last step's loss scale, plus throughput over the `steps` of it
+    that were timed (the first step of a run compiles and is not)."""
+    usable = [m for m in window if _usable(m)] or window
+    means = {name: float(np.mean([m[name] for m in usable])) for name in window[0] if name not in GUARDS + LATEST}
+    means.update({name: float(window[-1][name]) for name in LATEST if name in window[-1]})
+    skipped = sum(not _usable(m) for m in window)
+    if skipped or "overflow" in window[0]:  # always, with loss scaling
         means["skipped_steps"] = float(skipped)
     means["perplexity"] = float(np.exp(min(means["loss"] - means["z_loss"], 50.0)))
     if not steps:

@@ -20,6 +20,7 @@ from t5lite.models import flops
 from t5lite.models.params import param_axes, trainable_pattern
 from t5lite.sharding import MeshShape
 from t5lite.train.distillation import Distillation
+from t5lite.train.loss_scale import LossScaling
 from t5lite.train.preference import Preference
 
 
@@ -34,7 +35,10 @@ class RunSpec:
     `distillation` (@Distillation()) trains on a frozen teacher's soft targets; `preference`
     (@Preference()) trains with DPO or as a reward model on a preference task. A step whose loss,
     gradient norm or updated parameters are not finite stops the run before anything non-finite is
-    saved; with `skip_nonfinite_steps=N` such a step is skipped instead (no update), until N in a row."""
+    saved; with `skip_nonfinite_steps=N` such a step is skipped instead (no update), until N in a row.
+    `loss_scale` (needed with ModelConfig.dtype='float16'): 'dynamic' (from `loss_scale_initial`,
+    halved at a step that overflows, which is skipped, doubled after `loss_scale_growth_interval`
+    finite steps), a fixed scale, or None (no scaling); see t5lite/train/loss_scale.py."""
 
     model_config: ModelConfig
     mixture_or_task_name: str
@@ -62,8 +66,12 @@ class RunSpec:
     distillation: Distillation | None = None
     preference: Preference | None = None
     skip_nonfinite_steps: int = 0
+    loss_scale: str | float | None = None
+    loss_scale_initial: float = 2.0**15
+    loss_scale_growth_interval: int = 2000
     kind: str = dataclasses.field(init=False)  # model_kind, resolved
     trainable_params: str | None = dataclasses.field(init=False)  # trainable, resolved; None: all
+    loss_scaling: LossScaling | None = dataclasses.field(init=False)  # the loss_scale* settings, checked
 
     def __post_init__(self):
         config = self.model_config
@@ -81,6 +89,13 @@ class RunSpec:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"train.num_steps={self.num_steps!r} must be a positive number of steps.")
         object.__setattr__(self, "trainable_params", trainable_pattern(config, self.trainable))
+        object.__setattr__(
+            self,
+            "loss_scaling",
+            LossScaling.from_settings(
+                self.loss_scale, self.loss_scale_initial, self.loss_scale_growth_interval, config.dtype
+            ),
+        )
 
     @classmethod
     def from_gin(cls) -> RunSpec:

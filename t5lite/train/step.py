@@ -27,6 +27,7 @@ from t5lite.models.hidden import hidden_states
 from t5lite.models.params import merge_params, model_features, split_params
 from t5lite.sharding import BATCH_LOGICAL, Partitioner
 from t5lite.train.distillation import Teacher
+from t5lite.train.loss_scale import LossScaleState, LossScaling, objective_scale, scaled
 from t5lite.train.losses import cross_entropy, distillation, hidden_distance, loss_weights
 from t5lite.train.preference import Preference
 
@@ -36,6 +37,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    loss_scale: LossScaleState | None = None  # with train.loss_scale (float16): no leaves without
 
 
 def init_state(
@@ -45,18 +47,22 @@ def init_state(
     shardings=None,
     trainable: str | None = None,
     pretrained: dict[str, jax.Array] | None = None,
+    loss_scaling: LossScaling | None = None,
 ) -> TrainState:
     """A fresh state; with `shardings` (a TrainState of NamedShardings, from `Partitioner.state`)
     every array is created where it lives. The values do not depend on the sharding. `pretrained`
     ("/"-joined paths to arrays) replaces those parameters of the initialisation; the optimizer
-    state covers the `trainable` ones."""
+    state covers the `trainable` ones. With `loss_scaling` the state holds the initial loss scale."""
 
     def init(key, pretrained):
         params = nn.unbox(build(config).init(key, **dummy_inputs(config), enable_dropout=False)["params"])
         if pretrained:
             params = merge_params(traverse_util.unflatten_dict(pretrained, sep="/"), params)
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(split_params(params, trainable)[0])
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(split_params(params, trainable)[0]),
+            loss_scale=None if loss_scaling is None else loss_scaling.init(),
         )
 
     return jax.jit(init, out_shardings=shardings)(rng, pretrained or {})
@@ -152,6 +158,7 @@ def train_step(
     teacher: Teacher | None = None,
     preference: Preference | None = None,
     skip_nonfinite: bool = False,
+    loss_scaling: LossScaling | None = None,
 ):
     """(new state, metrics). Gradients are of the mean loss over all target tokens of the batch
         (plus MoE auxiliary losses), whatever the number of microbatches, with respect to the parameters
@@ -163,7 +170,10 @@ def train_step(
         model `reference_params`, or a reward model's; `loss` is the mean loss per pair, `accuracy` the
         share of pairs ranked right, `margin` the mean (implicit) reward margin. `finite` is 1 when the loss,
     the gradient norm and every updated parameter are finite; with `skip_nonfinite` a step where they
-    are not leaves parameters and optimizer state as they were (only the step count moves on)."""
+    are not leaves parameters and optimizer state as they were (only the step count moves on). With
+    `loss_scaling` (the state holds its scale) the objective is scaled and the gradients unscaled once
+    they are accumulated; `loss_scale` (after the step) and `loss_scale_overflows` are logged, and a
+    dynamically scaled step with non-finite gradients is skipped (`overflow`; `finite` stays 1)."""
     rng = jax.random.fold_in(base_rng, state.step)
     params, frozen = split_params(state.params, trainable)
 
@@ -173,9 +183,13 @@ def train_step(
         teaching = None if teacher is None else teach(teacher, reference_params, data, state.step)
         return _sums(config, merge_params(p, frozen), data, key, z_loss, label_smoothing, True, teaching)
 
-    aux, grads = _gradients(jax.value_and_grad(objective, has_aux=True), params, batch, rng, num_microbatches)
+    assert (loss_scaling is None) == (state.loss_scale is None), "the state's loss scale and loss_scaling go together"
+    factor = None if loss_scaling is None else objective_scale(state.loss_scale.scale, batch, preference is not None)
+    grad_fn = jax.value_and_grad(objective if factor is None else scaled(objective, factor), has_aux=True)
+    aux, grads = _gradients(grad_fn, params, batch, rng, num_microbatches)
     denominator = jnp.maximum(aux["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / denominator, grads)
+    # Unscaled once, after accumulation (a power-of-two scale divides out exactly).
+    grads = jax.tree.map(lambda g: g / (denominator if factor is None else denominator * factor), grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
     updated = optax.apply_updates(params, updates)
     metrics = {
@@ -187,12 +201,12 @@ def train_step(
         "target_tokens": aux["weight"],
         "params_finite": all_finite(updated),
     }
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & metrics["params_finite"]
-    metrics["finite"] = finite
-    if skip_nonfinite:
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-        updated, opt_state = keep(updated, params), keep(opt_state, state.opt_state)
-    new_state = TrainState(step=state.step + 1, params=merge_params(updated, frozen), opt_state=opt_state)
+    updated, opt_state, loss_scale = _guarded(
+        state, (params, updated), opt_state, metrics, loss_scaling, skip_nonfinite
+    )
+    new_state = TrainState(
+        step=state.step + 1, params=merge_params(updated, frozen), opt_state=opt_state, loss_scale=loss_scale
+    )
     if teacher is not None:
         metrics.update(distill_kl=aux["distill_kl"] / denominator, temperature=teacher.temperature(state.step))
         if teacher.hidden_weight:
@@ -203,6 +217,26 @@ def train_step(
         value = aux[name] / denominator
         metrics.update({f"{name}_{e}": share for e, share in enumerate(value)} if value.ndim else {name: value})
     return new_state, metrics
+
+
+def _guarded(state: TrainState, params, opt_state, metrics, loss_scaling: LossScaling | None, skip_nonfinite: bool):
+    """(parameters, optimizer state, loss scale) after a step: `params` = (before, updated), the
+    updated ones unless the step was not finite and is skipped (with `skip_nonfinite`, or with a dynamic
+    loss scale, whose overflow it may be). Adds `finite` (1 at an overflow the scale handles, which
+    is no reason to stop) and the loss scale's metrics to `metrics`."""
+    (before, updated), loss_scale = params, state.loss_scale
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & metrics["params_finite"]
+    metrics["finite"] = finite
+    if loss_scaling is not None:
+        grads_finite = jnp.isfinite(metrics["grad_norm"])
+        overflow = loss_scaling.absorbs(loss_scale, jnp.isfinite(metrics["loss"]), grads_finite)
+        loss_scale = loss_scaling.update(loss_scale, grads_finite)
+        metrics.update(loss_scale=loss_scale.scale, loss_scale_overflows=loss_scale.overflows, overflow=overflow)
+        metrics["finite"] = finite | overflow
+    if skip_nonfinite or (loss_scaling is not None and loss_scaling.dynamic):
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        updated, opt_state = keep(updated, before), keep(opt_state, state.opt_state)
+    return updated, opt_state, loss_scale
 
 
 def all_finite(tree) -> jax.Array:
