@@ -253,6 +253,29 @@ def test_prune_writes_a_run_that_eval_loads(trained_run, tmp_path, method, capsy
 
 
 @pytest.mark.slow
+def test_gradual_pruning_from_gin_prunes_the_trained_kernels(tmp_path):
+    """`optimizer.sparsity_schedule` chains the masks onto the run's Adafactor: after the schedule ends
+    every attention and MLP kernel of the checkpoint is half zeros, per layer."""
+    from t5lite import inference
+
+    run = tmp_path / "gradual"
+    schedule = [
+        "optimizer.sparsity_schedule = @t5lite.pruning.cubic_sparsity",
+        "cubic_sparsity.final = 0.5",
+        "cubic_sparsity.begin_step = 0",
+        "cubic_sparsity.end_step = 1",
+    ]
+    args = ["train", "--gin_file=runs/t5_tiny_synthetic.gin", f"--model_dir={run}"]
+    assert cli.main(args + [f"--gin.{b.replace(' = ', '=', 1)}" for b in [*TRAIN, *schedule]]) == 0
+    resumed = [f"--gin.{b.replace(' = ', '=', 1)}" for b in [*TRAIN, *schedule, "train.num_steps = 4"]]
+    assert cli.main(args + resumed) == 0  # the masks come back from the checkpoint with the optimizer state
+    loaded = inference.load_run(run)
+    assert loaded.step == 4
+    per_layer = [(w == 0).mean() for w in kernels(loaded.model.config, loaded.params).values()]
+    assert per_layer and min(per_layer) >= 0.5 - 1e-3
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -9,12 +9,20 @@ optimizer state, and the update sets them to zero after every step.
 `gradual_pruning(...)` is an optax transformation; chained last onto the run's optimizer
 (`optax.chain(tx, gradual_pruning(...))`) it needs nothing from the train step, which already
 calls `tx.update(grads, opt_state, params)`. `apply_masks` is the same masking as a function.
+From gin, `t5lite.optimizer` chains it on:
+
+  optimizer.sparsity_schedule = @t5lite.pruning.cubic_sparsity
+  cubic_sparsity.final = 0.5
+  cubic_sparsity.begin_step = 1000
+  cubic_sparsity.end_step = 8000
+  cubic_sparsity.frequency = 100
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,6 +31,7 @@ from t5lite.config import INT8_DENSE_FAMILIES
 from t5lite.quantization.calibration import family_of
 
 
+@gin.configurable(module="t5lite.pruning", denylist=["step"])
 def cubic_sparsity(step, final: float, begin_step: int, end_step: int, initial: float = 0.0, frequency: int = 1):
     """Zhu & Gupta's sparsity at `step` (0 before `begin_step`, `final` from `end_step`), updated
     every `frequency` steps."""

@@ -335,6 +335,8 @@ def checksums(state, parts=("params", "opt_state")) -> dict[str, int]:
 @jax.jit
 def _checksums(tree):
     def bits(x):
+        if x.dtype == jnp.bool_:  # masks (gradual pruning): bitcast does not take bool
+            x = x.astype(jnp.uint8)
         unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
         return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
 

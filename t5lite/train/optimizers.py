@@ -6,12 +6,13 @@ Adafactor with `rsqrt` decay after a constant warmup: lr = base / sqrt(max(step,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import gin
 import jax.numpy as jnp
 import optax
 
+from t5lite.pruning.gradual import gradual_pruning
 from t5lite.train.adafactor import adafactor
 
 SCHEDULES = ("constant", "rsqrt", "linear", "cosine", "wsd")
@@ -73,10 +74,12 @@ def optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     adafactor_decay_rate: float = 0.8,
+    sparsity_schedule: Callable | None = None,
 ):
     """Adafactor as T5X runs it (factored second moments along the parameters' logical axes
     `param_axes`, see t5lite.train.adafactor; update clipping 1.0, parameter-scale updates, no
-    momentum) or AdamW; optional global-norm clipping first."""
+    momentum) or AdamW; optional global-norm clipping first; with a `sparsity_schedule` (step ->
+    sparsity, e.g. t5lite.pruning.cubic_sparsity), gradual magnitude pruning last."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is not supported. Allowed values: {', '.join(OPTIMIZERS)}.")
     if name == "adafactor":
@@ -90,4 +93,5 @@ def optimizer(
         )
     else:
         core = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(clip_norm), core) if clip_norm else core
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), core) if clip_norm else core
+    return tx if sparsity_schedule is None else optax.chain(tx, gradual_pruning(sparsity_schedule))
