@@ -257,6 +257,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # On a mesh with a `stage` axis (pipeline parallelism, t5lite.models.pipeline): the batch splits
+    # into this many microbatches (0: one per stage), and each stage runs this many chunks of its
+    # stack's layers (1: GPipe; more: a circular schedule with a smaller bubble).
+    pipeline_microbatches: int = 0
+    pipeline_repeats: int = 1
     # "xla" materialises scores; "pallas" is the flash kernel (masks and biases computed per tile);
     # "cudnn" is jax.nn.dot_product_attention on a GPU; "auto" picks pallas on TPU/GPU, xla on CPU.
     attention_impl: str = "xla"
@@ -302,8 +307,14 @@ class ModelConfig:
             "relative_num_buckets",
             "relative_max_distance",
             "max_length",
+            "pipeline_repeats",
         ):
             _check_positive(name, getattr(self, name))
+        if not isinstance(self.pipeline_microbatches, int) or self.pipeline_microbatches < 0:
+            raise ValueError(
+                f"pipeline_microbatches={self.pipeline_microbatches!r} must be a positive integer, or 0 for "
+                f"one microbatch per pipeline stage."
+            )
         if not (0 <= self.start_id < self.vocab_size and 0 < self.eos_id < self.vocab_size):
             raise ValueError(
                 f"start_id={self.start_id} and eos_id={self.eos_id} must be ids of the vocabulary "
@@ -372,6 +383,14 @@ class ModelConfig:
                 "LoRA on the MLPs of a mixture of experts is not supported; adapt attention projections "
                 "only (lora_targets without mlp_in, mlp_out)."
             )
+
+    @property
+    def layer_stacks(self) -> dict[str, int]:
+        """The model's layer stacks and their depths."""
+        depths = {"decoder": self.num_decoder_layers}
+        if self.is_encoder_decoder:
+            depths["encoder"] = self.num_encoder_layers
+        return depths
 
     def moe_every(self, stack: str) -> int:
         """k when every k-th layer of the stack ("encoder" or "decoder") is MoE, else 0."""

@@ -1,11 +1,13 @@
 """Meshes, logical axis rules, and the shardings of parameters, train states and batches.
 
 Layers name their axes logically (`embed`, `heads`, `mlp`, ...); a mesh has the physical axes
-`data`, `fsdp`, `tensor` and `expert`. The rules map one onto the other, so data parallelism,
-FSDP (ZeRO-3: weights and optimizer state split, gathered layer by layer), tensor parallelism
-(Megatron-style splits of heads and MLP units) and their mixes differ only in `MeshShape`:
+`data`, `stage`, `fsdp`, `tensor` and `expert`. The rules map one onto the other, so data
+parallelism, FSDP (ZeRO-3: weights and optimizer state split, gathered layer by layer), tensor
+parallelism (Megatron-style splits of heads and MLP units), pipeline parallelism (layers split
+into stages, `t5lite.models.pipeline`) and their mixes differ only in `MeshShape`:
 
-    batch                                  -> data, fsdp, expert
+    batch                                  -> data, stage, fsdp, expert
+    layers                                 -> stage
     expert_batch                           -> data, fsdp
     embed                                  -> fsdp
     heads, kv_heads, mlp, joined_kv, vocab,
@@ -39,11 +41,11 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import backend as kernel_backend
 from t5lite.config import ModelConfig, divisors
-from t5lite.models import abstract_params, param_axes
+from t5lite.models import abstract_params, param_axes, pipeline
 from t5lite.models.params import split_params
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp", "expert")
+MESH_AXES = ("data", "stage", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "stage", "fsdp", "expert")
 BATCH_LOGICAL = ("batch", "length")
 
 
@@ -56,6 +58,7 @@ class MeshShape:
     """
 
     data: int = -1
+    stage: int = 1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
@@ -105,7 +108,7 @@ def make_mesh(shape: MeshShape, devices: Sequence[Any] | None = None) -> Mesh:
             )
         within_slice = (sizes["data"] // shape.slices,) + dims[1:]
         array = mesh_utils.create_hybrid_device_mesh(
-            within_slice, (shape.slices, 1, 1, 1), devices, allow_split_physical_axes=True
+            within_slice, (shape.slices,) + (1,) * (len(MESH_AXES) - 1), devices, allow_split_physical_axes=True
         )
     else:
         array = mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=True)
@@ -116,11 +119,13 @@ def axis_rules(config: ModelConfig, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
     """Logical -> mesh axis rules for `config` on `mesh`.
 
     Key/value heads split over `tensor` only when it divides them (GQA/MQA with few KV heads
-    keeps the small K/V projections whole on every tensor device).
+    keeps the small K/V projections whole on every tensor device). Without pipeline stages no
+    rule names `stage`, so shardings read the same as on a mesh without that axis.
     """
+    staged = mesh.shape["stage"] > 1
     # expert_batch before embed: tokens dispatched to experts keep their groups split over data and fsdp.
     rules = [
-        ("batch", BATCH_AXES),
+        ("batch", BATCH_AXES if staged else tuple(axis for axis in BATCH_AXES if axis != "stage")),
         ("expert_batch", ("data", "fsdp")),
         ("embed", "fsdp"),
         ("heads", "tensor"),
@@ -132,6 +137,8 @@ def axis_rules(config: ModelConfig, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
     ]
     if config.kv_heads % mesh.shape["tensor"] == 0:
         rules.append(("kv_heads", "tensor"))
+    if staged:
+        rules.append(("layers", "stage"))
     return tuple(rules)
 
 
@@ -141,10 +148,13 @@ class Partitioner:
 
     mesh: Mesh
     rules: tuple[tuple[str, Any], ...]
+    pipeline_microbatches: int = 1  # what a pipeline cuts the batch into (1 without stages)
 
     @classmethod
     def create(cls, config: ModelConfig, shape: MeshShape, devices: Sequence[Any] | None = None) -> Partitioner:
         mesh = make_mesh(shape, devices)
+        stages = mesh.shape["stage"]
+        pipeline.check_schedule(config, stages)
         tensor = mesh.shape["tensor"]
         if config.num_heads % tensor:
             raise ValueError(
@@ -171,7 +181,8 @@ class Partitioner:
                 f"{quant.activations!r} run Pallas int8 matmul kernels that are not sharded yet; "
                 f"use one device, or weight-only int8 / no int8_dense on this mesh."
             )
-        return cls(mesh, axis_rules(config, mesh))
+        microbatches = pipeline.microbatches(config, stages) if stages > 1 else 1
+        return cls(mesh, axis_rules(config, mesh), microbatches)
 
     @contextlib.contextmanager
     def context(self):
@@ -221,13 +232,21 @@ class Partitioner:
         return abstract_state.replace(step=self.replicated, params=param_shardings, opt_state=placed)
 
     def check_batch(self, batch_size: int, num_microbatches: int = 1) -> None:
-        shards = self.batch_shards
-        if (batch_size // num_microbatches) % shards:
+        shards, rows = self.batch_shards, batch_size // num_microbatches
+        if rows % shards:
             sizes = ", ".join(f"{axis}={self.mesh.shape[axis]}" for axis in BATCH_AXES)
             raise ValueError(
                 f"The batch is split over {shards} devices ({sizes}), so each microbatch of "
                 f"batch_size={batch_size} / num_microbatches={num_microbatches} rows must be a "
                 f"multiple of {shards}. Change train.batch_size, num_microbatches or the mesh."
+            )
+        within_stage = self.pipeline_microbatches * shards // self.mesh.shape["stage"]
+        if rows % within_stage:
+            raise ValueError(
+                f"The pipeline cuts each microbatch of {rows} rows into pipeline_microbatches="
+                f"{self.pipeline_microbatches}, whose rows split over {shards // self.mesh.shape['stage']} "
+                f"devices (data, fsdp, expert), so the rows must be a multiple of {within_stage}. Change "
+                f"train.batch_size, num_microbatches, ModelConfig.pipeline_microbatches or the mesh."
             )
 
     def data_shard(self, batch_size: int, process_index: int | None = None) -> tuple[int, int]:

@@ -35,6 +35,9 @@ CASES = [  # model, sharding, topology: from one copy per chip to splitting it 2
     ("llama/7b", "fsdp", "v5p:4x4x4"),
     ("llama/7b", "fsdp_tensor", "v5p:4x4x4"),
     ("llama/7b", "fsdp", "v6e:16x16"),
+    ("t5_1_1/xxl", "pipeline", "v5p:4x4x8"),
+    ("llama/7b", "pipeline", "v5p:4x4x4"),
+    ("llama/7b", "pipeline", "v5p:4x4x8"),
     ("switch/base_128", "expert_fsdp", "v5p:2x2x4"),
 ]
 
@@ -51,6 +54,8 @@ def main() -> None:
         cli.parse_gin([f"models/{model}.gin", run, f"sharding/{sharding}.gin"], BINDINGS[family])
         report = aot.compile_train_step(topology, RunSpec.from_gin())
         mesh = " ".join(f"{axis}={size}" for axis, size in report.mesh.items() if size > 1)
+        if report.pipeline:
+            mesh += f" (microbatches={report.pipeline[1]} repeats={report.pipeline[2]}: bubble {report.bubble:.0%})"
         optimizer_state = aot.format_bytes(report.optimizer_state_bytes)
         if report.error:
             memory = ("-", optimizer_state, "-", report.error.split(": ", 1)[-1])

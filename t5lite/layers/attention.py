@@ -83,7 +83,12 @@ def sharded_flash_attention(query, key, value, spec: AttentionSpec, scale):
     )
     per_shard = lambda q, k, v, s: flash_attention(q, k, v, sm_scale=scale, **s.kernel_kwargs())
     return jax.shard_map(
-        per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec_specs), out_specs=q_spec, check_vma=False
+        per_shard,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, spec_specs),
+        out_specs=q_spec,
+        axis_names=frozenset(mesh.axis_names) - set(mesh.manual_axes),  # within pipeline stages: the others
+        check_vma=False,
     )(query, key, value, spec)
 
 

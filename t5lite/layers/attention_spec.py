@@ -47,6 +47,10 @@ def resolve_impl(choice: str, attention_dropout: bool) -> str:
     return choice
 
 
+# The spec's arrays that are not per batch row: one entry per head.
+SHARED_FIELDS = ("relpos_table", "alibi_slopes")
+
+
 @struct.dataclass
 class AttentionSpec:
     """Built by `self_attention_spec` / `cross_attention_spec`; read by `Attention`."""

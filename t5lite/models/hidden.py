@@ -15,14 +15,6 @@ from t5lite.config import ModelConfig
 from t5lite.models.params import unstack_layers
 
 
-def stacks(config: ModelConfig) -> dict[str, int]:
-    """The model's layer stacks and their depths."""
-    depths = {"decoder": config.num_decoder_layers}
-    if config.is_encoder_decoder:
-        depths["encoder"] = config.num_encoder_layers
-    return depths
-
-
 def hidden_states(intermediates, config: ModelConfig) -> dict[str, list]:
     """Stack name -> the outputs [batch, length, d_model] of its layers, first to last, whether the
     layers were scanned (one array stacked over layers) or unrolled."""
@@ -30,5 +22,6 @@ def hidden_states(intermediates, config: ModelConfig) -> dict[str, list]:
     if config.scan_layers:
         flat = unstack_layers(flat, config)
     return {
-        stack: [flat[f"{stack}/layers_{i}/hidden"] for i in range(depth)] for stack, depth in stacks(config).items()
+        stack: [flat[f"{stack}/layers_{i}/hidden"] for i in range(depth)]
+        for stack, depth in config.layer_stacks.items()
     }

@@ -23,6 +23,7 @@ from t5lite.layers.mlp import Mlp
 from t5lite.layers.moe import MoeMlp
 from t5lite.layers.norm import NORMS
 from t5lite.layers.quant import Scheme
+from t5lite.models import pipeline
 
 # "dots" keeps every matmul's output; dense layers' outputs are named (they have their own backward rule).
 _DENSE = jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)
@@ -187,8 +188,8 @@ class LayerBlock(nn.Module):
 def run_layers(config: ModelConfig, layer_cls, num_layers: int, moe_every: int, x, *args, **layer_kwargs):
     """Applies `num_layers` copies of `layer_cls`, with experts in every `moe_every`-th (0: none):
     scanned (params stacked on a leading "layers" axis; with experts, blocks `layers/layer_{j}` of
-    `moe_every` layers are scanned) or unrolled (`layers_0`, `layers_1`, ...). Must be called inside
-    a compact method."""
+    `moe_every` layers are scanned), through the stages of a pipeline on a mesh with a `stage` axis,
+    or unrolled (`layers_0`, `layers_1`, ...). Must be called inside a compact method."""
     if config.remat_policy != "none":
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
     if config.scan_layers:
@@ -196,20 +197,41 @@ def run_layers(config: ModelConfig, layer_cls, num_layers: int, moe_every: int, 
         if moe_every:
             body, length = LayerBlock, num_layers // moe_every
             kwargs = dict(layer_cls=layer_cls, size=moe_every, layer_kwargs=layer_kwargs)
-        scanned = nn.scan(
-            body,
-            variable_axes={"params": 0, "cache": 0, "moe": 0, "intermediates": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * len(args),
-            length=length,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = scanned(config=config, name="layers", **kwargs)(x, *args)
+        layers = _scanned(body, length, len(args))(config=config, name="layers", **kwargs)
+        if pipeline.mesh_stages() > 1 and not layer_kwargs.get("decode") and not layers.is_initializing():
+            return _pipelined(config, layers, body, length, x, args, kwargs)
+        x, _ = layers(x, *args)
         return x
     for i in range(num_layers):
         moe = bool(moe_every) and (i + 1) % moe_every == 0
         x, _ = layer_cls(config=config, moe=moe, name=f"layers_{i}", **layer_kwargs)(x, *args)
     return x
+
+
+def _scanned(body, length: int, num_args: int):
+    return nn.scan(
+        body,
+        variable_axes={"params": 0, "cache": 0, "moe": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * num_args,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def _pipelined(config: ModelConfig, layers: nn.Module, body, length: int, x, args, kwargs):
+    """The scanned `layers` run as pipeline stages: each stage applies chunks of them (a scan of
+    the same body over fewer layers) to the microbatches passing through."""
+    chunk = _scanned(body, length // (pipeline.mesh_stages() * config.pipeline_repeats), len(args))(
+        config=config, **kwargs
+    )
+    training = not kwargs.get("deterministic", True) and config.dropout_rate > 0
+
+    def block(variables, inputs, block_args, rngs):
+        return chunk.apply(variables, inputs, *block_args, rngs=rngs)[0]
+
+    dropout_key = layers.make_rng("dropout") if training else None
+    return pipeline.run(block, layers.variables, x, args, config=config, dropout_key=dropout_key)
 
 
 class PositionEncoder(nn.Module):

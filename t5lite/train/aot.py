@@ -16,7 +16,7 @@ import jax
 
 from pallas_kernels.backend import compiling_for
 from t5lite import hardware
-from t5lite.models import abstract_params, active_param_count, param_count
+from t5lite.models import abstract_params, active_param_count, param_count, pipeline
 from t5lite.sharding import BATCH_LOGICAL, abstract_with_shardings
 from t5lite.train import loop
 from t5lite.train.distillation import teacher_for
@@ -41,6 +41,7 @@ class CompileReport:
     model_flops: float = 0.0  # the exact model count (t5lite.models.flops), per device
     params: int = 0
     active_params: int = 0  # per token: mixtures of experts count the experts a token uses
+    pipeline: tuple[int, int, int] | None = None  # stages, microbatches, repeats: with a `stage` axis
     error: str | None = None
 
     @property
@@ -58,6 +59,13 @@ class CompileReport:
             f"topology      {self.topology}: {self.num_devices} x {self.device_kind}, mesh {mesh}",
             f"parameters    {self.params / 1e6:,.1f}M ({self.active_params / 1e6:,.1f}M active per token)",
         ]
+        if self.pipeline:
+            stages, microbatches, repeats = self.pipeline
+            schedule = f"circular, {repeats} chunks per stage" if repeats > 1 else "GPipe"
+            lines.append(
+                f"pipeline      {stages} stages, {microbatches} microbatches, {schedule}: each stage idles "
+                f"{self.bubble:.0%} of the step (the bubble)"
+            )
         if self.error is None:
             m = {key: format_bytes(value) for key, value in self.memory.items()}
             frozen = f"; frozen reference model {format_bytes(self.reference_bytes)}" if self.reference_bytes else ""
@@ -75,6 +83,10 @@ class CompileReport:
         else:
             lines += [f"DOES NOT FIT  {self.error}"]
         return "\n".join(lines)
+
+    @property
+    def bubble(self) -> float:
+        return pipeline.bubble_fraction(*self.pipeline) if self.pipeline else 0.0
 
     @property
     def num_devices(self) -> int:
@@ -116,6 +128,11 @@ def topology_devices(topology: str) -> list:
         ) from None
 
 
+def pipeline_schedule(partitioner, config) -> tuple[int, int, int] | None:
+    stages = partitioner.mesh.shape["stage"]
+    return (stages, partitioner.pipeline_microbatches, config.pipeline_repeats) if stages > 1 else None
+
+
 def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
     """Compiles the train step `t5lite train` would run for `spec` (a distillation teacher or a
     DPO reference included) for `topology`."""
@@ -155,6 +172,7 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
         optimizer_state_bytes=shard_bytes(step.abstract_state.opt_state),
         reference_bytes=shard_bytes(references),
         model_flops=spec.flops_per_step(reference_config) / len(devices),
+        pipeline=pipeline_schedule(partitioner, config),
     )
     try:
         compiled = lowered.compile()

@@ -22,7 +22,6 @@ import numpy as np
 import optax
 
 from t5lite.config import ModelConfig
-from t5lite.models.hidden import stacks
 from t5lite.train import checkpoint
 
 
@@ -101,7 +100,7 @@ def hidden_layer_map(distillation: Distillation, student: ModelConfig, teacher: 
             f"{student.d_model} differs from the teacher's {teacher.d_model}. Use equal widths or "
             f"hidden_weight=0."
         )
-    depths = {stack: (depth, stacks(teacher)[stack]) for stack, depth in stacks(student).items()}
+    depths = {stack: (depth, teacher.layer_stacks[stack]) for stack, depth in student.layer_stacks.items()}
     mapping = distillation.layer_map
     if mapping is None:
         mapping = {

@@ -40,7 +40,7 @@ from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded
 
 # Fields that may differ between a model dir's config and a resumed run's: they change how the
 # same parameters are computed, not which parameters there are.
-RESUMABLE_FIELDS = ("dtype", "dropout_rate", "remat_policy")
+RESUMABLE_FIELDS = ("dtype", "dropout_rate", "remat_policy", "pipeline_microbatches", "pipeline_repeats")
 # Gin bindings a resumed run may change: how long it runs, how it logs, saves and evaluates, the mesh
 # it runs on, and the model's settings (compared field by field through t5lite_config.json instead).
 RESUMABLE_BINDINGS = re.compile(

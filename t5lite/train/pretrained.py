@@ -25,6 +25,8 @@ FINETUNE_FIELDS = (
     "dtype",
     "dropout_rate",
     "remat_policy",
+    "pipeline_microbatches",
+    "pipeline_repeats",
     "scan_layers",
     "attention_impl",
     "int8_dense",

@@ -7,7 +7,7 @@ import numpy as np
 
 from t5lite.config import ModelConfig, MoeConfig
 from t5lite.models import param_axes
-from t5lite.sharding import MeshShape
+from t5lite.sharding import BATCH_LOGICAL, MeshShape
 from t5lite.train import optimizers
 from t5lite.train.loop import TrainStep
 from t5lite.train.step import init_state
@@ -47,6 +47,11 @@ MOE_CONFIGS = {
     "switch": ENCODER_DECODER.replace(moe=MoeConfig(num_experts=8, train_capacity_factor=1.0, min_expert_capacity=1)),
     "moe_decoder_top2": DECODER.replace(moe=MoeConfig(num_experts=8, experts_per_token=2, decoder_every=1)),
 }
+# Four layers per stack: two or four pipeline stages, one or two chunks of layers per stage.
+PIPELINE_CONFIGS = {
+    "encoder_decoder_4_layers": ENCODER_DECODER.replace(num_encoder_layers=4, num_decoder_layers=4),
+    "decoder_4_layers": DECODER.replace(num_decoder_layers=4),
+}
 MESHES = {
     "data8": MeshShape(data=8),
     "fsdp8": MeshShape(data=1, fsdp=8),
@@ -58,6 +63,7 @@ EXPERT_MESHES = {
     "expert8": MeshShape(data=1, expert=8),
     "expert2_fsdp2_tensor2": MeshShape(data=1, fsdp=2, tensor=2, expert=2),
 }
+ALL_CONFIGS = {**CONFIGS, **MOE_CONFIGS, **PIPELINE_CONFIGS}
 BATCH, MICROBATCHES, STEPS = 16, 2, 3
 
 
@@ -77,23 +83,41 @@ def batches(config, seed=0):
     return out
 
 
-def train(config, mesh_shape, devices=None):
-    """(losses, final state) of STEPS Adafactor steps with microbatches on `mesh_shape`; for MoE
-    models the losses are the objective (cross entropy plus the weighted auxiliary losses)."""
+def train_step(config, mesh_shape, devices=None, num_microbatches=MICROBATCHES, z_loss=1e-4):
+    """The step the tests train with: Adafactor at a constant learning rate of 0.01."""
     schedule = optimizers.learning_rate_schedule("constant", 0.01)
     tx = optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(config))
-    step = TrainStep.create(
+    return TrainStep.create(
         config,
         mesh_shape,
         tx,
         schedule,
         seed=0,
         batch_size=BATCH,
-        num_microbatches=MICROBATCHES,
-        z_loss=1e-4,
+        num_microbatches=num_microbatches,
+        z_loss=z_loss,
         label_smoothing=0.0,
         devices=devices,
     )
+
+
+def lowered(step, config):
+    """`step` lowered (not run) for a batch shaped like `batches(config)`."""
+    partitioner = step.partitioner
+    batch = {
+        name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=partitioner.sharding(BATCH_LOGICAL))
+        for name, value in batches(config)[0].items()
+    }
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated)
+    with partitioner.context():
+        return step.fn.lower(step.abstract_state, batch, rng)
+
+
+def train(config, mesh_shape, devices=None):
+    """(losses, final state) of STEPS Adafactor steps with microbatches on `mesh_shape`; for MoE
+    models the losses are the objective (cross entropy plus the weighted auxiliary losses)."""
+    step = train_step(config, mesh_shape, devices)
     partitioner = step.partitioner
     with partitioner.context():
         state = init_state(config, step.tx, jax.random.PRNGKey(0), step.state_shardings)
@@ -114,14 +138,15 @@ def train(config, mesh_shape, devices=None):
 
 @functools.cache
 def single_device(kind):
-    losses, state = train({**CONFIGS, **MOE_CONFIGS}[kind], MeshShape(), devices=jax.devices()[:1])
+    losses, state = train(ALL_CONFIGS[kind], MeshShape(), devices=jax.devices()[:1])
     return losses, jax.device_get(state)
 
 
-def train_like_one_device(kind, mesh_shape):
-    """Trains `kind` on `mesh_shape`, checks losses, parameters and optimizer state against one
-    device (float32 throughout: only the order of sums over devices differs); returns the state."""
-    losses, state = train({**CONFIGS, **MOE_CONFIGS}[kind], mesh_shape)
+def train_like_one_device(kind, mesh_shape, **config_changes):
+    """Trains `kind` (with `config_changes`, which must not change the model's function) on
+    `mesh_shape`, checks losses, parameters and optimizer state against one device (float32
+    throughout: only the order of sums over devices differs); returns the state."""
+    losses, state = train(ALL_CONFIGS[kind].replace(**config_changes), mesh_shape)
     reference_losses, reference = single_device(kind)
     np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
     assert losses[-1] < losses[0]

@@ -1,14 +1,10 @@
 """Expert parallelism on 8 virtual CPU devices equals one device, and bad MoE meshes fail clearly."""
 
-import jax
 import pytest
 from jax.sharding import PartitionSpec as P
-from sharded_testing import BATCH, EXPERT_MESHES, MOE_CONFIGS, batches, train_like_one_device
+from sharded_testing import EXPERT_MESHES, MOE_CONFIGS, lowered, train_like_one_device, train_step
 
-from t5lite.models import param_axes
-from t5lite.sharding import BATCH_LOGICAL, MeshShape, Partitioner
-from t5lite.train import optimizers
-from t5lite.train.loop import TrainStep
+from t5lite.sharding import MeshShape, Partitioner
 
 
 @pytest.mark.parametrize(
@@ -51,31 +47,6 @@ def test_tokens_reach_their_experts_by_all_to_all():
     """Expert parallelism moves tokens, not weights: the compiled step exchanges dispatched tokens
     between devices with all-to-all."""
     config = MOE_CONFIGS["switch"]
-    schedule = optimizers.learning_rate_schedule("constant", 0.01)
-    tx = optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(config))
-    step = TrainStep.create(
-        config,
-        EXPERT_MESHES["expert4_data2"],
-        tx,
-        schedule,
-        seed=0,
-        batch_size=BATCH,
-        num_microbatches=1,
-        z_loss=0.0,
-        label_smoothing=0.0,
-    )
-    partitioner = step.partitioner
-    batch = {
-        name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=partitioner.sharding(BATCH_LOGICAL))
-        for name, value in batches(config)[0].items()
-    }
-    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-    with partitioner.context():
-        hlo = (
-            step.fn.lower(
-                step.abstract_state, batch, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated)
-            )
-            .compile()
-            .as_text()
-        )
+    step = train_step(config, EXPERT_MESHES["expert4_data2"], num_microbatches=1, z_loss=0.0)
+    hlo = lowered(step, config).compile().as_text()
     assert "all-to-all" in hlo

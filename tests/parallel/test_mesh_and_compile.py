@@ -13,7 +13,10 @@ from t5lite.sharding import MeshShape, Partitioner
 @pytest.mark.parametrize(
     "shape, message",
     [
-        (MeshShape(data=3), r"mesh axes \(data=3, fsdp=1, tensor=1, expert=1\) need 3 devices, but there are 8"),
+        (
+            MeshShape(data=3),
+            r"mesh axes \(data=3, stage=1, fsdp=1, tensor=1, expert=1\) need 3 devices, but there are 8",
+        ),
         (MeshShape(data=-1, fsdp=3), r"need a multiple of 3 devices, but there are 8"),
         (MeshShape(data=-1, fsdp=-1), r"Only one mesh axis may be -1.*data and fsdp"),
         (MeshShape(data=8, tensor=0), r"positive integers.*'tensor': 0"),
@@ -40,7 +43,7 @@ def test_tensor_axis_must_divide_heads_and_dimensions():
     with pytest.raises(ValueError, match=r"has 66 entries along its 'mlp' axis, which the mesh splits over tensor=4"):
         Partitioner.create(odd_mlp, MeshShape(data=2, tensor=4)).params(odd_mlp)
     partitioner = Partitioner.create(ENCODER_DECODER, MeshShape(data=2, fsdp=4))
-    with pytest.raises(ValueError, match=r"split over 8 devices \(data=2, fsdp=4, expert=1\).*multiple of 8"):
+    with pytest.raises(ValueError, match=r"split over 8 devices \(data=2, stage=1, fsdp=4, expert=1\).*multiple of 8"):
         partitioner.check_batch(batch_size=8, num_microbatches=2)
 
 
@@ -87,18 +90,23 @@ def compile_run(capsys, *args):
 
 
 def test_compile_for_a_tpu_topology(capsys):
+    """Two pipeline stages of tensor-parallel pairs, the flash kernel sharded within each stage."""
     pytest.importorskip("libtpu", reason="libtpu (in the test extras) compiles for TPU topologies")
     code, out = compile_run(
         capsys,
         "--gin_file=runs/t5_tiny_span_corruption.gin",
-        "--gin_file=sharding/fsdp_tensor.gin",
+        "--gin_file=sharding/pipeline.gin",
+        "--gin.MeshShape.stage=2",
         "--gin.MeshShape.tensor=2",
+        "--gin.ModelConfig.pipeline_microbatches=4",
+        "--gin.ModelConfig.pipeline_repeats=1",
         "--topology=v5e:2x2",
         "--gin.ModelConfig.attention_impl='auto'",
         "--gin.train.batch_size=8",
     )
     assert code == 0, out
-    assert "4 x TPU v5 lite, mesh data=1 fsdp=2 tensor=2 expert=1" in out
+    assert "4 x TPU v5 lite, mesh data=1 stage=2 fsdp=1 tensor=2 expert=1" in out
+    assert "pipeline      2 stages, 4 microbatches, GPipe: each stage idles 20% of the step" in out
     assert "of 16.00 GiB HBM: fits" in out
     kernels = int(out.split("Pallas calls")[1].split()[0])
     assert kernels > 0  # flash attention forward and backward, compiled by Mosaic

@@ -7,13 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from sharded_testing import BATCH, CONFIGS, ENCODER_DECODER, MESHES, STEPS, train, train_like_one_device
+from sharded_testing import BATCH, CONFIGS, ENCODER_DECODER, MESHES, STEPS, train, train_like_one_device, train_step
 
-from t5lite.models import param_axes
 from t5lite.sharding import Partitioner
 from t5lite.train import optimizers
 from t5lite.train.checkpoint import TrainCheckpoints
-from t5lite.train.loop import TrainStep
 from t5lite.train.step import TrainState
 
 
@@ -85,19 +83,7 @@ def test_checkpoint_restores_under_another_mesh(tmp_path):
     checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
     checkpoints.save(STEPS, state, stream, force=True)
     checkpoints.close()
-    schedule = optimizers.learning_rate_schedule("constant", 0.01)
-    tx = optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(ENCODER_DECODER))
-    target = TrainStep.create(
-        ENCODER_DECODER,
-        MESHES["data2_tensor4"],
-        tx,
-        schedule,
-        seed=0,
-        batch_size=BATCH,
-        num_microbatches=1,
-        z_loss=0.0,
-        label_smoothing=0.0,
-    )
+    target = train_step(ENCODER_DECODER, MESHES["data2_tensor4"], num_microbatches=1, z_loss=0.0)
     checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
     restored = checkpoints.restore(target.abstract_state)
     checkpoints.close()
