@@ -1,6 +1,7 @@
 """Losses, computed in float32: token-level cross entropy (with z-loss and label smoothing), and the
-post-training losses on top of it: distillation (of logits and of hidden states), DPO and a pairwise
-reward-model loss."""
+post-training losses on top of it: distillation (of logits and of hidden states), DPO, a pairwise
+reward-model loss, and the pieces of PPO and GRPO (clipped policy and value losses, KL estimators,
+entropy, and how per-token losses become one)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,60 @@ def dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, be
 def pairwise_reward(reward_chosen, reward_rejected):
     """A reward model's Bradley-Terry loss per pair: -log σ(r_chosen - r_rejected)."""
     return jax.nn.softplus(reward_rejected - reward_chosen)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+
+
+def kl_estimate(log_probs, reference_log_probs, estimator: str = "k3"):
+    """Per-token estimates of KL(π ‖ π_ref) from tokens sampled from π (Schulman, "Approximating KL
+    divergence", 2020), with log r = log π_ref − log π: k1 = −log r (unbiased, can be negative), k2 =
+    ½(log r)² (biased, low variance), k3 = (r − 1) − log r (unbiased and never negative)."""
+    log_ratio = reference_log_probs.astype(jnp.float32) - log_probs.astype(jnp.float32)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    if estimator == "k3":
+        return jnp.expm1(log_ratio) - log_ratio
+    raise ValueError(f"KL estimator {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}.")
+
+
+def clipped_policy_loss(log_probs, old_log_probs, advantages, clip: float = 0.2):
+    """PPO's clipped surrogate per token, −min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A) with ρ = π / π_old:
+    no gradient once ρ has moved past the clip range in the advantage's direction.
+    Returns (losses, clipped) per token; clipped is 1 where the clipped term was the smaller."""
+    ratio = jnp.exp(log_probs.astype(jnp.float32) - old_log_probs.astype(jnp.float32))
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
+
+
+def clipped_value_loss(values, old_values, returns, clip: float = 0.2):
+    """PPO's value loss per token, ½·max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²): the value
+    model gains nothing by moving further than ε from the values the rollout saw."""
+    values, old_values = values.astype(jnp.float32), old_values.astype(jnp.float32)
+    kept = old_values + jnp.clip(values - old_values, -clip, clip)
+    return 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(kept - returns))
+
+
+def token_entropy(logits):
+    """Entropy of each position's next-token distribution [..., V] -> [...]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+
+def aggregate(per_token, mask, how: str = "token_mean"):
+    """One number from per-token losses [B, T] over the `mask`ed tokens: "token_mean" (every token
+    weighs the same), "sequence_mean" (GRPO: each response's mean, then their mean: a long
+    response's tokens count less), "constant" (Dr. GRPO: the sum over B·T, free of that length bias)."""
+    mask = mask.astype(jnp.float32)
+    total = per_token * mask
+    if how == "token_mean":
+        return jnp.sum(total) / jnp.maximum(jnp.sum(mask), 1.0)
+    if how == "sequence_mean":
+        return jnp.mean(jnp.sum(total, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+    if how == "constant":
+        return jnp.sum(total) / mask.size
+    raise ValueError(f"Loss aggregation {how!r} is not one of {', '.join(AGGREGATIONS)}.")
