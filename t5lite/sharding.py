@@ -6,7 +6,7 @@ parallelism, FSDP (ZeRO-3: weights and optimizer state split, gathered layer by 
 parallelism (Megatron-style splits of heads and MLP units), pipeline parallelism (layers split
 into stages, `t5lite.models.pipeline`) and their mixes differ only in `MeshShape`:
 
-    batch                                  -> data, stage, fsdp, expert
+    batch                                  -> data, fsdp, expert, stage
     layers                                 -> stage
     expert_batch                           -> data, fsdp
     embed                                  -> fsdp
@@ -45,7 +45,9 @@ from t5lite.models import abstract_params, param_axes, pipeline
 from t5lite.models.params import split_params
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "stage", "fsdp", "expert")
+# `stage` last: the rows of one (data, fsdp, expert) shard are then whole within it, so entering
+# the pipeline gathers them over `stage` alone.
+BATCH_AXES = ("data", "fsdp", "expert", "stage")
 BATCH_LOGICAL = ("batch", "length")
 
 

@@ -7,9 +7,12 @@ drain: the bubble. With R repeats (the circular, or interleaved, schedule) the s
 R·S chunks, stage s holds chunks s, S + s, 2S + s, ..., and a microbatch goes round the ring R
 times; the bubble shrinks from (S-1)/(M+S-1) (GPipe) to (S-1)/(R·M+S-1).
 
-Microbatch m holds the rows m, M + m, 2M + m, ... of the batch, so each data-parallel shard keeps
-its own rows. The attention masks and position tables the layers take are cut the same way and
-read by each stage for the microbatch it works on; only activations travel between stages.
+Microbatch m holds the rows m, M + m, 2M + m, ... of the batch, so each (data, fsdp, expert)
+shard keeps its own rows: entering the stages gathers the batch over `stage` alone, and leaving
+them sums the outputs (only stage 0's are not zero) over it. The attention masks and position
+tables the layers take are cut the same way and read by each stage for the microbatch it works
+on; only activations travel between stages.
+
 Checkpoints keep the stack's layer order whatever the stages: a stage's chunks are gathered in
 the step (circular schedules move parameters between stages; GPipe does not). With a remat
 policy, each iteration keeps only its inputs for the backward pass: the stacked residuals of every

@@ -225,12 +225,12 @@ def _pipelined(config: ModelConfig, layers: nn.Module, body, length: int, x, arg
     chunk = _scanned(body, length // (pipeline.mesh_stages() * config.pipeline_repeats), len(args))(
         config=config, **kwargs
     )
-    training = not kwargs.get("deterministic", True) and config.dropout_rate > 0
 
     def block(variables, inputs, block_args, rngs):
         return chunk.apply(variables, inputs, *block_args, rngs=rngs)[0]
 
-    dropout_key = layers.make_rng("dropout") if training else None
+    # Any dropout (the layers', LoRA's) draws from this key, per stage chunk and microbatch.
+    dropout_key = None if kwargs.get("deterministic", True) else layers.make_rng("dropout")
     return pipeline.run(block, layers.variables, x, args, config=config, dropout_key=dropout_key)
 
 

@@ -79,7 +79,12 @@ def teacher_for(distillation: Distillation, student: ModelConfig, num_steps: int
         )
     layer_map = hidden_layer_map(distillation, student, config) if distillation.hidden_weight else ()
     return Teacher(
-        config.replace(dropout_rate=0.0),
+        # On a mesh with pipeline stages the teacher runs through them on the student's schedule.
+        config.replace(
+            dropout_rate=0.0,
+            pipeline_microbatches=student.pipeline_microbatches,
+            pipeline_repeats=student.pipeline_repeats,
+        ),
         distillation.alpha,
         distillation.schedule(num_steps),
         distillation.hidden_weight,

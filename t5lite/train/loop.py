@@ -24,6 +24,7 @@ import tqdm
 from t5lite import data as t5data
 from t5lite import hardware
 from t5lite.config import ModelConfig, binding_values
+from t5lite.models import pipeline
 from t5lite.sharding import MeshShape, Partitioner, abstract_with_shardings
 from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
@@ -306,6 +307,16 @@ class StepLoop:
         )
 
 
+def _check_teacher_stages(teacher: Teacher, stages: int) -> None:
+    """A distillation teacher runs through the student's pipeline stages, if there are any."""
+    pipeline.check_schedule(teacher.config, stages)
+    if stages > 1 and teacher.hidden_weight:
+        raise ValueError(
+            f"Distillation.hidden_weight compares layer outputs, which pipeline stages (stage={stages}) do not "
+            f"keep; set hidden_weight=0 or MeshShape.stage=1."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
     """The sharded train step of a run and what it needs: `train` runs it, `t5lite compile`
@@ -363,6 +374,8 @@ class TrainStep:
     ) -> TrainStep:
         partitioner = Partitioner.create(config, mesh_shape, devices)
         partitioner.check_batch(batch_size, num_microbatches)
+        if teacher is not None:
+            _check_teacher_stages(teacher, partitioner.mesh.shape["stage"])
         abstract = jax.eval_shape(
             functools.partial(init_state, config, tx, trainable=trainable, loss_scaling=loss_scaling),
             jax.random.PRNGKey(seed),

@@ -83,7 +83,7 @@ def batches(config, seed=0):
     return out
 
 
-def train_step(config, mesh_shape, devices=None, num_microbatches=MICROBATCHES, z_loss=1e-4):
+def train_step(config, mesh_shape, devices=None, num_microbatches=MICROBATCHES, z_loss=1e-4, teacher=None):
     """The step the tests train with: Adafactor at a constant learning rate of 0.01."""
     schedule = optimizers.learning_rate_schedule("constant", 0.01)
     tx = optimizers.optimizer(learning_rate=schedule, param_axes=param_axes(config))
@@ -97,6 +97,7 @@ def train_step(config, mesh_shape, devices=None, num_microbatches=MICROBATCHES, 
         num_microbatches=num_microbatches,
         z_loss=z_loss,
         label_smoothing=0.0,
+        teacher=teacher,
         devices=devices,
     )
 

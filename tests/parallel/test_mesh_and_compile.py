@@ -43,7 +43,7 @@ def test_tensor_axis_must_divide_heads_and_dimensions():
     with pytest.raises(ValueError, match=r"has 66 entries along its 'mlp' axis, which the mesh splits over tensor=4"):
         Partitioner.create(odd_mlp, MeshShape(data=2, tensor=4)).params(odd_mlp)
     partitioner = Partitioner.create(ENCODER_DECODER, MeshShape(data=2, fsdp=4))
-    with pytest.raises(ValueError, match=r"split over 8 devices \(data=2, stage=1, fsdp=4, expert=1\).*multiple of 8"):
+    with pytest.raises(ValueError, match=r"split over 8 devices \(data=2, fsdp=4, expert=1, stage=1\).*multiple of 8"):
         partitioner.check_batch(batch_size=8, num_microbatches=2)
 
 

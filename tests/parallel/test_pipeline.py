@@ -5,20 +5,22 @@ schedules that cannot work are refused before anything runs."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from sharded_testing import BATCH, MOE_CONFIGS, PIPELINE_CONFIGS, lowered, train_like_one_device, train_step
+from sharded_testing import BATCH, MOE_CONFIGS, PIPELINE_CONFIGS, batches, lowered, train_like_one_device, train_step
 
-from t5lite.models import pipeline
+from t5lite.config import AdapterConfig
+from t5lite.models import build, dummy_inputs, pipeline
 from t5lite.sharding import MeshShape, Partitioner
 from t5lite.train.checkpoint import TrainCheckpoints
+from t5lite.train.distillation import Teacher
 from t5lite.train.step import init_state
 
 DECODER, ENCODER_DECODER = PIPELINE_CONFIGS["decoder_4_layers"], PIPELINE_CONFIGS["encoder_decoder_4_layers"]
-# kind, mesh, config changes: GPipe and circular schedules, 2 and 4 stages, with fsdp and tensor.
+# kind, mesh, config changes: GPipe and circular schedules, 2 and 4 stages, with and without fsdp and tensor.
 CASES = {
     "decoder-stage4-data2": ("decoder_4_layers", MeshShape(data=2, stage=4), {}),
-    "decoder-stage2-fsdp4-circular": ("decoder_4_layers", MeshShape(data=1, stage=2, fsdp=4), {"pipeline_repeats": 2}),
     # Four microbatches on two stages: each waits on stage 0 before its second round.
     "encoder_decoder-stage2-fsdp2-tensor2-circular": (
         "encoder_decoder_4_layers",
@@ -107,6 +109,32 @@ def test_a_checkpoint_moves_between_stage_counts_unchanged(tmp_path):
 def test_schedules_that_cannot_run_are_refused(config, mesh, message):
     with pytest.raises(ValueError, match=message):
         Partitioner.create(config, mesh)
+
+
+@pytest.mark.parametrize(
+    "teacher, message",
+    [
+        (Teacher(DECODER.replace(num_decoder_layers=2), 0.5, lambda step: 1.0), r"decoder's 2 layers cannot be cut"),
+        (Teacher(DECODER, 0.5, lambda step: 1.0, hidden_weight=1.0), r"hidden_weight compares layer outputs"),
+    ],
+)
+def test_a_teacher_that_cannot_run_in_the_stages_is_refused(teacher, message):
+    with pytest.raises(ValueError, match=message):
+        train_step(DECODER, MeshShape(data=2, stage=4), teacher=teacher)
+
+
+def test_dropout_in_the_stages_draws_its_own_masks():
+    """LoRA's dropout (the model's own rate is 0) runs in the stages, from the step's dropout key."""
+    config = DECODER.replace(adapters=AdapterConfig(lora_rank=2, lora_dropout=0.5))
+    model = build(config)
+    params = model.init(jax.random.PRNGKey(0), **dummy_inputs(config), enable_dropout=False)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # LoRA's up-projection starts at zero: no effect to drop
+    tokens = jnp.asarray(batches(config)[0]["decoder_input_tokens"])
+    forward = jax.jit(lambda key: model.apply(params, tokens, enable_dropout=True, rngs={"dropout": key}))
+    with Partitioner.create(config, MeshShape(data=2, stage=4)).context():
+        first, again, other = (forward(jax.random.PRNGKey(k)) for k in (1, 1, 2))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(np.asarray(first) - np.asarray(other)).max() > 1e-3
 
 
 def test_a_batch_the_pipeline_cannot_cut_is_refused():
