@@ -137,6 +137,30 @@ def train(config, mesh_shape, devices=None):
     return losses, state
 
 
+def save_and_restore(directory, state, targets):
+    """Saves an encoder-decoder's `state` as a run's checkpoint, then restores it once for each train
+    step in `targets` (on their meshes); returns the restored states."""
+    from t5lite.data import DataStream
+    from t5lite.train.checkpoint import TrainCheckpoints
+
+    stream = DataStream(
+        "t5lite_synthetic_copy",
+        split="train",
+        task_feature_lengths={"inputs": 8, "targets": 8},
+        batch_size=BATCH,
+        model_kind="encoder_decoder",
+    )
+    checkpoints = TrainCheckpoints(directory, save_every=1, keep=None)
+    checkpoints.save(int(state.step), state, stream, force=True)
+    checkpoints.close()
+    restored = []
+    for target in targets:
+        checkpoints = TrainCheckpoints(directory, save_every=1, keep=None)
+        restored.append(checkpoints.restore(target.abstract_state))
+        checkpoints.close()
+    return restored
+
+
 @functools.cache
 def single_device(kind):
     losses, state = train(ALL_CONFIGS[kind], MeshShape(), devices=jax.devices()[:1])

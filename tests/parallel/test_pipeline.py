@@ -8,12 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sharded_testing import BATCH, MOE_CONFIGS, PIPELINE_CONFIGS, batches, lowered, train_like_one_device, train_step
+from sharded_testing import (
+    MOE_CONFIGS,
+    PIPELINE_CONFIGS,
+    batches,
+    lowered,
+    save_and_restore,
+    train_like_one_device,
+    train_step,
+)
 
 from t5lite.config import AdapterConfig
 from t5lite.models import build, dummy_inputs, pipeline
 from t5lite.sharding import MeshShape, Partitioner
-from t5lite.train.checkpoint import TrainCheckpoints
 from t5lite.train.distillation import Teacher
 from t5lite.train.step import init_state
 
@@ -58,27 +65,14 @@ def test_activations_pass_between_stages_only_on_a_staged_mesh():
 
 def test_a_checkpoint_moves_between_stage_counts_unchanged(tmp_path):
     """A state made on two stages (layers split over them) restores bitwise on one and on four."""
-    from t5lite.data import DataStream
 
     def step_on(mesh):
         return train_step(ENCODER_DECODER, mesh, num_microbatches=1, z_loss=0.0)
 
     staged = step_on(MeshShape(data=1, stage=2, fsdp=2, tensor=2))
     state = init_state(ENCODER_DECODER, staged.tx, jax.random.PRNGKey(0), staged.state_shardings)
-    stream = DataStream(
-        "t5lite_synthetic_copy",
-        split="train",
-        task_feature_lengths={"inputs": 8, "targets": 8},
-        batch_size=BATCH,
-        model_kind="encoder_decoder",
-    )
-    checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
-    checkpoints.save(1, state, stream, force=True)
-    checkpoints.close()
-    for mesh in (MeshShape(data=8), MeshShape(data=2, stage=4)):
-        checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
-        restored = checkpoints.restore(step_on(mesh).abstract_state)
-        checkpoints.close()
+    meshes = (MeshShape(data=8), MeshShape(data=2, stage=4))
+    for mesh, restored in zip(meshes, save_and_restore(tmp_path, state, [step_on(mesh) for mesh in meshes])):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
         kernel = restored.params["decoder"]["layers"]["mlp"]["wo"]["kernel"]
         assert kernel.sharding.spec[0] == ("stage" if mesh.stage > 1 else None)

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from sharded_testing import BATCH, CONFIGS, ENCODER_DECODER, MESHES, STEPS, train, train_like_one_device, train_step
+from sharded_testing import CONFIGS, ENCODER_DECODER, MESHES, save_and_restore, train, train_like_one_device, train_step
 
 from t5lite.sharding import Partitioner
 from t5lite.train import optimizers
-from t5lite.train.checkpoint import TrainCheckpoints
 from t5lite.train.step import TrainState
 
 
@@ -70,21 +69,7 @@ def leaf_shard_shape(array):
 
 
 def test_checkpoint_restores_under_another_mesh(tmp_path):
-    from t5lite.data import DataStream
-
     _, state = train(ENCODER_DECODER, MESHES["fsdp8"])
-    stream = DataStream(
-        "t5lite_synthetic_copy",
-        split="train",
-        task_feature_lengths={"inputs": 8, "targets": 8},
-        batch_size=BATCH,
-        model_kind="encoder_decoder",
-    )
-    checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
-    checkpoints.save(STEPS, state, stream, force=True)
-    checkpoints.close()
     target = train_step(ENCODER_DECODER, MESHES["data2_tensor4"], num_microbatches=1, z_loss=0.0)
-    checkpoints = TrainCheckpoints(tmp_path, save_every=1, keep=None)
-    restored = checkpoints.restore(target.abstract_state)
-    checkpoints.close()
+    (restored,) = save_and_restore(tmp_path, state, [target])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
