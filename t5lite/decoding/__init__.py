@@ -23,7 +23,7 @@ repetition penalties, before temperature and top-k/top-p; beam search divides th
 length penalty, which is also what it ranks sequences by.
 """
 
-from t5lite.decoding.generation import generate
+from t5lite.decoding.generation import generate, sample_traced
 from t5lite.decoding.options import DecodingOptions, Generation
 from t5lite.decoding.search import NEG_INF, apply_penalties, beam_search, filter_logits, length_penalty, sample
 
@@ -37,4 +37,5 @@ __all__ = [
     "generate",
     "length_penalty",
     "sample",
+    "sample_traced",
 ]

@@ -235,6 +235,33 @@ def generate(
     return jax.tree.map(lambda *parts: jnp.concatenate(parts)[order], *outputs)
 
 
+def sample_traced(model: nn.Module, params, prompt_tokens, keys, options: DecodingOptions, encoder_input_tokens=None):
+    """`generate`'s sampling for a caller that is itself being traced (an RL step): shapes come from
+    the arrays, not their values. Rows are fed the start token, then forced their prompt
+    (`prompt_tokens` [B, P], right-padded with 0; [B, 0] for an encoder-decoder) a token at a time,
+    so one program serves prompts of every length. `keys` [B] are per-row keys; `options.eos_id`
+    must be resolved (not "model")."""
+    batch = prompt_tokens.shape[0]
+    prompt = jnp.concatenate([jnp.full((batch, 1), model.config.start_id, jnp.int32), prompt_tokens], axis=1)
+    lengths = 1 + jnp.count_nonzero(prompt_tokens, axis=1)
+    model, unstack = decoding_model(model)
+    return _generate(
+        model,
+        params,
+        None,
+        None,
+        encoder_input_tokens,
+        prompt,
+        lengths,
+        keys,
+        assistant=None,
+        options=options,
+        prefilled=1,
+        prefix_lm=False,
+        unstack=(unstack, False),
+    )
+
+
 def _checked_assistant(config, options: DecodingOptions, draft, amateur) -> str | None:
     """ "draft", "amateur" or None, or a ValueError saying why the pair cannot decode together."""
     if draft is not None and amateur is not None:

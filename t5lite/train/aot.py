@@ -134,8 +134,8 @@ def pipeline_schedule(partitioner, config) -> tuple[int, int, int] | None:
 
 
 def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
-    """Compiles the train step `t5lite train` would run for `spec` (a distillation teacher or a
-    DPO reference included) for `topology`."""
+    """Compiles the train step `t5lite train` would run for `spec` (the frozen models it runs
+    included: a distillation teacher, a DPO or RL reference, a reward model) for `topology`."""
     config = spec.model_config
     devices = topology_devices(topology)
     chip = hardware.chip_name(devices[0])
@@ -145,7 +145,7 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
             f"{devices[0].device_kind!r} ({topology}); add it to t5lite.hardware.HBM_BYTES."
         )
     teacher = teacher_for(spec.distillation, config, spec.num_steps) if spec.distillation else None
-    reference_config = teacher.config if teacher else spec.reference_config
+    frozen = spec.frozen_configs(teacher.config if teacher else None)
     with compiling_for("tpu"):
         step = loop.TrainStep.for_run(spec, teacher, devices)
         partitioner = step.partitioner
@@ -157,9 +157,10 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
         }
         key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
         rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated)
-        references = ()
-        if reference_config is not None:
-            references = (abstract_with_shardings(abstract_params(reference_config), step.reference_shardings),)
+        references = tuple(
+            abstract_with_shardings(abstract_params(c), shardings)
+            for c, shardings in zip(frozen, step.frozen_shardings)
+        )
         with partitioner.context():
             lowered = step.fn.lower(step.abstract_state, batch, rng, *references)
     report = CompileReport(
@@ -171,7 +172,7 @@ def compile_train_step(topology: str, spec: RunSpec) -> CompileReport:
         active_params=active_param_count(config),
         optimizer_state_bytes=shard_bytes(step.abstract_state.opt_state),
         reference_bytes=shard_bytes(references),
-        model_flops=spec.flops_per_step(reference_config) / len(devices),
+        model_flops=spec.flops_per_step(teacher.config if teacher else None) / len(devices),
         pipeline=pipeline_schedule(partitioner, config),
     )
     try:

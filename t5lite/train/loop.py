@@ -14,7 +14,6 @@ import functools
 import pathlib
 import re
 from collections.abc import Callable
-from typing import Any
 
 import gin
 import jax
@@ -35,9 +34,10 @@ from t5lite.train.evaluation import evaluate
 from t5lite.train.loss_scale import LossScaling
 from t5lite.train.preference import Preference
 from t5lite.train.pretrained import pretrained_params
+from t5lite.train.rl import PolicyGradient, rl_step
 from t5lite.train.run_lock import RunLock
 from t5lite.train.spec import RunSpec
-from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded_train_step
+from t5lite.train.step import TrainState, init_state, sharded_eval_step, sharded_train_step, train_step
 
 # Fields that may differ between a model dir's config and a resumed run's: they change how the
 # same parameters are computed, not which parameters there are.
@@ -83,7 +83,7 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
         resume_step, state = checkpoints.restore_newest_intact(step.abstract_state)
     else:
         check_not_orphaned(model_dir, spec)
-    # A DPO run's reference is its step-0 model, rebuilt from init_from when it resumes.
+    # A DPO or RL run's reference is its step-0 model, rebuilt from init_from when it resumes.
     rebuild = resume_step is None or spec.reference_config is not None
     pretrained = pretrained_params(config, spec.init_from) if spec.init_from and rebuild else None
     teacher_arrays = teacher_params(spec.distillation) if teacher else None
@@ -113,13 +113,16 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
             state = init_state(
                 config, step.tx, key, step.state_shardings, spec.trainable_params, pretrained, step.loss_scaling
             )
-        references = ()  # the frozen model the step also runs: a teacher, or DPO's step-0 model
+        references = ()  # the frozen models the step also runs: a teacher, or a reference and a reward model
         if teacher is not None:
-            references = (jax.device_put(teacher_arrays, step.reference_shardings),)
+            references = (teacher_arrays,)
         if spec.reference_config is not None:
             references = (
                 init_state(config, step.tx, key, step.state_shardings, spec.trainable_params, pretrained).params,
             )
+        if spec.reward_config is not None:
+            references += (spec.rl.reward.params(),)
+        references = tuple(map(jax.device_put, references, step.frozen_shardings))
         loop = StepLoop(
             model_dir,
             spec,
@@ -128,7 +131,7 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
             data_shard,
             checkpoints,
             references,
-            spec.flops_per_step(teacher.config if teacher else spec.reference_config),
+            spec.flops_per_step(teacher.config if teacher else None),
             peak,
         )
         return loop.run(state, first_batch)
@@ -234,7 +237,7 @@ class StepLoop:
             unit="step",
             dynamic_ncols=True,
         )
-        tokens_per_step = spec.batch_size * sum(spec.lengths)
+        tokens_per_step = spec.rows_per_step * sum(spec.lengths)
         console = Console(self.model_dir, spec.progress and primary)
         checkpoint_dir = self.checkpoints.manager.directory
         console.started(
@@ -327,7 +330,7 @@ class TrainStep:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
     fn: Callable
-    reference_shardings: Any = None  # of a distillation teacher's or a DPO reference's parameters
+    frozen_shardings: tuple = ()  # of the frozen models' parameters (RunSpec.frozen_configs)
     loss_scaling: LossScaling | None = None  # the state then holds the loss scale
 
     @classmethod
@@ -347,6 +350,11 @@ class TrainStep:
             trainable=spec.trainable_params,
             teacher=teacher,
             preference=spec.preference,
+            rl=spec.rl,
+            kind=spec.kind,
+            max_new_tokens=spec.task_feature_lengths["targets"],
+            frozen=spec.frozen_configs(teacher.config if teacher else None),
+            reward_config=spec.reward_config,
             skip_nonfinite=bool(spec.skip_nonfinite_steps),
             loss_scaling=spec.loss_scaling,
             devices=devices,
@@ -368,10 +376,17 @@ class TrainStep:
         trainable: str | None = None,
         teacher: Teacher | None = None,
         preference: Preference | None = None,
+        rl: PolicyGradient | None = None,
+        kind: str | None = None,
+        max_new_tokens: int | None = None,
+        frozen: tuple[ModelConfig, ...] | None = None,
+        reward_config: ModelConfig | None = None,
         skip_nonfinite: bool = False,
         loss_scaling: LossScaling | None = None,
         devices=None,
     ) -> TrainStep:
+        """`frozen`: the configs of the frozen models the step runs (RunSpec.frozen_configs); default:
+        the teacher's, if there is one. An RL step (`rl`) samples `max_new_tokens` for `kind` prompts."""
         partitioner = Partitioner.create(config, mesh_shape, devices)
         partitioner.check_batch(batch_size, num_microbatches)
         if teacher is not None:
@@ -385,24 +400,37 @@ class TrainStep:
         state_shardings = state_shardings.replace(
             loss_scale=jax.tree.map(lambda _: partitioner.replicated, abstract.loss_scale)
         )
-        reference_shardings = None
-        if teacher is not None or (preference is not None and preference.needs_reference):
-            reference_shardings = partitioner.params(teacher.config if teacher else config)
+        if frozen is None:
+            frozen = (teacher.config,) if teacher else ()
+        frozen_shardings = tuple(partitioner.params(c) for c in frozen)
+        if rl is None:
+            step_fn, objective = (
+                train_step,
+                dict(
+                    num_microbatches=num_microbatches,
+                    z_loss=z_loss,
+                    label_smoothing=label_smoothing,
+                    teacher=teacher,
+                    preference=preference,
+                    loss_scaling=loss_scaling,
+                ),
+            )
+        else:
+            step_fn, objective = (
+                rl_step,
+                dict(rl=rl, kind=kind, max_new_tokens=max_new_tokens, reward_config=reward_config),
+            )
         fn = sharded_train_step(
             partitioner,
             state_shardings,
-            reference_shardings,
+            frozen_shardings,
+            step_fn,
             config=config,
             tx=tx,
             schedule=schedule,
-            num_microbatches=num_microbatches,
-            z_loss=z_loss,
-            label_smoothing=label_smoothing,
             trainable=trainable,
-            teacher=teacher,
-            preference=preference,
             skip_nonfinite=skip_nonfinite,
-            loss_scaling=loss_scaling,
+            **objective,
         )
         return cls(
             partitioner,
@@ -410,6 +438,6 @@ class TrainStep:
             abstract_with_shardings(abstract, state_shardings),
             state_shardings,
             fn,
-            reference_shardings,
+            frozen_shardings,
             loss_scaling,
         )

@@ -198,7 +198,8 @@ def summarize(
     skipped = sum(not _usable(m) for m in window)
     if skipped or "overflow" in window[0]:  # always, with loss scaling
         means["skipped_steps"] = float(skipped)
-    means["perplexity"] = float(np.exp(min(means["loss"] - means["z_loss"], 50.0)))
+    if "z_loss" in means:  # a language-modelling loss (an RL step's is a policy objective)
+        means["perplexity"] = float(np.exp(min(means["loss"] - means["z_loss"], 50.0)))
     if not steps:
         return means
     step_time = seconds / steps

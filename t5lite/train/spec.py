@@ -22,6 +22,8 @@ from t5lite.sharding import MeshShape
 from t5lite.train.distillation import Distillation
 from t5lite.train.loss_scale import LossScaling
 from t5lite.train.preference import Preference
+from t5lite.train.rewards import RewardModel
+from t5lite.train.rl import PolicyGradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +35,8 @@ class RunSpec:
     t5lite checkpoint or another run's directory) and trains the parameters whose "/"-joined paths
     match the regex `trainable` (default: all, or what LoRA, BitFit or a soft prompt add).
     `distillation` (@Distillation()) trains on a frozen teacher's soft targets; `preference`
-    (@Preference()) trains with DPO or as a reward model on a preference task. A step whose loss,
+    (@Preference()) trains with DPO or as a reward model on a preference task; `rl` (@GRPO() or
+    @PPO()) trains on responses it samples to the task's prompts. A step whose loss,
     gradient norm or updated parameters are not finite stops the run before anything non-finite is
     saved; with `skip_nonfinite_steps=N` such a step is skipped instead (no update), until N in a row.
     `loss_scale` (needed with ModelConfig.dtype='float16'): 'dynamic' (from `loss_scale_initial`,
@@ -65,6 +68,7 @@ class RunSpec:
     trainable: str | None = None
     distillation: Distillation | None = None
     preference: Preference | None = None
+    rl: PolicyGradient | None = None
     skip_nonfinite_steps: int = 0
     loss_scale: str | float | None = None
     loss_scale_initial: float = 2.0**15
@@ -80,7 +84,6 @@ class RunSpec:
             self, "kind", self.model_kind or ("encoder_decoder" if config.is_encoder_decoder else "decoder")
         )
         self._check_data()
-        self._check_objectives()
         if not isinstance(self.skip_nonfinite_steps, int) or self.skip_nonfinite_steps < 0:
             raise ValueError(
                 f"train.skip_nonfinite_steps={self.skip_nonfinite_steps!r} must be 0 (stop at the first "
@@ -96,6 +99,7 @@ class RunSpec:
                 self.loss_scale, self.loss_scale_initial, self.loss_scale_growth_interval, config.dtype
             ),
         )
+        self._check_objectives()
 
     @classmethod
     def from_gin(cls) -> RunSpec:
@@ -120,8 +124,26 @@ class RunSpec:
 
     @property
     def reference_config(self) -> ModelConfig | None:
-        """The frozen model the step also runs: a DPO reference (this model); a teacher is loaded."""
-        return self.model_config if self.preference is not None and self.preference.needs_reference else None
+        """The frozen copy of this model the step also runs: a DPO or RL reference (a teacher is loaded)."""
+        needs = self.rl is not None or (self.preference is not None and self.preference.needs_reference)
+        return self.model_config if needs else None
+
+    @property
+    def reward_config(self) -> ModelConfig | None:
+        """An RL run's reward model (read from its run, checked against this model)."""
+        if self.rl is None or not isinstance(self.rl.reward, RewardModel):
+            return None
+        return self.rl.reward.config(self.model_config)
+
+    def frozen_configs(self, teacher: ModelConfig | None = None) -> tuple[ModelConfig, ...]:
+        """The frozen models the step runs, in the order it takes their parameters: a distillation
+        `teacher`, or the reference and then an RL reward model."""
+        return tuple(c for c in (teacher, self.reference_config, self.reward_config) if c is not None)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Sequences a step trains on: the batch, or an RL step's responses (batch x group_size)."""
+        return self.batch_size * (self.rl.group_size if self.rl else 1)
 
     def tx(self):
         """The optimizer, over the model's parameters."""
@@ -155,16 +177,20 @@ class RunSpec:
             eos_id=self.model_config.eos_id,
         )
 
-    def flops_per_step(self, reference: ModelConfig | None = None) -> float:
-        """Model FLOPs of one step (3 x forward; 2 x with a frozen base), plus the forward of a frozen
-        `reference` model (a teacher, a DPO reference) that the step also runs."""
+    def flops_per_step(self, teacher: ModelConfig | None = None) -> float:
+        """Model FLOPs of one step: training (3 x forward; 2 x with a frozen base) plus a forward of
+        each frozen model the step also runs. An RL step also samples (its decoding's matmuls are a
+        forward's) and scores its responses once before it trains on them `epochs` times."""
         encoder, decoder = self.lengths
-        total = flops.training_flops_per_sequence(
+        training = flops.training_flops_per_sequence(
             self.model_config, encoder, decoder, frozen_base=self.trainable_params is not None
         )
-        if reference is not None:
-            total += flops.forward_flops_per_sequence(reference, encoder, decoder)
-        return self.batch_size * total
+        forward = flops.forward_flops_per_sequence
+        frozen = sum(forward(c, encoder, decoder) for c in self.frozen_configs(teacher))
+        if self.rl is None:
+            return self.batch_size * (training + frozen)
+        sampling_and_scoring = 2 * forward(self.model_config, encoder, decoder)
+        return self.rows_per_step * (self.rl.epochs * training + sampling_and_scoring + frozen)
 
     def _check_data(self) -> None:
         config, kind, lengths = self.model_config, self.kind, self.task_feature_lengths
@@ -202,22 +228,38 @@ class RunSpec:
             )
 
     def _check_objectives(self) -> None:
-        """What preference training needs, and cannot be combined with (yet)."""
-        if self.preference is None:
-            return
-        self.preference.check(self.model_config)
-        if self.distillation is not None:
-            raise ValueError("train.preference and train.distillation are two objectives; choose one.")
-        if self.num_microbatches != 1:
+        """What preference and RL training need, and cannot be combined with (yet)."""
+        chosen = [name for name in ("distillation", "preference", "rl") if getattr(self, name) is not None]
+        if len(chosen) > 1:
             raise ValueError(
-                f"train.preference scores pairs of neighbouring rows, which microbatches would split; "
+                f"{' and '.join('train.' + name for name in chosen)} are objectives of their own; choose one."
+            )
+        if self.preference is not None:
+            self.preference.check(self.model_config)
+        if self.rl is not None:
+            self._check_rl()
+        if chosen and chosen[0] != "distillation" and self.num_microbatches != 1:
+            raise ValueError(
+                f"train.{chosen[0]} scores whole pairs or groups of rows, which microbatches would split; "
                 f"set train.num_microbatches=1 (it is {self.num_microbatches})."
             )
-        if self.eval_every:
+        if self.preference is not None and self.eval_every:
             raise ValueError(
                 "train.preference logs its pair accuracy and margin while training; validation "
                 "measures token loss, which DPO does not optimise: set train.eval_every=None."
             )
+
+    def _check_rl(self) -> None:
+        self.rl.check(self.model_config, self.kind, self.batch_size)
+        if self.pack:
+            raise ValueError("train.rl samples a response to each prompt: set train.pack=False.")
+        if self.mesh_shape.stage != 1:
+            raise ValueError(
+                f"train.rl samples with the KV cache, which pipeline stages do not run; set MeshShape.stage=1 "
+                f"(it is {self.mesh_shape.stage})."
+            )
+        if self.loss_scaling is not None:
+            raise ValueError("train.rl does not scale its loss (float16); set train.loss_scale=None.")
 
 
 GinRunSpec = gin.external_configurable(RunSpec, name="train", module="t5lite")

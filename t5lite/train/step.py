@@ -201,9 +201,7 @@ def train_step(
         "target_tokens": aux["weight"],
         "params_finite": all_finite(updated),
     }
-    updated, opt_state, loss_scale = _guarded(
-        state, (params, updated), opt_state, metrics, loss_scaling, skip_nonfinite
-    )
+    updated, opt_state, loss_scale = guarded(state, (params, updated), opt_state, metrics, loss_scaling, skip_nonfinite)
     new_state = TrainState(
         step=state.step + 1, params=merge_params(updated, frozen), opt_state=opt_state, loss_scale=loss_scale
     )
@@ -219,7 +217,7 @@ def train_step(
     return new_state, metrics
 
 
-def _guarded(state: TrainState, params, opt_state, metrics, loss_scaling: LossScaling | None, skip_nonfinite: bool):
+def guarded(state: TrainState, params, opt_state, metrics, loss_scaling: LossScaling | None, skip_nonfinite: bool):
     """(parameters, optimizer state, loss scale) after a step: `params` = (before, updated), the
     updated ones unless the step was not finite and is skipped (with `skip_nonfinite`, or with a dynamic
     loss scale, whose overflow it may be). Adds `finite` (1 at an overflow the scale handles, which
@@ -269,15 +267,17 @@ def eval_step(params, batch, *, config: ModelConfig):
     return {"loss_sum": sums["loss"], "correct": sums["correct"], "weight": sums["weight"]}
 
 
-def sharded_train_step(partitioner: Partitioner, state_shardings, reference_shardings=None, **step_kwargs):
-    """`train_step` jitted with explicit shardings (pjit): the state where `state_shardings` puts it
-    (donated, so updated in place), the batch split over the batch axes, metrics replicated; a
-    distillation teacher's or DPO reference's parameters where `reference_shardings` puts them.
-    Trace and compile it inside `partitioner.context()`."""
-    reference = () if reference_shardings is None else (reference_shardings,)
+def sharded_train_step(
+    partitioner: Partitioner, state_shardings, frozen_shardings=(), step_fn=train_step, **step_kwargs
+):
+    """`step_fn` (`train_step`, or `rl.rl_step`) jitted with explicit shardings (pjit): the state where
+    `state_shardings` puts it (donated, so updated in place), the batch split over the batch axes,
+    metrics replicated; the parameters of the frozen models the step also runs (a distillation
+    teacher, a reference, a reward model) where `frozen_shardings` put them. Trace and compile it
+    inside `partitioner.context()`."""
     return jax.jit(
-        functools.partial(train_step, **step_kwargs),
-        in_shardings=(state_shardings, partitioner.sharding(BATCH_LOGICAL), partitioner.replicated, *reference),
+        functools.partial(step_fn, **step_kwargs),
+        in_shardings=(state_shardings, partitioner.sharding(BATCH_LOGICAL), partitioner.replicated, *frozen_shardings),
         out_shardings=(state_shardings, partitioner.replicated),
         donate_argnums=(0,),
     )
