@@ -452,7 +452,7 @@ def test_distillation_trains_a_student_on_its_teachers_soft_targets(trained_dir,
 
 
 @pytest.mark.slow
-def test_dpo_and_reward_model_learn_the_preference_pairs(trained_dir, tmp_path, capsys):
+def test_dpo_reward_model_and_ppo_learn_the_preference_pairs(trained_dir, tmp_path, capsys):
     dpo = ["runs/dpo_instructions.gin", "train.task_feature_lengths = {'inputs': 48, 'targets': 8}"]
     start = [f"train.init_from = '{trained_dir}'", "train.checkpoint_every = 1000", "train.batch_size = 32"]
     assert (
@@ -488,6 +488,19 @@ def test_dpo_and_reward_model_learn_the_preference_pairs(trained_dir, tmp_path, 
     late = rows[len(rows) // 2 :]
     assert np.mean([r["loss"] for r in late]) < np.mean([r["loss"] for r in rows[:3]]), rows
     assert np.mean([r["accuracy"] for r in late]) > 0.8, rows
+    # PPO against that reward model raises its score; the KL to the reference is logged and stays bounded.
+    ppo = [
+        "runs/ppo_instructions.gin",
+        "train.task_feature_lengths = {'inputs': 48, 'targets': 8}",
+        f"RewardModel.model_dir = '{tmp_path / 'reward'}'",
+    ]
+    ppo_run = [*start, "train.batch_size = 16", "learning_rate_schedule.base_learning_rate = 1e-3"]
+    assert train(tmp_path / "ppo", ppo, *ppo_run, "train.num_steps = 12") == 0
+    rows = read_metrics(tmp_path / "ppo" / "train_metrics.jsonl")
+    scores = [r["reward_mean"] for r in rows]
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.5 * np.std(scores[:3]), scores
+    assert rows[0]["kl"] == 0.0 and all(abs(r["kl"]) < 10.0 for r in rows), [r["kl"] for r in rows]
+    assert all(np.isfinite(r["value_loss"]) and 0 <= r["clip_fraction"] <= 1 for r in rows)
     # A preference task needs a preference objective (and back), refused before anything is written.
     assert train(tmp_path / "other", dpo, *start, "train.preference = None") == 2
     assert "go together" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -130,6 +130,22 @@ def test_compile_sizes_the_dpo_step_with_its_reference_model():
     assert "frozen reference model" in report.summary()
 
 
+def test_compile_sizes_the_grpo_step_with_its_sampling_and_reference():
+    """An RL step samples its responses inside the step: it compiles for a TPU like any other."""
+    pytest.importorskip("libtpu", reason="libtpu (in the test extras) compiles for TPU topologies")
+    from t5lite import config as t5config
+    from t5lite.models import abstract_params
+    from t5lite.train import aot
+    from t5lite.train.spec import RunSpec
+
+    t5config.parse_gin(["runs/grpo_synthetic.gin"], ["train.batch_size = 8", "GRPO.group_size = 2"])
+    spec = RunSpec.from_gin()
+    report = aot.compile_train_step("v5e:2x2", spec)
+    params = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_params(spec.model_config)))
+    assert report.error is None and report.reference_bytes == params
+    assert report.model_flops == spec.flops_per_step() / 4 and report.xla_flops > 0
+
+
 def test_compile_reports_a_model_that_does_not_fit(capsys):
     pytest.importorskip("libtpu", reason="libtpu (in the test extras) compiles for TPU topologies")
     # T5 v1.1 XL replicated on each 16 GiB v5e chip: 3B float32 weights, gradients, Adafactor state.
