@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t5lite import data as t5data
 from t5lite.decoding import DecodingOptions, generate
 from t5lite.models import abstract_params, build, get_config
 from t5lite.train import optimizers
 from t5lite.train.rewards import exact_match, finished
 from t5lite.train.rl import GRPO, PPO, rl_step, score
-from t5lite.train.rollouts import rollout
+from t5lite.train.rollouts import prompts_and_targets, rollout
 from t5lite.train.spec import RunSpec
 from t5lite.train.step import TrainState
 
@@ -74,6 +75,31 @@ def test_rollouts_are_the_decoders_samples_and_score_as_it_sampled_them(config):
             np.testing.assert_array_equal(row[:p], prompt[:p])
             np.testing.assert_array_equal(row[p : p + end], response[:end])
             assert weight.sum() == end and np.all(weight[p : p + end] == 1)
+
+
+def test_a_decoders_prompts_and_targets_are_the_encoder_decoders():
+    """From seqio's causal_prefix_lm rows (prompt and target in one row) the rollout takes the same
+    prompts and targets as from the encoder-decoder's features of the same examples."""
+    lengths = {"inputs": 24, "targets": 16}
+
+    def first_batch(kind):
+        stream = t5data.DataStream(
+            "t5lite_synthetic_copy",
+            split="train",
+            task_feature_lengths=lengths,
+            batch_size=8,
+            model_kind=kind,
+            pack=False,
+            shuffle=False,
+        )
+        return {name: jnp.asarray(value) for name, value in next(stream).items()}
+
+    encoder, _, targets = prompts_and_targets(first_batch("encoder_decoder"), "encoder_decoder")
+    _, prompts, decoder_targets = prompts_and_targets(first_batch("causal_prefix_lm"), "causal_prefix_lm")
+    np.testing.assert_array_equal(prompts[:, : lengths["inputs"]], encoder)
+    assert not np.any(prompts[:, lengths["inputs"] :])
+    np.testing.assert_array_equal(decoder_targets[:, : lengths["targets"]], targets)
+    assert np.all(np.count_nonzero(targets, axis=1) > 1)  # real targets, EOS included
 
 
 def starts_with_five(responses, targets, eos_id):

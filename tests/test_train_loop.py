@@ -81,6 +81,12 @@ def test_training_lowers_the_loss(run, tmp_path):
 
         results = inference.evaluate_run(inference.load_run(tmp_path), num_batches=1, max_examples=8)
         assert 0.0 <= results["metrics"]["t5lite_instructions"]["exact_match"] <= 100.0
+        # GRPO goes on from it: responses sampled to the prompts of its causal_prefix_lm rows.
+        grpo = ["train.rl = @GRPO()", "GRPO.reward = @rewards.exact_match", "GRPO.group_size = 2", "train.pack = False"]
+        assert train(tmp_path / "grpo", run, *grpo, f"train.init_from = '{tmp_path}'", "train.num_steps = 2") == 0
+        rows = read_metrics(tmp_path / "grpo" / "train_metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0
+        assert all(0 <= r["reward_mean"] <= 1 and 1 <= r["response_length"] <= 16 for r in rows)
 
 
 def start_training(model_dir, steps, checkpoint_every):
