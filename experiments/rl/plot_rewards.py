@@ -1,6 +1,6 @@
 """Reward and KL curves of RL runs, from their train_metrics.jsonl, as one PNG.
 
-    python experiments/rl/plot_rewards.py OUT.png TITLE=MODEL_DIR [TITLE=MODEL_DIR ...]
+python experiments/rl/plot_rewards.py OUT.png TITLE=MODEL_DIR [TITLE=MODEL_DIR ...]
 """
 
 import pathlib
