@@ -176,7 +176,7 @@ def test_rl_runs_refuse_what_they_cannot_train(settings, message):
 
 
 def test_rl_settings_are_checked():
-    for bad in (dict(group_size=0), dict(kl_estimator="k4"), dict(clip=1.5), dict(temperature=0.0)):
+    for bad in (dict(group_size=1), dict(epochs=0), dict(kl_estimator="k4"), dict(clip=1.5), dict(temperature=0.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GRPO(**bad)
     assert spec().rows_per_step == 16

@@ -507,6 +507,9 @@ def test_dpo_reward_model_and_ppo_learn_the_preference_pairs(trained_dir, tmp_pa
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.5 * np.std(scores[:3]), scores
     assert rows[0]["kl"] == 0.0 and all(abs(r["kl"]) < 10.0 for r in rows), [r["kl"] for r in rows]
     assert all(np.isfinite(r["value_loss"]) and 0 <= r["clip_fraction"] <= 1 for r in rows)
+    # A reward model must have a reward head: refused before anything is written.
+    assert train(tmp_path / "other", ppo[:2], *ppo_run, f"RewardModel.model_dir = '{trained_dir}'") == 2
+    assert "holds a model without a reward head" in capsys.readouterr().err and not (tmp_path / "other").exists()
     # A preference task needs a preference objective (and back), refused before anything is written.
     assert train(tmp_path / "other", dpo, *start, "train.preference = None") == 2
     assert "go together" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -153,6 +153,13 @@ class GRPO(PolicyGradient):
     kl_estimator: str = "k3"
     length_unbiased: bool = False  # Dr. GRPO
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_size < 2:
+            raise ValueError(
+                f"GRPO.group_size={self.group_size} must be at least 2: advantages compare the responses to one prompt."
+            )
+
     def advantages(self, scores, old: Scored, reference_log_probs, mask):
         """(advantages [N, T], returns None): the group-relative score, on every token."""
         del old, reference_log_probs
