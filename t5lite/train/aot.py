@@ -35,7 +35,7 @@ class CompileReport:
     hbm_bytes: int
     memory: dict[str, int] = dataclasses.field(default_factory=dict)  # from XLA's memory analysis
     optimizer_state_bytes: int = 0  # per device: the optimizer's statistics, part of the arguments
-    reference_bytes: int = 0  # per device: a distillation teacher's or DPO reference's parameters, arguments too
+    reference_bytes: int = 0  # per device: the frozen models' parameters (a teacher, a reference, a reward model)
     xla_flops: float | None = None  # XLA's cost analysis, per device (each loop body counted once)
     pallas_kernels: int = 0  # Mosaic kernel calls in the compiled step
     model_flops: float = 0.0  # the exact model count (t5lite.models.flops), per device
@@ -68,7 +68,7 @@ class CompileReport:
             )
         if self.error is None:
             m = {key: format_bytes(value) for key, value in self.memory.items()}
-            frozen = f"; frozen reference model {format_bytes(self.reference_bytes)}" if self.reference_bytes else ""
+            frozen = f"; frozen models {format_bytes(self.reference_bytes)}" if self.reference_bytes else ""
             lines += [
                 f"per device    arguments {m['argument']} (state + batch; optimizer statistics "
                 f"{format_bytes(self.optimizer_state_bytes)}{frozen}), outputs {m['output']} ({m['alias']} of "
