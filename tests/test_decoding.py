@@ -354,3 +354,16 @@ def test_stacked_layers_decode_as_the_unrolled_ones_the_cpu_runs(config, options
     )
     np.testing.assert_array_equal(np.asarray(stacked_result.tokens), np.asarray(unrolled_result.tokens))
     np.testing.assert_allclose(np.asarray(stacked_result.scores), np.asarray(unrolled_result.scores), rtol=1e-5)
+
+
+def test_suppressed_tokens_are_never_chosen():
+    greedy = np.asarray(run(DECODER, GREEDY).tokens)
+    banned = tuple(int(t) for t in np.unique(greedy)[:3])  # tokens greedy decoding picks
+    model, params = model_and_params(DECODER)
+    options = dataclasses.replace(GREEDY, suppress_tokens=banned)
+    tokens = np.asarray(generate(model, params, prompt_tokens=PROMPTS, options=options).tokens)
+    assert not np.isin(tokens, banned).any() and tokens.all()
+    with pytest.raises(ValueError, match="suppress_tokens"):
+        DecodingOptions(num_beams=2, suppress_tokens=(0,))
+    with pytest.raises(ValueError, match="vocab_size=64"):
+        generate(model, params, prompt_tokens=PROMPTS, options=dataclasses.replace(GREEDY, suppress_tokens=(64,)))

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from t5lite import data as t5data
+from t5lite.config import MoeConfig
 from t5lite.decoding import DecodingOptions, generate
 from t5lite.models import abstract_params, build, get_config
 from t5lite.train import optimizers
 from t5lite.train.rewards import exact_match, finished
 from t5lite.train.rl import GRPO, PPO, rl_step, score
-from t5lite.train.rollouts import prompts_and_targets, rollout
+from t5lite.train.rollouts import Rollout, prompts_and_targets, rollout, training_rows
 from t5lite.train.spec import RunSpec
 from t5lite.train.step import TrainState
 
@@ -51,7 +52,7 @@ def model_params(config):
 @pytest.mark.parametrize("config", [DECODER, ENCODER_DECODER], ids=["decoder", "encoder_decoder"])
 def test_rollouts_are_the_decoders_samples_and_score_as_it_sampled_them(config):
     params, key = model_params(config), jax.random.PRNGKey(3)
-    options = DecodingOptions(max_new_tokens=T, temperature=1.0, eos_id=EOS)
+    options = DecodingOptions(max_new_tokens=T, temperature=1.0, eos_id=EOS, suppress_tokens=(0,))
     kind = "encoder_decoder" if config.is_encoder_decoder else "causal_prefix_lm"
     sample = jax.jit(functools.partial(rollout, config, kind=kind, options=options, group_size=GROUP))
     sampled = sample(params, task_batch(config), key=key)
@@ -60,6 +61,7 @@ def test_rollouts_are_the_decoders_samples_and_score_as_it_sampled_them(config):
     inputs = {"encoder_input_tokens": repeated} if config.is_encoder_decoder else {"prompt_tokens": repeated}
     generated = generate(build(config), params, options=options, rng=key, **inputs)
     np.testing.assert_array_equal(sampled.responses, generated.tokens)
+    assert np.all((np.asarray(sampled.responses) != 0) == (np.asarray(sampled.mask) == 1))  # no padding sampled
     assert len({tuple(r) for r in np.asarray(sampled.responses)}) > GROUP  # rows draw their own tokens
     np.testing.assert_array_equal(sampled.targets, np.repeat(TARGETS, GROUP, axis=0))
     ends = [list(r).index(EOS) + 1 if EOS in r else T for r in np.asarray(sampled.responses)]
@@ -75,6 +77,32 @@ def test_rollouts_are_the_decoders_samples_and_score_as_it_sampled_them(config):
             np.testing.assert_array_equal(row[:p], prompt[:p])
             np.testing.assert_array_equal(row[p : p + end], response[:end])
             assert weight.sum() == end and np.all(weight[p : p + end] == 1)
+
+
+@pytest.mark.parametrize("config", [DECODER, ENCODER_DECODER], ids=["decoder", "encoder_decoder"])
+def test_each_tokens_log_prob_and_value_see_only_the_tokens_before_it(config):
+    """Changing response token k changes its own log-probability and the values (and log-probs)
+    after it, never those before: values are estimates before each token, aligned with it."""
+    config = config.replace(adapters=config.adapters.replace(reward_head=True))
+    params = model_params(config)
+    rs = np.random.RandomState(1)
+    responses = rs.randint(2, config.vocab_size, (3, T)).astype(np.int32)
+    mask = np.ones((3, T), np.float32)
+    encoder = PROMPTS if config.is_encoder_decoder else None
+    prompts = np.zeros((3, 0), np.int32) if config.is_encoder_decoder else PROMPTS
+
+    def scored(responses):
+        batch, offsets = training_rows(config.start_id, encoder, prompts, jnp.asarray(responses), jnp.asarray(mask))
+        return score(config, params, Rollout(batch, responses, mask, responses, offsets), temperature=1.0)
+
+    before, k = scored(responses), 2
+    changed = responses.copy()
+    changed[:, k] = changed[:, k] % (config.vocab_size - 2) + 2  # another token
+    after = scored(changed)
+    np.testing.assert_array_equal(after.values[:, : k + 1], before.values[:, : k + 1])
+    np.testing.assert_array_equal(after.log_probs[:, :k], before.log_probs[:, :k])
+    assert np.all(after.log_probs[:, k] != before.log_probs[:, k])
+    assert np.all(after.values[:, k + 1] != before.values[:, k + 1])
 
 
 def test_a_decoders_prompts_and_targets_are_the_encoder_decoders():
@@ -132,7 +160,7 @@ def test_rl_steps_raise_a_learnable_reward(config, rl):
         kls.append(float(metrics["kl"]))
         assert metrics["finite"]
     assert kls[0] == 0.0  # the policy starts as the reference
-    assert np.mean(rewards[-3:]) > rewards[0] + 0.3, rewards
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.25, rewards
     if isinstance(rl, PPO):
         assert np.isfinite(float(metrics["value_loss"])) and 0 < float(metrics["clip_fraction"]) < 1
 
@@ -168,6 +196,7 @@ def spec(**settings):
         (dict(rl=GRPO(group_size=3, minibatches=8)), "must divide the 12 responses"),
         (dict(num_microbatches=2), "set train.num_microbatches=1"),
         (dict(model_config=DECODER, model_kind="prefix_lm"), "model_kind='prefix_lm' is not supported"),
+        (dict(model_config=ENCODER_DECODER.replace(moe=MoeConfig(num_experts=4))), "mixture-of-experts"),
     ],
 )
 def test_rl_runs_refuse_what_they_cannot_train(settings, message):

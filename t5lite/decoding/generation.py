@@ -278,6 +278,8 @@ def _checked_assistant(config, options: DecodingOptions, draft, amateur) -> str 
         )
     if options.num_beams is not None or options.degeneration_penalty > 0:
         raise ValueError(f"A {role} decodes greedily or by sampling: leave num_beams=None and degeneration_penalty=0.")
+    if role == "draft" and options.suppress_tokens:
+        raise ValueError("Speculative decoding keeps the target's distribution: leave suppress_tokens empty.")
     if role == "draft" and (options.presence_penalty or options.frequency_penalty):
         raise ValueError(
             "Speculative decoding keeps the target's distribution, which repetition penalties change token by "
@@ -321,6 +323,10 @@ def _checked_inputs(config, encoder_input_tokens, prompt_tokens, prefix_lm, opti
         raise ValueError(f"encoder_input_tokens has {len(encoder)} rows but prompt_tokens has {len(prompt)}.")
     if options.top_k > config.vocab_size:
         raise ValueError(f"top_k={options.top_k} must be at most the model's vocab_size={config.vocab_size}.")
+    if any(i >= config.vocab_size for i in options.suppress_tokens):
+        raise ValueError(
+            f"suppress_tokens={options.suppress_tokens} must be below the model's vocab_size={config.vocab_size}."
+        )
     if options.eos_id is not None and options.eos_id >= config.vocab_size:
         raise ValueError(f"eos_id={options.eos_id} must be below the model's vocab_size={config.vocab_size}.")
     return _Inputs(encoder, prompt)

@@ -38,6 +38,9 @@ class DecodingOptions:
     amateur_temperature: float = 1.0
     # Speculative decoding, when generate() is given a draft: tokens the draft proposes per round.
     draft_tokens: int = 4
+    # Ids never chosen by greedy decoding or sampling (Hugging Face's suppress_tokens), e.g. (0,): a
+    # sampled padding id would read as a hole in the row when the response is scored (RL does this).
+    suppress_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
         _require(
@@ -95,6 +98,19 @@ class DecodingOptions:
         _require(
             "draft_tokens", self.draft_tokens, _is_int(self.draft_tokens) and self.draft_tokens >= 1, "an integer >= 1"
         )
+        suppressed = self.suppress_tokens
+        _require(
+            "suppress_tokens",
+            suppressed,
+            isinstance(suppressed, (tuple, list)) and all(_is_int(i) and i >= 0 for i in suppressed),
+            "a tuple of token ids >= 0",
+        )
+        object.__setattr__(self, "suppress_tokens", tuple(suppressed))  # gin and JSON give lists
+        if suppressed and (self.num_beams is not None or self.degeneration_penalty):
+            raise ValueError(
+                f"suppress_tokens={tuple(suppressed)} applies to greedy decoding and sampling; leave num_beams=None "
+                "and degeneration_penalty=0."
+            )
         if self.degeneration_penalty and (self.top_k < 2 or self.temperature > 0 or self.top_p < 1 or self.num_beams):
             raise ValueError(
                 f"degeneration_penalty={self.degeneration_penalty} asks for contrastive search, which picks among "

@@ -102,6 +102,8 @@ def sample(
     def choose(state):
         rows = rows_at(state.position, prompt, lengths)
         penalized = apply_penalties(state.logits, state.counts, options.presence_penalty, options.frequency_penalty)
+        if options.suppress_tokens:
+            penalized = penalized.at[:, jnp.array(options.suppress_tokens)].set(NEG_INF)
         if options.temperature == 0:
             picked = jnp.argmax(penalized, axis=-1)
         else:

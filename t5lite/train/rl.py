@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from t5lite.config import ModelConfig
-from t5lite.decoding import DecodingOptions
+from t5lite.decoding import NEG_INF, DecodingOptions
 from t5lite.models import build
 from t5lite.models.params import merge_params, model_features, split_params
 from t5lite.train.advantages import gae, group_advantages, whiten
@@ -50,6 +50,8 @@ from t5lite.train.rewards import RewardModel, exact_match
 from t5lite.train.rollouts import KINDS, Rollout, response_view, rollout
 from t5lite.train.step import TrainState, all_finite, guarded
 
+PADDING = 0  # never sampled: scoring would read it as a hole in the row
+
 
 class Scored(NamedTuple):
     """A model's view of a rollout's responses, [N, T] each, 0 off the response mask."""
@@ -63,14 +65,15 @@ def score(config: ModelConfig, params, sampled: Rollout, temperature: float) -> 
     logits, state = build(config).apply(
         {"params": params}, **model_features(config, sampled.batch), enable_dropout=False, mutable=["intermediates"]
     )
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    logits = logits.astype(jnp.float32).at[..., PADDING].set(NEG_INF) / temperature  # as sampled
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
     tokens = jnp.take_along_axis(log_probs, sampled.batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
 
     def view(rows):
         return response_view(rows, sampled.offsets, sampled.mask.shape[1]) * sampled.mask
 
     values = state["intermediates"]["decoder"]["reward"][0] if config.adapters.reward_head else None
-    entropy = token_entropy(logits.astype(jnp.float32) / temperature)
+    entropy = token_entropy(logits)
     return Scored(view(tokens), view(entropy), None if values is None else view(values))
 
 
@@ -116,7 +119,11 @@ class PolicyGradient:
 
     def options(self, max_new_tokens: int, eos_id: int) -> DecodingOptions:
         return DecodingOptions(
-            max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p, eos_id=eos_id
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            eos_id=eos_id,
+            suppress_tokens=(PADDING,),
         )
 
     def check(self, config: ModelConfig, kind: str, rows: int) -> None:

@@ -68,16 +68,22 @@ def rollout(
     encoder, prompts, targets = (
         None if x is None else jnp.repeat(x, group_size, axis=0) for x in (encoder, prompts, targets)
     )
-    rows = prompts.shape[0]
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(rows))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(prompts.shape[0]))
     generation = sample_traced(build(config), params, prompts, keys, options, encoder_input_tokens=encoder)
     mask = response_mask(generation.tokens, options.eos_id)
     responses = jax.lax.stop_gradient(generation.tokens * mask.astype(jnp.int32))
-    targets = targets[:, :length]
-    if kind == "encoder_decoder":
+    training, offsets = training_rows(config.start_id, encoder, prompts, responses, mask)
+    return Rollout(training, responses, mask, targets[:, :length], offsets)
+
+
+def training_rows(start_id: int, encoder, prompts, responses, mask) -> tuple[dict, jax.Array]:
+    """(the rows a model scores, where each response starts in its decoder row): an encoder-decoder's
+    inputs and responses, or (`encoder` None) a decoder's prompt then response in one row."""
+    rows = responses.shape[0]
+    if encoder is not None:
         offsets, decoder, weights = jnp.zeros(rows, jnp.int32), responses, mask
         training = {"encoder_input_tokens": encoder}
-    else:  # each row: its prompt, then its response
+    else:
         offsets = jnp.count_nonzero(prompts, axis=1).astype(jnp.int32)
         index = jnp.arange(prompts.shape[1] + responses.shape[1]) - offsets[:, None]  # [N, L]: response slot
         in_response = (index >= 0) & (index < responses.shape[1])
@@ -86,10 +92,10 @@ def rollout(
         decoder = jnp.where(in_response, jnp.take_along_axis(responses, slot, axis=1), prompt_part)
         weights = jnp.where(in_response, jnp.take_along_axis(mask, slot, axis=1), 0.0)
         training = {}
-    start = jnp.full((rows, 1), config.start_id, jnp.int32)
+    start = jnp.full((rows, 1), start_id, jnp.int32)
     training |= {
         "decoder_target_tokens": decoder,
         "decoder_input_tokens": jnp.concatenate([start, decoder[:, :-1]], axis=1),
         "decoder_loss_weights": weights.astype(jnp.int32),
     }
-    return Rollout(training, responses, mask, targets, offsets)
+    return training, offsets

@@ -260,6 +260,11 @@ class RunSpec:
             )
         if self.loss_scaling is not None:
             raise ValueError("train.rl does not scale its loss (float16); set train.loss_scale=None.")
+        if self.model_config.moe.num_experts:
+            raise ValueError(
+                "train.rl does not train mixture-of-experts models yet (their routing losses and capacity "
+                "per minibatch); use a dense model."
+            )
 
 
 GinRunSpec = gin.external_configurable(RunSpec, name="train", module="t5lite")
