@@ -106,9 +106,13 @@ class DecodingOptions:
             "a tuple of token ids >= 0",
         )
         object.__setattr__(self, "suppress_tokens", tuple(suppressed))  # gin and JSON give lists
-        if suppressed and (self.num_beams is not None or self.degeneration_penalty):
+        self._check_methods()
+
+    def _check_methods(self):
+        """Settings that belong to different methods, asked for together."""
+        if self.suppress_tokens and (self.num_beams is not None or self.degeneration_penalty):
             raise ValueError(
-                f"suppress_tokens={tuple(suppressed)} applies to greedy decoding and sampling; leave num_beams=None "
+                f"suppress_tokens={self.suppress_tokens} applies to greedy decoding and sampling; leave num_beams=None "
                 "and degeneration_penalty=0."
             )
         if self.degeneration_penalty and (self.top_k < 2 or self.temperature > 0 or self.top_p < 1 or self.num_beams):
