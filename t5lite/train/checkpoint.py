@@ -343,6 +343,12 @@ def _checksums(tree):
     return {part: sum((bits(x) for x in jax.tree.leaves(arrays)), jnp.uint32(0)) for part, arrays in tree.items()}
 
 
+def frozen_params(path: str | pathlib.Path):
+    """The parameters at `path` of a frozen model a step runs (a teacher, a reward model) as host
+    arrays: every process places its shards."""
+    return jax.tree.map(np.asarray, load_pretrained(path)[1])
+
+
 def load_pretrained(path: str | pathlib.Path):
     """(config, params) of a t5lite checkpoint (`save_params`, `t5lite convert`) or of a training run's
     latest checkpoint."""

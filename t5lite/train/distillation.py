@@ -17,8 +17,6 @@ import dataclasses
 from typing import Any
 
 import gin
-import jax
-import numpy as np
 import optax
 
 from t5lite.config import ModelConfig
@@ -90,11 +88,6 @@ def teacher_for(distillation: Distillation, student: ModelConfig, num_steps: int
         distillation.hidden_weight,
         layer_map,
     )
-
-
-def teacher_params(distillation: Distillation):
-    """The teacher's parameters as host arrays: every process places its shards."""
-    return jax.tree.map(np.asarray, checkpoint.load_pretrained(distillation.teacher)[1])
 
 
 def hidden_layer_map(distillation: Distillation, student: ModelConfig, teacher: ModelConfig):

@@ -29,7 +29,7 @@ from t5lite.train import checkpoint as ckpt
 from t5lite.train import metrics as metrics_lib
 from t5lite.train import preemption
 from t5lite.train.console import Console
-from t5lite.train.distillation import Teacher, teacher_for, teacher_params
+from t5lite.train.distillation import Teacher, teacher_for
 from t5lite.train.evaluation import evaluate
 from t5lite.train.loss_scale import LossScaling
 from t5lite.train.preference import Preference
@@ -86,7 +86,7 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
     # A DPO or RL run's reference is its step-0 model, rebuilt from init_from when it resumes.
     rebuild = resume_step is None or spec.reference_config is not None
     pretrained = pretrained_params(config, spec.init_from) if spec.init_from and rebuild else None
-    teacher_arrays = teacher_params(spec.distillation) if teacher else None
+    teacher_arrays = ckpt.frozen_params(spec.distillation.teacher) if teacher else None
     data_shard = step.partitioner.data_shard(spec.batch_size)
     stream = _train_stream(spec, data_shard, checkpoints, resume_step, allow_config_change)
     first_batch = next(stream)  # an empty dataset fails here, before anything is written
@@ -121,7 +121,7 @@ def _train(model_dir: pathlib.Path, spec: RunSpec, lock: RunLock, allow_config_c
                 init_state(config, step.tx, key, step.state_shardings, spec.trainable_params, pretrained).params,
             )
         if spec.reward_config is not None:
-            references += (spec.rl.reward.params(),)
+            references += (ckpt.frozen_params(spec.rl.reward.model_dir),)
         references = tuple(map(jax.device_put, references, step.frozen_shardings))
         loop = StepLoop(
             model_dir,

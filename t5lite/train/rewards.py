@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import gin
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from t5lite.config import ModelConfig
 from t5lite.train import checkpoint
@@ -57,7 +55,3 @@ class RewardModel:
                 f"{policy.vocab_size}. The reward model reads the policy's tokens: one vocabulary and one kind."
             )
         return config.replace(dropout_rate=0.0)
-
-    def params(self):
-        """Its parameters as host arrays: every process places its shards."""
-        return jax.tree.map(np.asarray, checkpoint.load_pretrained(self.model_dir)[1])
